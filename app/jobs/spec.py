@@ -138,7 +138,9 @@ class PruneStep(StrictModel):
 
     method: Literal["prune"] = "prune"
     algorithm: Literal["magnitude", "wanda", "sparsegpt", "structured"]
-    sparsity: float | None = Field(default=None, ge=0.0, le=0.95, description="unstructured: fraction of zeros per layer")
+    sparsity: float | None = Field(
+        default=None, ge=0.0, le=0.95, description="unstructured: fraction of zeros per layer"
+    )
     pattern: str | None = Field(default=None, description="unstructured: N:M semi-structured pattern, e.g. '2:4'")
     targets: StructuredTargets | None = Field(default=None, description="structured only")
     dampening_frac: float = Field(default=0.01, gt=0.0, le=1.0, description="sparsegpt: Hessian dampening")
@@ -179,9 +181,7 @@ class PruneStep(StrictModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algorithm in ("wanda", "sparsegpt") or (
-            self.algorithm == "structured" and self.targets is not None
-        )
+        return self.algorithm in ("wanda", "sparsegpt") or (self.algorithm == "structured" and self.targets is not None)
 
 
 # ---------------------------------------------------------------- distill
@@ -219,9 +219,7 @@ class StudentSpec(StrictModel):
     def _exactly_one(self) -> StudentSpec:
         given = [k for k in ("from_teacher", "config", "upload_id", "uri", "previous_step") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'from_teacher', 'config', 'upload_id', 'uri', 'previous_step'"
-            )
+            raise ValueError("give exactly one of 'from_teacher', 'config', 'upload_id', 'uri', 'previous_step'")
         if self.config is not None and ("auto_map" in self.config or "trust_remote_code" in self.config):
             raise ValueError("student config must not use remote code ('auto_map')")
         return self

@@ -15,6 +15,7 @@ from torch import nn
 
 ProgressFn = Callable[[float, str], None]
 StopFn = Callable[[], bool]
+MetricsFn = Callable[[dict[str, Any]], None]
 
 
 class StepCancelled(Exception):  # noqa: N818 - a signal, not an error
@@ -33,12 +34,18 @@ def _never_stop() -> bool:
     return False
 
 
+def _no_metrics(metrics: dict[str, Any]) -> None:
+    return None
+
+
 @dataclass
 class Callbacks:
-    """The two hooks every engine receives: progress reporting and cooperative cancellation."""
+    """The hooks every engine receives: progress reporting and cooperative cancellation, plus an
+    optional ``metrics`` sink for structured numbers (training step, losses) that become job events."""
 
     progress: ProgressFn = _no_progress
     should_stop: StopFn = _never_stop
+    metrics: MetricsFn = _no_metrics
 
     def check(self) -> None:
         """Raise :class:`StepCancelled` if the job was asked to stop. Call between layers/steps."""
@@ -52,7 +59,7 @@ class Callbacks:
         def progress(fraction: float, message: str) -> None:
             parent(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
 
-        return Callbacks(progress=progress, should_stop=self.should_stop)
+        return Callbacks(progress=progress, should_stop=self.should_stop, metrics=self.metrics)
 
 
 @dataclass

@@ -1,0 +1,93 @@
+"""Input statistics of a decoder layer's Linear modules, gathered in one pass over the calibration data.
+
+GPTQ and SparseGPT need the Hessian proxy ``H = 2/n · Xᵀ X`` of every Linear's input ``X``; Wanda
+needs the per-channel input norms ``‖X_j‖₂``, i.e. ``sqrt(n/2 · diag H)``. Linears that read the same
+tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one accumulator, so the
+rank-k update is computed once per shared input rather than once per module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class InputStats:
+    """Running ``Xᵀ X`` (float32) and token count for one distinct input tensor."""
+
+    xtx: torch.Tensor
+    tokens: int = 0
+    modules: list[str] = field(default_factory=list)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        # Symmetric rank-k update; addmm_ on the transposed view avoids a temporary of the product.
+        self.xtx.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2/n · Xᵀ X`` (the GPTQ/SparseGPT convention)."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    @property
+    def channel_norms(self) -> torch.Tensor:
+        """``‖X_j‖₂`` for every input channel j (Wanda's activation term)."""
+        return torch.sqrt(torch.clamp(torch.diagonal(self.xtx), min=0.0))
+
+
+def collect_input_stats(
+    layer: nn.Module,
+    replay: Callable[[], Any],
+    select: Callable[[str, nn.Linear], bool] = lambda _n, _m: True,
+) -> dict[str, InputStats]:
+    """Run ``replay()`` once with hooks and return ``{linear name: stats}`` for the selected Linears.
+
+    Names sharing an input map to the same :class:`InputStats` object (see ``stats.modules``).
+    """
+    by_name: dict[str, InputStats] = {}
+    # Within one call of the layer, inputs are identified by storage pointer. The map holds a
+    # reference to each tensor so its address cannot be reused by a later activation during the
+    # call, and is cleared at every layer call.
+    current: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, InputStats]] = {}
+
+    def reset(_m: nn.Module, _args: Any) -> None:
+        current.clear()
+
+    def make_hook(name: str, in_features: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape))
+            hit = current.get(key)
+            if hit is not None:
+                shared = hit[1]
+                if name not in by_name:
+                    by_name[name] = shared
+                    shared.modules.append(name)
+                return
+            stats = by_name.get(name)
+            if stats is None:
+                stats = InputStats(xtx=torch.zeros(in_features, in_features, dtype=torch.float32))
+                stats.modules.append(name)
+                by_name[name] = stats
+            stats.add(x)
+            current[key] = (x, stats)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(reset)]
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Linear) and select(name, module):
+            handles.append(module.register_forward_hook(make_hook(name, module.in_features)))
+    try:
+        with torch.no_grad():
+            replay()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return by_name
