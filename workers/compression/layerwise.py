@@ -10,7 +10,7 @@ stays bounded by one layer plus the activations, as in llm-compressor's sequenti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +58,8 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
                 chunk = input_ids[start : start + batch_size].to(_device_of(model))
-                try:
+                with suppress(_Captured):
                     model(input_ids=chunk, use_cache=False)
-                except _Captured:
-                    pass
     finally:
         handle.remove()
     return batches
