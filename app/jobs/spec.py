@@ -279,6 +279,9 @@ class JobSpec(StrictModel):
     training: TrainingInput | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     webhook_url: str | None = Field(default=None, description="one-off receiver for this job's events")
+    hardware: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="worker queue: 'auto' uses GPU workers where the operator runs them"
+    )
 
     @field_validator("metadata")
     @classmethod

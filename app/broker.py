@@ -1,0 +1,67 @@
+"""The Celery client both sides share: the API publishes job messages, workers consume them.
+
+The broker is a doorbell, not a database: a message only says "job X is ready"; Postgres holds the
+truth, so a lost or duplicated message is harmless (the claim is a guarded UPDATE, and the reaper
+re-sends jobs that stayed queued too long).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from app.config import Settings, get_settings
+
+RUN_JOB_TASK = "modelpress.run_job"
+REAP_TASK = "modelpress.reap"
+log = logging.getLogger("modelpress.broker")
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("modelpress", broker=settings.resolved_broker_url())
+    conf: dict[str, object] = {
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": "cpu",
+        "broker_connection_retry_on_startup": True,
+    }
+    if settings.resolved_broker_url().startswith("filesystem://"):
+        # Embedded mode: a server-less broker in the data directory (kombu's file-system transport).
+        folder = settings.broker_folder()
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.broker_polling_interval_s,
+        }
+    else:
+        # Redelivery after a lost worker: longer than any single job may run.
+        conf["broker_transport_options"] = {"visibility_timeout": settings.job_time_limit_s + 3600}
+    celery.conf.update(conf)
+    return celery
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue_job(job_id: str, queue: str) -> bool:
+    """Publish the doorbell for a committed job. Failures are logged, not raised: the reaper re-sends."""
+    try:
+        get_celery().send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        return True
+    except Exception:
+        log.exception("could not enqueue job %s; the reaper will retry", job_id)
+        return False
+
+
+def check_broker() -> None:
+    with get_celery().connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)

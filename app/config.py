@@ -1,0 +1,100 @@
+"""Every setting ModelPress reads, in one place (environment variables prefixed ``MODELPRESS_``).
+
+The defaults are the embedded mode: SQLite, a local artifact directory and a file-system broker, so
+``make dev`` needs no servers. Production sets the database, broker and S3 variables.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Field(default=Path("var"), description="embedded mode: database, broker and storage files")
+    public_base_url: str = Field(default="http://127.0.0.1:8000", description="base of URLs handed to clients")
+
+    # Database
+    database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite in data_dir")
+
+    # Broker (Celery)
+    broker_url: str = Field(default="", description="Celery broker; default filesystem:// in data_dir")
+    broker_polling_interval_s: float = 0.2
+
+    # Storage
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = Field(default=None, description="local backend root; default data_dir/storage")
+    s3_bucket: str = "modelpress"
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = Field(default=None, description="endpoint used in presigned URLs")
+    s3_region: str = "us-east-1"
+    s3_multipart_threshold_bytes: int = 64 * 1024 * 1024
+    s3_multipart_part_bytes: int = 64 * 1024 * 1024
+    allowed_source_buckets: list[str] = Field(default_factory=list, description="buckets model.uri may name")
+
+    # URL signing (local storage URLs) — must be shared by the API and workers.
+    signing_secret: str = Field(default="", description="HMAC secret for local signed URLs; default a file in data_dir")
+    presign_ttl_s: int = Field(default=900, ge=10, le=7 * 24 * 3600)
+
+    # Limits
+    max_model_bytes: int = 50 * 1024**3
+    max_upload_bytes: int = 100 * 1024**3
+    max_upload_files: int = 512
+
+    # Workers
+    lease_s: int = Field(default=60, ge=2)
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    job_time_limit_s: int = 24 * 3600
+    reaper_interval_s: float = 15.0
+    requeue_stale_queued_s: int = 300
+    gpu_queue: bool = Field(default=False, description="route 'auto' jobs to the gpu queue (GPU workers exist)")
+    worker_concurrency: int = 1
+    work_dir: Path | None = Field(default=None, description="scratch space for workers; default data_dir/work")
+
+    # Auth
+    bootstrap_api_key: str | None = Field(default=None, description="dev only: a key for the 'default' tenant")
+
+    # Webhooks / outbound URLs
+    allow_http_urls: bool = False
+    url_allowlist: list[str] = Field(default_factory=list, description="hosts exempt from the private-IP check")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.data_dir / "work").resolve()
+
+    def resolved_signing_secret(self) -> str:
+        if self.signing_secret:
+            return self.signing_secret
+        # Embedded mode: one secret per data directory, shared by the API and worker processes.
+        path = self.data_dir / "signing.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests clear the cache after changing the environment)."""
+    return Settings()

@@ -1,0 +1,60 @@
+"""FastAPI dependencies, as ``Annotated`` aliases: sessions, the caller, storage, settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal, authenticate
+from app.config import Settings, get_settings
+from app.db import get_sessionmaker
+from app.errors import Problem
+from app.storage import Storage, get_storage
+
+
+def get_session() -> Iterator[Session]:
+    """A session per request; services decide when to commit."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def current_principal(request: Request, session: SessionDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Problem(
+            401, "Unauthorized", "send 'Authorization: Bearer <api key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
+    principal = authenticate(session, token.strip())
+    if principal is None:
+        raise Problem(401, "Unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    session.commit()  # persist last_used_at
+    request.state.principal = principal
+    return principal
+
+
+def require(scope: str) -> Callable[[Principal], Principal]:
+    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if scope not in principal.scopes and "admin" not in principal.scopes:
+            raise Problem(403, "Forbidden", f"this API key lacks the '{scope}' scope")
+        return principal
+
+    return check
+
+
+JobsReader = Annotated[Principal, Depends(require("jobs:read"))]
+JobsWriter = Annotated[Principal, Depends(require("jobs:write"))]

@@ -1,0 +1,220 @@
+"""The job state machine, in one place, shared by the API and the workers.
+
+``queued → running → succeeded | failed | cancelled``, with ``cancelling`` between a running job
+and ``cancelled``. Every transition is one guarded ``UPDATE … WHERE status IN (…)``: zero rows
+means the caller lost a race (a 409 at the API, a no-op in a worker). Terminal states never change.
+Each transition writes its event in the same transaction (the outbox rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.jobs.models import Job, JobEvent
+
+EventListener = Callable[[Session, JobEvent], None]
+_listeners: list[EventListener] = []
+
+
+def on_event(listener: EventListener) -> EventListener:
+    """Register a function called (inside the same transaction) for every job event, e.g. the webhook outbox."""
+    _listeners.append(listener)
+    return listener
+
+
+def record_event(session: Session, job_id: str, tenant_id: str, type_: str, data: dict[str, Any]) -> JobEvent:
+    event = JobEvent(job_id=job_id, tenant_id=tenant_id, type=type_, data=data)
+    session.add(event)
+    session.flush()
+    for listener in _listeners:
+        listener(session, event)
+    return event
+
+
+def _guarded_update(
+    session: Session, job_id: str, allowed: tuple[str, ...], extra_where: Any = None, **values: Any
+) -> bool:
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+    if extra_where is not None:
+        stmt = stmt.where(extra_where)
+    result = session.execute(stmt.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False))
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
+
+
+def _tenant_of(session: Session, job_id: str) -> str:
+    return session.execute(select(Job.tenant_id).where(Job.id == job_id)).scalar_one()
+
+
+def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> bool:
+    """``queued → running`` for this worker, with a lease. False if someone else has it or it was cancelled."""
+    now = utcnow()
+    ok = _guarded_update(
+        session,
+        job_id,
+        ("queued",),
+        status="running",
+        worker_id=worker_id,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        started_at=now,
+        attempts=Job.attempts + 1,
+        progress=0.0,
+        progress_message="started",
+    )
+    if ok:
+        attempts = session.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one()
+        record_event(
+            session, job_id, _tenant_of(session, job_id), "job.started", {"worker": worker_id, "attempt": attempts}
+        )
+    return ok
+
+
+def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: int) -> str | None:
+    """Extend the lease; return the job's status (e.g. ``cancelling``), or None if this worker lost it."""
+    ok = _guarded_update(
+        session,
+        job_id,
+        ("running", "cancelling"),
+        Job.worker_id == worker_id,
+        lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+    )
+    if not ok:
+        return None
+    return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+
+
+def set_progress(
+    session: Session, job_id: str, worker_id: str, fraction: float, message: str, data: dict[str, Any] | None = None
+) -> bool:
+    ok = _guarded_update(
+        session,
+        job_id,
+        ("running", "cancelling"),
+        Job.worker_id == worker_id,
+        progress=round(min(max(fraction, 0.0), 1.0), 4),
+        progress_message=message[:500],
+    )
+    if ok:
+        payload = {"progress": round(fraction, 4), "message": message, **(data or {})}
+        record_event(session, job_id, _tenant_of(session, job_id), "job.progress", payload)
+    return ok
+
+
+def set_steps(session: Session, job_id: str, worker_id: str, steps: list[dict[str, Any]]) -> bool:
+    return _guarded_update(session, job_id, ("running", "cancelling"), Job.worker_id == worker_id, steps=steps)
+
+
+def succeed(
+    session: Session, job_id: str, worker_id: str, manifest_key: str, summary: dict[str, Any], data: dict[str, Any]
+) -> bool:
+    ok = _guarded_update(
+        session,
+        job_id,
+        ("running",),
+        Job.worker_id == worker_id,
+        status="succeeded",
+        progress=1.0,
+        progress_message="done",
+        manifest_key=manifest_key,
+        summary=summary,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+    if ok:
+        record_event(session, job_id, _tenant_of(session, job_id), "job.succeeded", {"summary": summary, **data})
+    return ok
+
+
+def fail(session: Session, job_id: str, error_type: str, message: str, worker_id: str | None = None) -> bool:
+    """``running/cancelling/queued → failed`` with a readable reason (worker_id None: the reaper)."""
+    ok = _guarded_update(
+        session,
+        job_id,
+        ("queued", "running", "cancelling"),
+        (Job.worker_id == worker_id) if worker_id else None,
+        status="failed",
+        error_type=error_type,
+        error_message=message[:4000],
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+    if ok:
+        record_event(
+            session,
+            job_id,
+            _tenant_of(session, job_id),
+            "job.failed",
+            {"error": {"type": error_type, "message": message[:4000]}},
+        )
+    return ok
+
+
+def mark_cancelled(session: Session, job_id: str, worker_id: str | None = None) -> bool:
+    """``cancelling → cancelled`` (the worker stopped, or the reaper found it gone)."""
+    ok = _guarded_update(
+        session,
+        job_id,
+        ("cancelling",),
+        (Job.worker_id == worker_id) if worker_id else None,
+        status="cancelled",
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+    if ok:
+        record_event(session, job_id, _tenant_of(session, job_id), "job.cancelled", {})
+    return ok
+
+
+def request_cancel(session: Session, job_id: str) -> str | None:
+    """Queued jobs stop at once; running ones move to ``cancelling``. Returns the new status or None (too late)."""
+    tenant = _tenant_of(session, job_id)
+    if _guarded_update(session, job_id, ("queued",), status="cancelled", finished_at=utcnow()):
+        record_event(session, job_id, tenant, "job.cancelled", {})
+        return "cancelled"
+    if _guarded_update(session, job_id, ("running",), status="cancelling"):
+        record_event(session, job_id, tenant, "job.cancelling", {})
+        return "cancelling"
+    status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+    return "cancelling" if status == "cancelling" else None
+
+
+def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now: datetime) -> bool:
+    """The reaper's rule for a job whose lease expired: retry (bounded) or fail; cancelling → cancelled."""
+    if job.status == "cancelling":
+        mark_cancelled(session, job.id)
+        return False
+    expired = Job.lease_expires_at < now
+    if job.attempts >= max_attempts:
+        fail(
+            session,
+            job.id,
+            "worker_lost",
+            f"the worker stopped responding (lease expired) on attempt {job.attempts} of {max_attempts}; giving up",
+        )
+        return False
+    ok = _guarded_update(
+        session,
+        job.id,
+        ("running",),
+        expired,
+        status="queued",
+        worker_id=None,
+        lease_expires_at=None,
+        progress=0.0,
+        progress_message="re-queued after a lost worker",
+    )
+    if ok:
+        record_event(
+            session,
+            job.id,
+            job.tenant_id,
+            "job.retrying",
+            {"reason": "worker lost (lease expired)", "attempt": job.attempts, "max_attempts": max_attempts},
+        )
+    return ok

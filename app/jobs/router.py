@@ -1,0 +1,130 @@
+"""HTTP routes of /v1/jobs. Thin: parse, call the service, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.db import get_sessionmaker
+from app.deps import JobsReader, JobsWriter, SessionDep, SettingsDep, StorageDep
+from app.jobs import service
+from app.jobs.models import TERMINAL_STATUSES
+from app.jobs.schemas import ArtifactList, EventList, EventOut, JobList, JobOut, JobStatus
+from app.jobs.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def create_job(
+    spec: JobSpec,
+    principal: JobsWriter,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Submit a compression job. Replaying the same Idempotency-Key and body returns the same job (200)."""
+    job, created = service.create_job(session, principal, spec, settings, idempotency_key)
+    if not created:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request,
+    principal: JobsReader,
+    session: SessionDep,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """Newest first. Filter with ``status=`` (repeatable) and ``metadata[key]=value``; page with ``after``."""
+    metadata = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    jobs, has_more = service.list_jobs(
+        session, principal.tenant_id, status=list(status or []), metadata=metadata, after=after, limit=limit
+    )
+    return JobList(data=[JobOut.of(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, principal: JobsReader, session: SessionDep) -> JobOut:
+    return JobOut.of(service.get_job(session, principal.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, principal: JobsWriter, session: SessionDep) -> JobOut:
+    """Queued jobs are cancelled at once; running jobs become ``cancelling`` until the worker stops."""
+    return JobOut.of(service.cancel_job(session, principal.tenant_id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def list_events(
+    job_id: str,
+    principal: JobsReader,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> EventList:
+    events, has_more = service.list_events(session, principal.tenant_id, job_id, after, limit)
+    return EventList(data=[EventOut.of(e) for e in events], has_more=has_more)
+
+
+@router.get("/{job_id}/events/stream", response_class=StreamingResponse)
+async def stream_events(
+    job_id: str,
+    principal: JobsReader,
+    session: SessionDep,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int, Query(ge=0)] = 0,
+) -> StreamingResponse:
+    """Server-sent events; ids are the event ids, so reconnecting with ``Last-Event-ID`` resumes exactly."""
+    service.ensure_exists(session, principal.tenant_id, job_id)
+    session.close()
+    cursor = last_event_id if last_event_id is not None else after
+
+    def poll(since: int) -> tuple[list[EventOut], str]:
+        with get_sessionmaker()() as s:
+            events, _ = service.list_events(s, principal.tenant_id, job_id, since, 200)
+            status = service.get_job(s, principal.tenant_id, job_id).status
+            return [EventOut.of(e) for e in events], status
+
+    async def frames() -> AsyncIterator[bytes]:
+        since = cursor
+        idle = 0
+        while True:
+            events, status = await run_in_threadpool(poll, since)
+            for event in events:
+                since = event.id
+                payload = json.dumps(event.model_dump(mode="json"))
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n".encode()
+            if not events and status in TERMINAL_STATUSES:
+                return
+            idle = 0 if events else idle + 1
+            if idle and idle % 30 == 0:
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(0.5)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(
+    job_id: str, principal: JobsReader, session: SessionDep, storage: StorageDep, settings: SettingsDep
+) -> ArtifactList:
+    """Files of a succeeded job with size, sha256 and a short-lived download URL."""
+    result = service.list_artifacts(session, principal.tenant_id, job_id, storage, settings.presign_ttl_s)
+    return ArtifactList.model_validate(result)

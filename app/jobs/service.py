@@ -1,0 +1,227 @@
+"""Business rules of jobs: create (idempotent), read, list, cancel, events, artifacts.
+
+Every query is scoped by tenant through :func:`_scoped`; another tenant's job is indistinguishable
+from one that does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Select, exists, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal
+from app.broker import enqueue_job
+from app.config import Settings
+from app.db import utcnow
+from app.errors import conflict, not_found, unprocessable
+from app.jobs import lifecycle
+from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
+from app.jobs.spec import JobSpec, Source
+from app.storage import Storage, split_s3_uri
+from app.uploads.service import require_complete
+
+
+def _scoped(tenant_id: str) -> Select[tuple[Job]]:
+    return select(Job).where(Job.tenant_id == tenant_id)
+
+
+def artifact_prefix(tenant_id: str, job_id: str) -> str:
+    return f"artifacts/{tenant_id}/{job_id}/"
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.execute(_scoped(tenant_id).where(Job.id == job_id)).scalar_one_or_none()
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def _check_source(session: Session, tenant_id: str, source: Source | None, field: str, settings: Settings) -> None:
+    if source is None:
+        return
+    if source.upload_id is not None:
+        require_complete(session, tenant_id, source.upload_id, field)
+    elif source.uri is not None:
+        bucket, _ = split_s3_uri(source.uri)
+        if bucket not in settings.allowed_source_buckets:
+            raise unprocessable(
+                f"{field}.uri: bucket {bucket!r} is not on the operator's allow-list",
+                [{"field": f"{field}.uri", "message": "bucket not allowed"}],
+            )
+
+
+def _request_hash(spec: JobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+    """Reserve ``key`` (committed at once, so a concurrent twin sees it) or return the job it made."""
+    existing = session.execute(
+        select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
+    ).scalar_one_or_none()
+    if existing is None:
+        session.add(IdempotencyKey(tenant_id=tenant_id, key=key, request_hash=digest))
+        try:
+            session.commit()
+            return None
+        except IntegrityError:
+            session.rollback()
+            existing = session.execute(
+                select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
+            ).scalar_one()
+    if existing.request_hash != digest:
+        raise unprocessable("Idempotency-Key was already used with a different request body")
+    if existing.job_id is None:
+        raise conflict("a request with this Idempotency-Key is still in progress; retry shortly")
+    return get_job(session, tenant_id, existing.job_id)
+
+
+def _release_idempotency_key(session: Session, tenant_id: str, key: str) -> None:
+    session.rollback()
+    row = session.execute(
+        select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
+    ).scalar_one_or_none()
+    if row is not None and row.job_id is None:
+        session.delete(row)
+        session.commit()
+
+
+def create_job(
+    session: Session, principal: Principal, spec: JobSpec, settings: Settings, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Validate inputs, insert the job with its first event in one transaction, then enqueue.
+
+    Returns ``(job, created)``; ``created`` is False when an idempotent replay returned an existing job.
+    """
+    tenant_id = principal.tenant_id
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 255:
+            raise unprocessable("Idempotency-Key must be 1-255 characters")
+        replay = _claim_idempotency_key(session, tenant_id, idempotency_key, _request_hash(spec))
+        if replay is not None:
+            return replay, False
+    try:
+        _check_source(session, tenant_id, spec.model, "model", settings)
+        _check_source(session, tenant_id, spec.calibration, "calibration", settings)
+        _check_source(session, tenant_id, spec.evaluation, "evaluation", settings)
+        _check_source(session, tenant_id, spec.training, "training", settings)
+        for index, step in enumerate(spec.steps):
+            student = getattr(step, "student", None)
+            if student is not None and (student.upload_id or student.uri):
+                source = Source(upload_id=student.upload_id, uri=student.uri)
+                _check_source(session, tenant_id, source, f"steps.{index}.student", settings)
+        hardware = spec.hardware if spec.hardware != "auto" else ("gpu" if settings.gpu_queue else "cpu")
+        job = Job(
+            tenant_id=tenant_id,
+            spec=spec.model_dump(mode="json", exclude_none=True),
+            queue=hardware,
+            steps=[{"index": i, "method": s.method, "status": "pending"} for i, s in enumerate(spec.steps)],
+            metadata_items=[JobMetadata(key=k, value=v) for k, v in spec.metadata.items()],
+        )
+        session.add(job)
+        session.flush()
+        lifecycle.record_event(session, job.id, tenant_id, "job.queued", {"status": "queued"})
+        if idempotency_key is not None:
+            row = session.execute(
+                select(IdempotencyKey).where(
+                    IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == idempotency_key
+                )
+            ).scalar_one()
+            row.job_id = job.id
+        session.commit()
+    except BaseException:
+        if idempotency_key is not None:
+            _release_idempotency_key(session, tenant_id, idempotency_key)
+        raise
+    # Only after the commit: a worker must never receive a job it cannot read.
+    enqueue_job(job.id, job.queue)
+    return job, True
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    status: list[str] | None,
+    metadata: dict[str, str],
+    after: str | None,
+    limit: int,
+) -> tuple[list[Job], bool]:
+    """Newest first; ``after`` is the id of the last job of the previous page."""
+    stmt = _scoped(tenant_id)
+    if status:
+        stmt = stmt.where(Job.status.in_(status))
+    for key, value in metadata.items():
+        stmt = stmt.where(
+            exists().where(JobMetadata.job_id == Job.id, JobMetadata.key == key, JobMetadata.value == value)
+        )
+    if after:
+        stmt = stmt.where(Job.id < after)
+    rows = list(session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).scalars())
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = get_job(session, tenant_id, job_id)
+    new_status = lifecycle.request_cancel(session, job.id)
+    if new_status is None:
+        session.rollback()
+        raise conflict(f"job {job_id} is already {job.status} and cannot be cancelled")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def list_events(session: Session, tenant_id: str, job_id: str, after: int, limit: int) -> tuple[list[JobEvent], bool]:
+    get_job(session, tenant_id, job_id)
+    rows = list(
+        session.execute(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.tenant_id == tenant_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit + 1)
+        ).scalars()
+    )
+    return rows[:limit], len(rows) > limit
+
+
+def list_artifacts(session: Session, tenant_id: str, job_id: str, storage: Storage, ttl_s: int) -> dict[str, Any]:
+    """The files of a succeeded job's manifest, each with a short-lived download URL."""
+    job = get_job(session, tenant_id, job_id)
+    if job.status != "succeeded" or not job.manifest_key:
+        raise conflict(f"job {job_id} has no artifacts (status {job.status})")
+    raw = storage.get_bytes(job.manifest_key)
+    manifest = json.loads(raw)
+    expires = utcnow() + timedelta(seconds=ttl_s)
+    prefix = artifact_prefix(tenant_id, job_id)
+    files = [
+        {
+            "path": f["path"],
+            "size": f["size"],
+            "sha256": f["sha256"],
+            "url": storage.url_for_get(prefix + f["path"], ttl_s, filename=f["path"].rsplit("/", 1)[-1]),
+            "expires_at": expires,
+        }
+        for f in manifest["files"]
+    ]
+    files.append(
+        {
+            "path": "manifest.json",
+            "size": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "url": storage.url_for_get(job.manifest_key, ttl_s, filename="manifest.json"),
+            "expires_at": expires,
+        }
+    )
+    return {"data": files, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def ensure_exists(session: Session, tenant_id: str, job_id: str) -> None:
+    get_job(session, tenant_id, job_id)

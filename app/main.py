@@ -1,0 +1,48 @@
+"""The FastAPI application: routers, problem+json errors, start-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import health
+from app.artifacts.router import router as storage_router
+from app.auth.service import ensure_bootstrap_key
+from app.config import get_settings
+from app.db import session_scope
+from app.errors import install_error_handlers
+from app.jobs.router import router as jobs_router
+from app.uploads.router import router as uploads_router
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    if settings.bootstrap_api_key:
+        if settings.environment == "production":
+            raise RuntimeError("MODELPRESS_BOOTSTRAP_API_KEY must not be set in production")
+        with session_scope() as session:
+            ensure_bootstrap_key(session, settings.bootstrap_api_key)
+    yield
+
+
+def create_app() -> FastAPI:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(
+        title="ModelPress",
+        version="1.0.0",
+        summary="Compression-as-a-service for causal language models",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs_router)
+    app.include_router(uploads_router)
+    app.include_router(storage_router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,8 @@
+"""Every SQLAlchemy model, imported in one place for Alembic and for metadata.create_all in tests."""
+
+from app.auth.models import ApiKey, Tenant
+from app.db import Base
+from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
+from app.uploads.models import Upload
+
+__all__ = ["ApiKey", "Base", "IdempotencyKey", "Job", "JobEvent", "JobMetadata", "Tenant", "Upload"]

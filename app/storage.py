@@ -1,0 +1,316 @@
+"""Object storage: one small interface, an S3 implementation (boto3) and a local-directory one.
+
+Keys are ``/``-separated paths. Both backends mint URLs a client can PUT to and GET from without
+credentials: S3 presigns them; the local backend returns signed, expiring API URLs that
+``app/artifacts/router.py`` serves. Integrity is checked by us (sha256), never assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from app.config import Settings, get_settings
+from app.signing import sign
+
+CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class StorageError(Exception):
+    pass
+
+
+class Storage(Protocol):
+    """What the service needs from object storage."""
+
+    def put_file(self, key: str, path: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_file(self, key: str, dest: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def size(self, key: str) -> int | None: ...
+    def iter_chunks(self, key: str) -> Iterator[bytes]: ...
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def url_for_get(self, key: str, ttl_s: int, filename: str | None = None) -> str: ...
+    def url_for_put(self, key: str, ttl_s: int) -> str: ...
+    def start_multipart(self, key: str) -> str: ...
+    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int) -> str: ...
+    def finish_multipart(self, key: str, multipart_id: str) -> None: ...
+    def abort_multipart(self, key: str, multipart_id: str) -> None: ...
+    def check(self) -> None: ...
+
+
+def sha256_of(storage: Storage, key: str) -> str:
+    digest = hashlib.sha256()
+    for chunk in storage.iter_chunks(key):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
+    rest = uri.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    return bucket, prefix
+
+
+class LocalStorage:
+    """Objects as files under a root directory; URLs are signed API routes."""
+
+    def __init__(self, root: Path, settings: Settings) -> None:
+        self.root = root
+        self.settings = settings
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise StorageError(f"key escapes the storage root: {key!r}")
+        return path
+
+    def put_file(self, key: str, path: Path) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)  # atomic: readers never see half a file
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        written = 0
+        with tmp.open("wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+                written += len(chunk)
+        os.replace(tmp, dest)
+        return written
+
+    def get_file(self, key: str, dest: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"no such object: {key}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+
+    def get_bytes(self, key: str) -> bytes:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"no such object: {key}")
+        return source.read_bytes()
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        with self._path(key).open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self._path(prefix) if prefix else self.root
+        directory = base if base.is_dir() else base.parent
+        found = []
+        if directory.exists():
+            for path in sorted(directory.rglob("*")):
+                if path.is_file() and not path.name.endswith(".part"):
+                    key = path.relative_to(self.root.resolve()).as_posix()
+                    if key.startswith(prefix):
+                        found.append(ObjectInfo(key=key, size=path.stat().st_size))
+        return found
+
+    def delete_prefix(self, prefix: str) -> None:
+        for info in self.list(prefix):
+            self._path(info.key).unlink(missing_ok=True)
+
+    def _url(self, op: str, key: str, ttl_s: int, **extra: Any) -> str:
+        token = sign(self.settings.resolved_signing_secret(), {"op": op, "key": key, **extra}, ttl_s)
+        return f"{self.settings.public_base_url.rstrip('/')}/v1/storage/{quote(token)}"
+
+    def url_for_get(self, key: str, ttl_s: int, filename: str | None = None) -> str:
+        return self._url("get", key, ttl_s)
+
+    def url_for_put(self, key: str, ttl_s: int) -> str:
+        return self._url("put", key, ttl_s)
+
+    def start_multipart(self, key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int) -> str:
+        return self._url("put", f"{key}.parts/{part_number:05d}", ttl_s)
+
+    def finish_multipart(self, key: str, multipart_id: str) -> None:
+        parts_dir = self._path(f"{key}.parts")
+        parts = sorted(parts_dir.glob("[0-9]*")) if parts_dir.is_dir() else []
+        if not parts:
+            raise StorageError(f"no parts uploaded for {key}")
+
+        def chunks() -> Iterator[bytes]:
+            for part in parts:
+                with part.open("rb") as handle:
+                    while chunk := handle.read(CHUNK):
+                        yield chunk
+
+        self.put_stream(key, chunks())
+        shutil.rmtree(parts_dir, ignore_errors=True)
+
+    def abort_multipart(self, key: str, multipart_id: str) -> None:
+        shutil.rmtree(self._path(f"{key}.parts"), ignore_errors=True)
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"storage directory not writable: {self.root}")
+
+
+class S3Storage:
+    """Objects in one S3-compatible bucket (AWS, MinIO, moto)."""
+
+    def __init__(self, settings: Settings, bucket: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.settings = settings
+        self.bucket = bucket or settings.s3_bucket
+        config = Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"mode": "standard"})
+        self.client = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config
+        )
+        # Presigned URLs must name an endpoint the client can reach (e.g. MinIO's public address).
+        self.presign_client = (
+            boto3.client(
+                "s3",
+                endpoint_url=settings.s3_public_endpoint_url,
+                region_name=settings.s3_region,
+                config=config,
+            )
+            if settings.s3_public_endpoint_url
+            else self.client
+        )
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def get_file(self, key: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, key, str(dest))
+        except Exception as exc:
+            raise StorageError(f"cannot download s3://{self.bucket}/{key}: {exc}") from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+        except self.client.exceptions.NoSuchKey as exc:
+            raise StorageError(f"no such object: {key}") from exc
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except Exception:
+            return None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        yield from body.iter_chunks(CHUNK)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        found = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found.append(ObjectInfo(key=item["Key"], size=int(item["Size"])))
+        return found
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [{"Key": info.key} for info in self.list(prefix)]
+        for start in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]})
+
+    def url_for_get(self, key: str, ttl_s: int, filename: str | None = None) -> str:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if filename:
+            params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+        return str(self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s))
+
+    def url_for_put(self, key: str, ttl_s: int) -> str:
+        return str(
+            self.presign_client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
+            )
+        )
+
+    def start_multipart(self, key: str) -> str:
+        return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
+
+    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int) -> str:
+        return str(
+            self.presign_client.generate_presigned_url(
+                "upload_part",
+                Params={"Bucket": self.bucket, "Key": key, "UploadId": multipart_id, "PartNumber": part_number},
+                ExpiresIn=ttl_s,
+            )
+        )
+
+    def finish_multipart(self, key: str, multipart_id: str) -> None:
+        # The server lists the parts itself, so clients need not echo ETags back.
+        parts = self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=multipart_id).get("Parts", [])
+        if not parts:
+            raise StorageError(f"no parts uploaded for {key}")
+        self.client.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=multipart_id,
+            MultipartUpload={"Parts": [{"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in parts]},
+        )
+
+    def abort_multipart(self, key: str, multipart_id: str) -> None:
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+
+def make_storage(settings: Settings, bucket: str | None = None) -> Storage:
+    if settings.storage_backend == "s3":
+        return S3Storage(settings, bucket)
+    if bucket is not None:
+        raise StorageError("s3:// sources need the s3 storage backend")
+    return LocalStorage(settings.resolved_storage_dir(), settings)
+
+
+@lru_cache
+def get_storage() -> Storage:
+    return make_storage(get_settings())

@@ -1,0 +1,44 @@
+"""Public shapes of the uploads API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class FileIn(BaseModel):
+    path: str = Field(
+        min_length=1, max_length=500, description="relative path inside the upload, e.g. 'model.safetensors'"
+    )
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class UploadCreate(BaseModel):
+    files: list[FileIn] = Field(min_length=1)
+
+
+class PartTarget(BaseModel):
+    part_number: int
+    url: str
+
+
+class FileTarget(BaseModel):
+    path: str
+    url: str | None = None
+    part_size: int | None = None
+    parts: list[PartTarget] | None = None
+
+
+class UploadOut(BaseModel):
+    id: str
+    object: Literal["upload"] = "upload"
+    status: Literal["pending", "complete"]
+    total_bytes: int
+    files: list[FileIn]
+    created_at: datetime
+    completed_at: datetime | None
+    expires_at: datetime
+    targets: list[FileTarget] | None = Field(default=None, description="where to PUT each file (on creation only)")

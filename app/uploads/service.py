@@ -1,0 +1,134 @@
+"""Uploads: presigned PUT URLs per file (multipart above a threshold), completion verifies sizes and sha256."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal
+from app.config import Settings
+from app.db import utcnow
+from app.errors import Problem, conflict, not_found, unprocessable
+from app.storage import Storage, StorageError, sha256_of
+from app.uploads.models import Upload
+from app.uploads.schemas import FileIn, UploadCreate
+
+
+def upload_key(tenant_id: str, upload_id: str, path: str = "") -> str:
+    return f"uploads/{tenant_id}/{upload_id}/{path}"
+
+
+def _check_path(path: str) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or path != pure.as_posix() or not path or path.startswith("."):
+        raise unprocessable(f"invalid file path {path!r}: use a relative path without '..'")
+    return path
+
+
+def create_upload(
+    session: Session, principal: Principal, body: UploadCreate, settings: Settings, storage: Storage
+) -> tuple[Upload, list[dict[str, object]]]:
+    """Create an upload and the URLs to PUT each file to. Commits."""
+    files: list[FileIn] = body.files
+    if len(files) > settings.max_upload_files:
+        raise unprocessable(f"at most {settings.max_upload_files} files per upload")
+    paths = [_check_path(f.path) for f in files]
+    if len(set(paths)) != len(paths):
+        raise unprocessable("file paths must be unique")
+    total = sum(f.size for f in files)
+    if total > settings.max_upload_bytes:
+        raise Problem(
+            413,
+            "Content Too Large",
+            f"upload of {total} bytes exceeds the limit of {settings.max_upload_bytes} bytes",
+        )
+    upload = Upload(
+        tenant_id=principal.tenant_id,
+        files=[],
+        total_bytes=total,
+        expires_at=utcnow() + timedelta(seconds=settings.presign_ttl_s * 4),
+    )
+    session.add(upload)
+    session.flush()
+    records, targets = [], []
+    for f in files:
+        key = upload_key(principal.tenant_id, upload.id, f.path)
+        record: dict[str, object] = {"path": f.path, "size": f.size, "sha256": f.sha256}
+        target: dict[str, object] = {"path": f.path}
+        if f.size > settings.s3_multipart_threshold_bytes:
+            part = settings.s3_multipart_part_bytes
+            mp_id = storage.start_multipart(key)
+            record["multipart_id"] = mp_id
+            target["part_size"] = part
+            target["parts"] = [
+                {"part_number": n, "url": storage.url_for_part(key, mp_id, n, settings.presign_ttl_s)}
+                for n in range(1, math.ceil(f.size / part) + 1)
+            ]
+        else:
+            target["url"] = storage.url_for_put(key, settings.presign_ttl_s)
+        records.append(record)
+        targets.append(target)
+    upload.files = records
+    session.commit()
+    return upload, targets
+
+
+def get_upload(session: Session, tenant_id: str, upload_id: str) -> Upload:
+    upload = session.execute(
+        select(Upload).where(Upload.id == upload_id, Upload.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if upload is None:
+        raise not_found("upload", upload_id)
+    return upload
+
+
+def complete_upload(session: Session, principal: Principal, upload_id: str, storage: Storage) -> Upload:
+    """Assemble multipart files, then verify every size and sha256 against what was declared. Commits."""
+    upload = get_upload(session, principal.tenant_id, upload_id)
+    if upload.status == "complete":
+        return upload
+    if upload.expires_at < utcnow():
+        raise conflict("this upload expired before it was completed; create a new one")
+    problems = []
+    for record in upload.files:
+        key = upload_key(upload.tenant_id, upload.id, record["path"])
+        if record.get("multipart_id") and storage.size(key) is None:
+            try:
+                storage.finish_multipart(key, record["multipart_id"])
+            except (StorageError, Exception) as exc:
+                problems.append({"field": record["path"], "message": f"multipart upload incomplete: {exc}"})
+                continue
+        size = storage.size(key)
+        if size is None:
+            problems.append({"field": record["path"], "message": "file was not uploaded"})
+        elif size != record["size"]:
+            problems.append({"field": record["path"], "message": f"size is {size}, declared {record['size']}"})
+        elif sha256_of(storage, key) != record["sha256"]:
+            problems.append({"field": record["path"], "message": "sha256 does not match the declared digest"})
+    if problems:
+        raise unprocessable(
+            "upload verification failed: " + "; ".join(p["field"] + ": " + p["message"] for p in problems), problems
+        )
+    upload.status = "complete"
+    upload.completed_at = utcnow()
+    session.commit()
+    return upload
+
+
+def require_complete(session: Session, tenant_id: str, upload_id: str, field: str) -> Upload:
+    upload = session.execute(
+        select(Upload).where(Upload.id == upload_id, Upload.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if upload is None:
+        raise unprocessable(
+            f"{field}: upload {upload_id!r} does not exist", [{"field": field, "message": "unknown upload"}]
+        )
+    if upload.status != "complete":
+        raise unprocessable(
+            f"{field}: upload {upload_id!r} is not complete", [{"field": field, "message": "upload not complete"}]
+        )
+    return upload

@@ -1,0 +1,32 @@
+"""Celery configuration for ModelPress workers, in one place.
+
+Late acknowledgement and a prefetch of one: a job message is acked only once the job has finished,
+and a worker never hoards messages it cannot start. ``cpu`` and ``gpu`` queues are separate; a
+worker consumes the ones named by ``modelpress worker --queues``.
+"""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from app.broker import REAP_TASK, make_celery
+from app.config import get_settings
+
+settings = get_settings()
+celery_app = make_celery(settings)
+celery_app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_queues=[Queue("cpu"), Queue("gpu")],
+    task_time_limit=settings.job_time_limit_s,
+    task_soft_time_limit=max(settings.job_time_limit_s - 60, 1),
+    # Model work fragments memory; recycle worker processes now and then.
+    worker_max_tasks_per_child=20,
+    worker_concurrency=settings.worker_concurrency,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "reap-expired-leases": {"task": REAP_TASK, "schedule": settings.reaper_interval_s, "options": {"queue": "cpu"}},
+    },
+    imports=["workers.tasks"],
+)

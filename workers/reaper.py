@@ -1,0 +1,50 @@
+"""The reaper: nothing stays ``running`` after its worker died, nothing stays ``queued`` unnoticed."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from app.broker import enqueue_job
+from app.config import get_settings
+from app.db import session_scope, utcnow
+from app.jobs import lifecycle
+from app.jobs.models import Job
+
+log = logging.getLogger("modelpress.reaper")
+
+
+def reap_once() -> dict[str, int]:
+    settings = get_settings()
+    now = utcnow()
+    requeued: list[tuple[str, str]] = []
+    counts = {"requeued": 0, "failed_or_cancelled": 0, "resent": 0}
+    with session_scope() as session:
+        expired = session.execute(
+            select(Job)
+            .where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+            .limit(100)
+        ).scalars()
+        for job in list(expired):
+            if lifecycle.requeue_after_lost_worker(session, job, settings.max_attempts, now):
+                requeued.append((job.id, job.queue))
+                counts["requeued"] += 1
+            else:
+                counts["failed_or_cancelled"] += 1
+        # Queued for long with no worker claiming: the doorbell may have been lost; ring again.
+        stale_before = now - timedelta(seconds=settings.requeue_stale_queued_s)
+        stale = session.execute(
+            select(Job.id, Job.queue).where(Job.status == "queued", Job.updated_at < stale_before).limit(100)
+        ).all()
+        for job_id, queue in stale:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(updated_at=now))
+            requeued.append((job_id, queue))
+            counts["resent"] += 1
+    for job_id, queue in requeued:  # after commit
+        enqueue_job(job_id, queue)
+    if any(counts.values()):
+        log.info("reaper: %s", counts)
+    return counts

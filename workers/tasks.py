@@ -1,0 +1,26 @@
+"""Thin Celery tasks: each one calls into the runner or the reaper."""
+
+from __future__ import annotations
+
+import logging
+
+from app.broker import REAP_TASK, RUN_JOB_TASK
+from workers.celery_app import celery_app
+
+log = logging.getLogger("modelpress.worker")
+
+
+@celery_app.task(name=RUN_JOB_TASK, acks_late=True)
+def run_job(job_id: str) -> None:
+    """Run one job end to end (claim, fetch, steps, evaluate, upload, finish)."""
+    from workers.runner import JobRunner  # torch loads in the worker child, not at import time
+
+    JobRunner(job_id).run()
+
+
+@celery_app.task(name=REAP_TASK)
+def reap() -> dict[str, int]:
+    """Re-queue or fail jobs whose worker vanished; re-send jobs whose queue message was lost."""
+    from workers.reaper import reap_once
+
+    return reap_once()
