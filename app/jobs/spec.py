@@ -36,18 +36,26 @@ class Source(StrictModel):
         return self
 
 
-class CalibrationInput(Source):
-    """Calibration text (txt, or jsonl with a `text` field), packed into `num_samples` blocks of `seq_len` tokens."""
+class CalibrationOptions(StrictModel):
+    """How much calibration text to use: ``num_samples`` blocks of ``seq_len`` tokens."""
 
     num_samples: int = Field(default=128, ge=1, le=4096)
     seq_len: int = Field(default=512, ge=16, le=8192)
 
 
-class EvaluationInput(Source):
-    """Held-out text for perplexity, scored in non-overlapping windows of `seq_len` tokens."""
+class EvaluationOptions(StrictModel):
+    """Perplexity is scored on non-overlapping windows of ``seq_len`` tokens, at most ``max_tokens`` in all."""
 
     seq_len: int = Field(default=512, ge=16, le=8192)
     max_tokens: int = Field(default=65536, ge=256, le=4_194_304)
+
+
+class CalibrationInput(Source, CalibrationOptions):
+    """Calibration text (txt, or jsonl with a `text` field) and how much of it to use."""
+
+
+class EvaluationInput(Source, EvaluationOptions):
+    """Held-out text for perplexity."""
 
 
 class TrainingInput(Source):
@@ -269,6 +277,25 @@ class DistillStep(StrictModel):
 Step = Annotated[QuantizeStep | PruneStep | DistillStep, Field(discriminator="method")]
 
 
+def check_steps_inputs(steps: list[Any], has_calibration: bool, has_training: bool) -> None:
+    for index, step in enumerate(steps):
+        if step.needs_calibration and not has_calibration:
+            raise ValueError(f"steps[{index}] ({step.method} {getattr(step, 'algorithm', '')}) needs 'calibration'")
+        if isinstance(step, DistillStep) and not has_training:
+            raise ValueError(f"steps[{index}] (distill) needs 'training' text")
+
+
+class Recipe(StrictModel):
+    """What to do, without where the inputs live: the local CLI's ``--recipe`` file.
+
+    The texts come from command-line files instead of uploads; the options are the same as the API's.
+    """
+
+    steps: list[Step] = Field(min_length=1, max_length=16)
+    calibration: CalibrationOptions | None = None
+    evaluation: EvaluationOptions | None = None
+
+
 class JobSpec(StrictModel):
     """A compression job: one input model, a pipeline of steps, and the texts they need."""
 
@@ -295,9 +322,17 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _inputs_present(self) -> JobSpec:
-        for index, step in enumerate(self.steps):
-            if step.needs_calibration and self.calibration is None:
-                raise ValueError(f"steps[{index}] ({step.method} {getattr(step, 'algorithm', '')}) needs 'calibration'")
-            if isinstance(step, DistillStep) and self.training is None:
-                raise ValueError(f"steps[{index}] (distill) needs 'training' text")
+        check_steps_inputs(self.steps, self.calibration is not None, self.training is not None)
         return self
+
+    def recipe(self) -> Recipe:
+        """The options part of this spec, as the pipeline consumes it."""
+        return Recipe(
+            steps=self.steps,
+            calibration=CalibrationOptions(**self.calibration.model_dump(include={"num_samples", "seq_len"}))
+            if self.calibration
+            else None,
+            evaluation=EvaluationOptions(**self.evaluation.model_dump(include={"seq_len", "max_tokens"}))
+            if self.evaluation
+            else None,
+        )

@@ -1,0 +1,186 @@
+"""The ``modelpress`` command: serve, worker, migrate, dev, compress, admin.
+
+The API side never imports torch; ``worker`` and ``compress`` load the workers package, which does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+DEV_KEY = "mp_dev_insecure_local_key"
+
+
+def _port() -> int:
+    return int(os.environ.get("PORT", "8000"))
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from alembic import command
+    from alembic.config import Config
+
+    from app.config import get_settings
+
+    settings = get_settings()
+    if settings.resolved_database_url().startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    config = Config(str(Path(__file__).resolve().parent.parent / "alembic.ini"))
+    command.upgrade(config, "head")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:app", host=args.host, port=args.port or _port(), proxy_headers=True, log_level="info")
+    return 0
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--queues",
+        args.queues,
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(args.concurrency),
+        "--hostname",
+        f"modelpress-{args.queues.replace(',', '-')}@%h",
+    ]
+    if args.beat:
+        argv.append("--beat")
+        data_dir = os.environ.get("MODELPRESS_DATA_DIR", "var")
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        argv += ["--schedule", str(Path(data_dir) / "celerybeat-schedule")]
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    os.execv(sys.executable, _worker_argv(args))
+    return 0  # not reached
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Embedded mode: migrate, then run a worker (with the reaper schedule) and the API, no servers needed."""
+    os.environ.setdefault("MODELPRESS_BOOTSTRAP_API_KEY", DEV_KEY)
+    port = args.port or _port()
+    os.environ.setdefault("MODELPRESS_PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
+    cmd_migrate(args)
+    worker_args = argparse.Namespace(queues="cpu,gpu", concurrency=1, beat=True)
+    worker = subprocess.Popen(_worker_argv(worker_args))
+    print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs")
+    print(f"  API key: {os.environ['MODELPRESS_BOOTSTRAP_API_KEY']}\n", flush=True)
+    try:
+        cmd_serve(argparse.Namespace(host=args.host, port=port))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Run a recipe on a local model directory with the very engines the service uses."""
+    from workers.local import compress_local
+
+    report = compress_local(
+        Path(args.model_dir),
+        Path(args.recipe),
+        Path(args.out),
+        calibration=Path(args.calibration) if args.calibration else None,
+        evaluation=Path(args.eval) if args.eval else None,
+        training=Path(args.train) if args.train else None,
+        measure_speed=not args.no_speed,
+    )
+    print(json.dumps(report.get("summary", {}), indent=2))
+    print(f"wrote {args.out}/model, report.json, report.png, README.md")
+    return 0
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from app.auth import service
+    from app.db import session_scope
+
+    with session_scope() as session:
+        if args.admin_command == "create-tenant":
+            tenant = service.create_tenant(session, args.name)
+            print(json.dumps({"id": tenant.id, "name": tenant.name}))
+        elif args.admin_command == "create-key":
+            key, clear = service.create_key(session, args.tenant, args.name, args.scopes.split(","))
+            print(json.dumps({"id": key.id, "key": clear, "scopes": key.scopes}))
+            print("store this key now: it is not shown again", file=sys.stderr)
+        elif args.admin_command == "revoke-key":
+            if not service.revoke_key(session, args.key_id):
+                print(f"no active key {args.key_id}", file=sys.stderr)
+                return 1
+            print(json.dumps({"id": args.key_id, "revoked": True}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP API")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--beat", action="store_true", help="also run the periodic reaper schedule")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="apply database migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("dev", help="embedded mode: migrate, API and a worker, no external servers")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("compress", help="compress a local model directory with a recipe")
+    p.add_argument("model_dir")
+    p.add_argument("--recipe", required=True, help='JSON: {"steps": [...], "calibration": {...}}')
+    p.add_argument("--out", required=True)
+    p.add_argument("--calibration", help="calibration text file (.txt or .jsonl)")
+    p.add_argument("--eval", help="evaluation text file")
+    p.add_argument("--train", help="training text file (distillation)")
+    p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("admin", help="tenants and API keys")
+    admin = p.add_subparsers(dest="admin_command", required=True)
+    a = admin.add_parser("create-tenant")
+    a.add_argument("name")
+    a = admin.add_parser("create-key")
+    a.add_argument("tenant", help="tenant id")
+    a.add_argument("--name", default="default")
+    a.add_argument("--scopes", default="jobs:read,jobs:write,webhooks:manage")
+    a = admin.add_parser("revoke-key")
+    a.add_argument("key_id")
+    p.set_defaults(func=cmd_admin)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

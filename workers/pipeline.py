@@ -1,0 +1,216 @@
+"""One compression job's work, independent of where its inputs came from.
+
+The service's runner and the local ``modelpress compress`` command both call :func:`run_pipeline`:
+load the model safely, measure it, run the steps in order, save, measure again, write the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.jobs.spec import DistillStep, PruneStep, QuantizeStep, Recipe
+from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.data import pack_blocks, read_texts, tokenize_stream
+from workers.compression.evaluate import evaluate
+from workers.compression.export import load_model, save_model
+from workers.reporting import build_report, write_report_files
+
+StepHook = Callable[[int, str, dict[str, Any]], None]
+"""``on_step(index, status, extra)``: a step moved to ``running`` / ``succeeded`` / ``failed``."""
+
+# Share of the calibration/training stream held out for perplexity when no evaluation text is given.
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclass
+class PipelineInputs:
+    """Local paths of everything a job reads (the runner downloads them; the CLI takes them as given)."""
+
+    model_dir: Path
+    calibration_files: list[Path] = field(default_factory=list)
+    evaluation_files: list[Path] = field(default_factory=list)
+    training_files: list[Path] = field(default_factory=list)
+    student_dirs: dict[int, Path] = field(default_factory=dict)
+    checkpoint_dirs: dict[int, Path] = field(default_factory=dict)
+    on_checkpoint: Callable[[int, Path], None] | None = None
+    max_model_bytes: int | None = None
+    measure_speed: bool = True
+
+
+@dataclass
+class _Texts:
+    calibration: torch.Tensor | None
+    train_stream: torch.Tensor | None
+    eval_ids: torch.Tensor | None
+    eval_source: str
+
+
+def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _Texts:
+    """Tokenise the job's texts; hold out a slice for perplexity when no evaluation text was given."""
+    eval_opts = recipe.evaluation
+    eval_seq = eval_opts.seq_len if eval_opts else (recipe.calibration.seq_len if recipe.calibration else 512)
+    eval_max = eval_opts.max_tokens if eval_opts else 65536
+    needs_calibration = any(step.needs_calibration for step in recipe.steps)
+
+    calib_stream = (
+        tokenize_stream(tokenizer, read_texts(inputs.calibration_files)) if inputs.calibration_files else None
+    )
+    train_stream = tokenize_stream(tokenizer, read_texts(inputs.training_files)) if inputs.training_files else None
+    if needs_calibration and calib_stream is None:
+        raise EngineError("a step needs calibration text, but none was given")
+
+    eval_ids: torch.Tensor | None = None
+    source = "none"
+    if inputs.evaluation_files:
+        stream = tokenize_stream(tokenizer, read_texts(inputs.evaluation_files))
+        eval_ids = pack_blocks(stream[:eval_max], min(eval_seq, stream.numel()))
+        source = "evaluation text"
+    else:
+        held_from = calib_stream if calib_stream is not None else train_stream
+        if held_from is not None:
+            cut = int(held_from.numel() * (1 - HELD_OUT_FRACTION))
+            held = held_from[cut:][:eval_max]
+            if held.numel() >= 16:
+                eval_ids = pack_blocks(held, min(eval_seq, held.numel()))
+                name = "calibration" if calib_stream is not None else "training"
+                source = f"held-out last {int(HELD_OUT_FRACTION * 100)}% of the {name} text"
+                if calib_stream is not None:
+                    calib_stream = calib_stream[:cut]
+                else:
+                    train_stream = held_from[:cut]
+    calibration = None
+    if calib_stream is not None and recipe.calibration is not None:
+        seq = min(recipe.calibration.seq_len, calib_stream.numel())
+        calibration = pack_blocks(calib_stream, seq, recipe.calibration.num_samples)
+    return _Texts(calibration=calibration, train_stream=train_stream, eval_ids=eval_ids, eval_source=source)
+
+
+def _run_step(
+    index: int,
+    step: QuantizeStep | PruneStep | DistillStep,
+    model: nn.Module,
+    tokenizer: Any,
+    texts: _Texts,
+    inputs: PipelineInputs,
+    callbacks: Callbacks,
+) -> StepOutcome:
+    if isinstance(step, QuantizeStep):
+        from workers.compression.quantize import quantize
+
+        return quantize(model, step, calibration=texts.calibration, callbacks=callbacks)
+    if isinstance(step, PruneStep):
+        from workers.compression.prune import prune
+
+        return prune(model, step, calibration=texts.calibration, callbacks=callbacks)
+    from workers.compression.distill import run_distill_step
+
+    if texts.train_stream is None:
+        raise EngineError(f"steps[{index}] (distill) needs training text")
+    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    return run_distill_step(
+        teacher,
+        model,
+        step,
+        tokenizer=tokenizer,
+        train_stream=texts.train_stream,
+        student_dir=inputs.student_dirs.get(index),
+        calibration=texts.calibration,
+        checkpoint_dir=inputs.checkpoint_dirs.get(index),
+        on_checkpoint=(lambda path: inputs.on_checkpoint(index, path)) if inputs.on_checkpoint else None,
+        callbacks=callbacks,
+    )
+
+
+def run_pipeline(
+    recipe: Recipe,
+    inputs: PipelineInputs,
+    out_dir: Path,
+    callbacks: Callbacks | None = None,
+    on_step: StepHook | None = None,
+) -> dict[str, Any]:
+    """Run ``recipe`` on the model in ``inputs.model_dir``; write ``out_dir/{model/, report.json, report.png,
+    README.md}`` and return the report. Raises :class:`EngineError` for problems the user can fix and
+    ``StepCancelled`` when ``callbacks.should_stop()`` turns true."""
+    callbacks = callbacks or Callbacks()
+    on_step = on_step or (lambda _i, _s, _e: None)
+    started = time.perf_counter()
+
+    callbacks.progress(0.0, "loading model")
+    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    texts = _prepare_texts(tokenizer, recipe, inputs)
+
+    callbacks.progress(0.01, "measuring the original model")
+    baseline = evaluate(
+        model,
+        tokenizer,
+        eval_ids=texts.eval_ids,
+        model_dir=inputs.model_dir,
+        measure_speed=inputs.measure_speed,
+        callbacks=callbacks.scaled(0.01, 0.1),
+    )
+
+    step_records: list[dict[str, Any]] = []
+    span = 0.75 / len(recipe.steps)
+    for index, step in enumerate(recipe.steps):
+        callbacks.check()
+        on_step(index, "running", {})
+        begin = time.perf_counter()
+        label = f"step {index + 1}/{len(recipe.steps)} ({step.method})"
+        step_callbacks = callbacks.scaled(0.1 + index * span, 0.1 + (index + 1) * span)
+        labelled = Callbacks(
+            progress=lambda f, m, cb=step_callbacks, label=label: cb.progress(f, f"{label}: {m}"),
+            should_stop=callbacks.should_stop,
+            metrics=lambda data, index=index: callbacks.metrics({"step": index, **data}),
+        )
+        try:
+            outcome = _run_step(index, step, model, tokenizer, texts, inputs, labelled)
+        except BaseException:
+            on_step(index, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
+            raise
+        model = outcome.model
+        duration = round(time.perf_counter() - begin, 3)
+        on_step(index, "succeeded", {"duration_s": duration})
+        step_records.append(
+            {
+                "method": step.method,
+                "params": step.model_dump(mode="json"),
+                "duration_s": duration,
+                "details": outcome.facts,
+            }
+        )
+
+    callbacks.check()
+    callbacks.progress(0.85, "saving the compressed model")
+    model_out = out_dir / "model"
+    save_model(model, tokenizer, model_out)
+
+    callbacks.progress(0.9, "measuring the compressed model")
+    result = evaluate(
+        model,
+        tokenizer,
+        eval_ids=texts.eval_ids,
+        model_dir=model_out,
+        measure_speed=inputs.measure_speed,
+        callbacks=callbacks.scaled(0.9, 0.99),
+    )
+    report = build_report(
+        baseline,
+        result,
+        step_records,
+        duration_s=round(time.perf_counter() - started, 3),
+        evaluation_info={
+            "source": texts.eval_source,
+            "seq_len": int(texts.eval_ids.shape[1]) if texts.eval_ids is not None else None,
+            "tokens": int(texts.eval_ids.numel()) if texts.eval_ids is not None else 0,
+        },
+    )
+    write_report_files(report, out_dir)
+    callbacks.progress(1.0, "done")
+    return report
