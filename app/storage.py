@@ -83,6 +83,10 @@ class LocalStorage:
         self.settings = settings
         root.mkdir(parents=True, exist_ok=True)
 
+    def path_of(self, key: str) -> Path:
+        """The file behind ``key``; raises :class:`StorageError` for keys escaping the root."""
+        return self._path(key)
+
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if self.root.resolve() not in path.parents:

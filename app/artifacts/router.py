@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import SettingsDep, StorageDep
 from app.errors import Problem
 from app.signing import InvalidToken, verify
-from app.storage import LocalStorage
+from app.storage import LocalStorage, StorageError
 
 router = APIRouter(prefix="/v1/storage", tags=["storage"], include_in_schema=False)
 
@@ -35,8 +35,11 @@ def _payload(token: str, op: str, settings: SettingsDep, storage: StorageDep) ->
 @router.get("/{token}")
 def download(token: str, settings: SettingsDep, storage: StorageDep) -> FileResponse:
     local, key = _payload(token, "get", settings, storage)
-    path = local._path(key)
-    if not path.is_file():
+    try:
+        path = local.path_of(key)
+    except StorageError:
+        path = None
+    if path is None or not path.is_file():
         raise Problem(404, "Not Found", "object does not exist")
     return FileResponse(path, filename=path.name)
 

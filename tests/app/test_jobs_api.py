@@ -1,0 +1,265 @@
+"""The jobs API against Postgres, Redis and the S3 server."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from tests.app.conftest import Caller
+from tests.app.helpers import quantize_job, upload_files
+
+
+def _model_upload(client: TestClient, caller: Caller) -> str:
+    return upload_files(client, caller.headers, {"config.json": b"{}", "model.safetensors": b"\x00" * 64})
+
+
+def test_create_get_and_list_job(client: TestClient, alice: Caller) -> None:
+    upload = _model_upload(client, alice)
+    created = client.post("/v1/jobs", json=quantize_job(upload, metadata={"team": "search"}), headers=alice.headers)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["status"] == "queued"
+    assert job["steps"] == [
+        {
+            "index": 0,
+            "method": "quantize",
+            "status": "pending",
+            "started_at": None,
+            "finished_at": None,
+            "duration_s": None,
+        }
+    ]
+    assert job["metadata"] == {"team": "search"}
+    assert created.headers["location"] == f"/v1/jobs/{job['id']}"
+
+    fetched = client.get(f"/v1/jobs/{job['id']}", headers=alice.headers).json()
+    assert fetched["id"] == job["id"] and fetched["progress"] == {"fraction": 0.0, "message": ""}
+
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice.headers).json()
+    assert [e["type"] for e in events["data"]] == ["job.queued"]
+
+
+def test_list_pagination_and_filters(client: TestClient, alice: Caller) -> None:
+    upload = _model_upload(client, alice)
+    ids = []
+    for i in range(5):
+        body = quantize_job(upload, metadata={"run": str(i % 2)})
+        ids.append(client.post("/v1/jobs", json=body, headers=alice.headers).json()["id"])
+    page1 = client.get("/v1/jobs?limit=2", headers=alice.headers).json()
+    assert [j["id"] for j in page1["data"]] == ids[::-1][:2] and page1["has_more"] is True
+    page2 = client.get(f"/v1/jobs?limit=2&after={page1['data'][-1]['id']}", headers=alice.headers).json()
+    assert [j["id"] for j in page2["data"]] == ids[::-1][2:4]
+    page3 = client.get(f"/v1/jobs?limit=2&after={page2['data'][-1]['id']}", headers=alice.headers).json()
+    assert [j["id"] for j in page3["data"]] == ids[:1] and page3["has_more"] is False
+
+    odd = client.get("/v1/jobs?metadata[run]=1", headers=alice.headers).json()
+    assert {j["id"] for j in odd["data"]} == {ids[1], ids[3]}
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice.headers)
+    cancelled = client.get("/v1/jobs?status=cancelled", headers=alice.headers).json()
+    assert [j["id"] for j in cancelled["data"]] == [ids[0]]
+    assert client.get("/v1/jobs?status=bogus", headers=alice.headers).status_code == 422
+
+
+def test_validation_errors_are_problem_json(client: TestClient, alice: Caller) -> None:
+    upload = _model_upload(client, alice)
+    cases = [
+        ({"model": {"upload_id": upload}, "steps": [{"method": "explode"}]}, "steps.0"),
+        ({"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w3a16"}]}, "scheme"),
+        (
+            {"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w4a16", "group_size": 48}]},
+            "group_size",
+        ),
+        ({"model": {"upload_id": upload}, "steps": []}, "steps"),
+        ({"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16", "bogus": 1}]}, "bogus"),
+        (
+            {"model": {"upload_id": upload}, "steps": [{"method": "prune", "algorithm": "wanda", "sparsity": 0.5}]},
+            "calibration",
+        ),
+        ({"model": {"upload_id": "upl_missing"}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}, "model"),
+        (
+            {"model": {"uri": "s3://not-allowed/x/"}, "steps": [{"method": "quantize", "scheme": "w8a16"}]},
+            "not on the operator's allow-list",
+        ),
+    ]
+    for body, needle in cases:
+        response = client.post("/v1/jobs", json=body, headers=alice.headers)
+        assert response.status_code == 422, (body, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["status"] == 422 and problem["title"] and problem["type"].startswith("https://")
+        assert needle in json.dumps(problem), (needle, problem)
+
+
+def test_auth_required_and_tenant_isolation(client: TestClient, alice: Caller, bob: Caller) -> None:
+    upload = _model_upload(client, alice)
+    job = client.post("/v1/jobs", json=quantize_job(upload), headers=alice.headers).json()
+    assert client.get("/v1/jobs").status_code == 401
+    assert client.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    for path in (
+        f"/v1/jobs/{job['id']}",
+        f"/v1/jobs/{job['id']}/events",
+        f"/v1/jobs/{job['id']}/artifacts",
+        f"/v1/uploads/{upload}",
+    ):
+        response = client.get(path, headers=bob.headers)
+        assert response.status_code == 404, path
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=bob.headers).status_code == 404
+    assert client.get("/v1/jobs", headers=bob.headers).json()["data"] == []
+    # bob cannot use alice's upload either
+    assert client.post("/v1/jobs", json=quantize_job(upload), headers=bob.headers).status_code == 422
+
+
+def test_idempotency_key(client: TestClient, alice: Caller) -> None:
+    from sqlalchemy import insert
+
+    from app.db import session_scope
+    from app.jobs.models import IdempotencyKey
+
+    upload = _model_upload(client, alice)
+    headers = {**alice.headers, "Idempotency-Key": "abc-1"}
+    first = client.post("/v1/jobs", json=quantize_job(upload), headers=headers)
+    again = client.post("/v1/jobs", json=quantize_job(upload), headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post("/v1/jobs", json=quantize_job(upload, metadata={"x": "y"}), headers=headers)
+    assert other.status_code == 422 and "different request body" in other.json()["detail"]
+    # A twin still being created (key reserved, no job yet) answers 409.
+    body = quantize_job(upload)
+    from app.jobs.service import _request_hash
+    from app.jobs.spec import JobSpec
+
+    with session_scope() as session:
+        session.execute(
+            insert(IdempotencyKey).values(
+                tenant_id=alice.tenant_id, key="in-flight", request_hash=_request_hash(JobSpec.model_validate(body))
+            )
+        )
+    busy = client.post("/v1/jobs", json=body, headers={**alice.headers, "Idempotency-Key": "in-flight"})
+    assert busy.status_code == 409
+    # A failed creation releases its key so the client can retry.
+    bad = client.post("/v1/jobs", json=quantize_job("upl_nope"), headers={**alice.headers, "Idempotency-Key": "k2"})
+    assert bad.status_code == 422
+    retry = client.post("/v1/jobs", json=quantize_job(upload), headers={**alice.headers, "Idempotency-Key": "k2"})
+    assert retry.status_code == 201
+
+
+def test_cancel_rules(client: TestClient, alice: Caller) -> None:
+    from app.db import session_scope
+    from app.jobs import lifecycle
+
+    upload = _model_upload(client, alice)
+    queued = client.post("/v1/jobs", json=quantize_job(upload), headers=alice.headers).json()
+    assert client.post(f"/v1/jobs/{queued['id']}/cancel", headers=alice.headers).json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=alice.headers)
+    assert again.status_code == 409 and again.headers["content-type"] == "application/problem+json"
+
+    running = client.post("/v1/jobs", json=quantize_job(upload), headers=alice.headers).json()
+    with session_scope() as session:
+        assert lifecycle.claim(session, running["id"], "w1", 60)
+    assert client.post(f"/v1/jobs/{running['id']}/cancel", headers=alice.headers).json()["status"] == "cancelling"
+    with session_scope() as session:
+        # the worker notices at its next heartbeat and stops
+        assert lifecycle.heartbeat(session, running["id"], "w1", 60) == "cancelling"
+        assert lifecycle.mark_cancelled(session, running["id"], "w1")
+        # terminal states never change
+        assert not lifecycle.claim(session, running["id"], "w2", 60)
+        assert not lifecycle.fail(session, running["id"], "x", "y")
+    types = [e["type"] for e in client.get(f"/v1/jobs/{running['id']}/events", headers=alice.headers).json()["data"]]
+    assert types == ["job.queued", "job.started", "job.cancelling", "job.cancelled"]
+
+
+def test_sse_stream_resumes_from_last_event_id(client: TestClient, alice: Caller) -> None:
+    from app.db import session_scope
+    from app.jobs import lifecycle
+
+    upload = _model_upload(client, alice)
+    job = client.post("/v1/jobs", json=quantize_job(upload), headers=alice.headers).json()
+    with session_scope() as session:
+        lifecycle.claim(session, job["id"], "w1", 60)
+        lifecycle.set_progress(session, job["id"], "w1", 0.5, "half way")
+        lifecycle.fail(session, job["id"], "internal_error", "boom", "w1")
+
+    def read(headers: dict[str, str]) -> list[tuple[int, str]]:
+        frames = []
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events/stream", headers=headers) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            event_id = None
+            for line in response.iter_lines():
+                if line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("event: "):
+                    frames.append((event_id, line[7:]))
+        return frames
+
+    frames = read(alice.headers)
+    assert [t for _, t in frames] == ["job.queued", "job.started", "job.progress", "job.failed"]
+    ids = [i for i, _ in frames]
+    assert ids == sorted(ids)
+    resumed = read({**alice.headers, "Last-Event-ID": str(ids[1])})
+    assert [t for _, t in resumed] == ["job.progress", "job.failed"]
+
+
+def test_reaper_requeues_then_fails_lost_jobs(client: TestClient, alice: Caller) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.config import get_settings
+    from app.db import session_scope, utcnow
+    from app.jobs import lifecycle
+    from app.jobs.models import Job
+    from workers.reaper import reap_once
+
+    upload = _model_upload(client, alice)
+    job = client.post("/v1/jobs", json=quantize_job(upload), headers=alice.headers).json()
+    max_attempts = get_settings().max_attempts
+    for attempt in range(1, max_attempts + 1):
+        with session_scope() as session:
+            assert lifecycle.claim(session, job["id"], f"w{attempt}", 60)
+            session.execute(
+                update(Job).where(Job.id == job["id"]).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            )
+        reap_once()
+        state = client.get(f"/v1/jobs/{job['id']}", headers=alice.headers).json()
+        if attempt < max_attempts:
+            assert state["status"] == "queued" and state["attempts"] == attempt
+        else:
+            assert state["status"] == "failed"
+            assert state["error"]["type"] == "worker_lost" and "lease expired" in state["error"]["message"]
+    types = [e["type"] for e in client.get(f"/v1/jobs/{job['id']}/events", headers=alice.headers).json()["data"]]
+    assert types.count("job.retrying") == max_attempts - 1 and types[-1] == "job.failed"
+
+
+def test_health_and_readiness(client: TestClient, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+    from app.broker import get_celery
+    from app.config import get_settings
+
+    monkeypatch.setenv("MODELPRESS_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+    down = client.get("/readyz")
+    assert down.status_code == 503 and down.headers["content-type"] == "application/problem+json"
+    assert down.json()["checks"]["broker"].startswith("unavailable")
+    assert down.json()["checks"]["database"] == "ok"
+
+
+def test_openapi_documents_the_api(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/events/stream",
+        "/v1/jobs/{job_id}/artifacts",
+        "/v1/uploads",
+        "/v1/uploads/{upload_id}/complete",
+    ):
+        assert path in schema["paths"], path
+    assert client.get("/docs").status_code == 200
