@@ -31,12 +31,13 @@ def make_celery(settings: Settings) -> Celery:
     if settings.resolved_broker_url().startswith("filesystem://"):
         # Embedded mode: a server-less broker in the data directory (kombu's file-system transport).
         folder = settings.broker_folder()
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": settings.broker_polling_interval_s,
         }

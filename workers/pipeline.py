@@ -109,21 +109,32 @@ def _run_step(
         from workers.compression.prune import prune
 
         return prune(model, step, calibration=texts.calibration, callbacks=callbacks)
-    from workers.compression.distill import run_distill_step
+    from workers.compression.distill import build_student, distill
 
     if texts.train_stream is None:
         raise EngineError(f"steps[{index}] (distill) needs training text")
+    # The teacher is always the job's input model, also after earlier steps changed `model`.
     teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
-    return run_distill_step(
+    student = build_student(
         teacher,
-        model,
-        step,
-        tokenizer=tokenizer,
-        train_stream=texts.train_stream,
+        step.student,
         student_dir=inputs.student_dirs.get(index),
+        previous_model=model,
         calibration=texts.calibration,
+        seed=step.seed,
+    )
+    stream = texts.train_stream
+    cut = int(stream.numel() * (1 - step.eval_fraction))
+    return distill(
+        teacher,
+        student,
+        step,
+        train_ids=stream[:cut],
+        eval_ids=stream[cut:] if stream.numel() - cut >= step.seq_len else None,
+        pad_token_id=tokenizer.pad_token_id,
         checkpoint_dir=inputs.checkpoint_dirs.get(index),
         on_checkpoint=(lambda path: inputs.on_checkpoint(index, path)) if inputs.on_checkpoint else None,
+        world_size=max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1,
         callbacks=callbacks,
     )
 

@@ -1,0 +1,37 @@
+# ModelPress — the two commands a fresh machine needs: `make dev` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+
+.PHONY: dev test install lint typecheck bench clean
+
+$(BIN)/modelpress: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned to the CPU build this project is developed and tested with.
+	$(BIN)/pip install --quiet -e ".[worker,dev]"
+	@touch $@
+
+install: $(BIN)/modelpress
+
+## Run the API and a worker in embedded mode (SQLite, local storage, file broker): no servers needed.
+dev: install
+	PORT=$(PORT) $(BIN)/modelpress dev
+
+## The whole test suite: unit, API (Postgres, Redis, S3 server) and end-to-end (real worker processes).
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy app workers
+
+## Benchmarks against llm-compressor on SmolLM2-135M (needs PyPI access; ~1 h on 2 CPU cores).
+bench: install
+	bash bench/run_all.sh
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

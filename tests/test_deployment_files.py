@@ -1,0 +1,43 @@
+"""docker-compose.yml and Dockerfile cannot run here (no Docker engine): check their structure instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compose_file_wires_the_full_stack() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "worker-gpu"} <= set(services)
+    for name in ("api", "worker", "worker-gpu", "migrate"):
+        env = services[name]["environment"]
+        assert env["MODELPRESS_DATABASE_URL"].startswith("postgresql+psycopg://"), name
+        assert env["MODELPRESS_BROKER_URL"].startswith("redis://"), name
+        assert env["MODELPRESS_STORAGE_BACKEND"] == "s3", name
+    assert services["api"]["build"]["target"] == "api" and services["worker"]["build"]["target"] == "worker"
+    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
+    assert "mc mb" in services["minio-init"]["command"][0]
+
+
+def test_dockerfile_api_image_has_no_torch() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = {line.split()[-1]: i for i, line in enumerate(text.splitlines()) if line.startswith("FROM ")}
+    assert {"base", "api", "worker"} <= set(stages)
+    api_stage = text.split("FROM base AS api", 1)[1].split("FROM base AS worker", 1)[0]
+    assert 'pip install .\n' in api_stage and "[worker]" not in api_stage
+    assert 'pip install ".[worker]"' in text
+
+
+def test_api_process_never_loads_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, app.main, app.cli; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
