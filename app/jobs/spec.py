@@ -149,7 +149,10 @@ class PruneStep(StrictModel):
     sparsity: float | None = Field(
         default=None, ge=0.0, le=0.95, description="unstructured: fraction of zeros per layer"
     )
-    pattern: str | None = Field(default=None, description="unstructured: N:M semi-structured pattern, e.g. '2:4'")
+    pattern: str | None = Field(
+        default=None,
+        description="unstructured: N:M pattern, at most N non-zeros in every M consecutive weights (e.g. '2:4')",
+    )
     targets: StructuredTargets | None = Field(default=None, description="structured only")
     dampening_frac: float = Field(default=0.01, gt=0.0, le=1.0, description="sparsegpt: Hessian dampening")
     block_size: int = Field(default=128, ge=1, le=4096, description="sparsegpt: columns per block")

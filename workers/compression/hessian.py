@@ -72,7 +72,7 @@ def collect_input_stats(
                 return
             stats = by_name.get(name)
             if stats is None:
-                stats = InputStats(xtx=torch.zeros(in_features, in_features, dtype=torch.float32))
+                stats = InputStats(xtx=torch.zeros(in_features, in_features, dtype=torch.float32, device=x.device))
                 stats.modules.append(name)
                 by_name[name] = stats
             stats.add(x)
