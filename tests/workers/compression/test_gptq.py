@@ -1,0 +1,100 @@
+"""GPTQ, AWQ and SmoothQuant as pure functions over tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from torch import nn
+
+from workers.compression.awq import awq_search
+from workers.compression.gptq import gptq_quantize
+from workers.compression.smoothquant import apply_input_scaling, smoothquant_scales
+from workers.compression.weight_quant import relative_output_error, rtn
+
+
+def correlated_inputs(tokens: int = 512, width: int = 64, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=gen) / width**0.5
+    scales = torch.logspace(-1, 1, width)
+    return (torch.randn(tokens, width, generator=gen) @ mix) * scales
+
+
+ARGS = [
+    QuantizationArgs(num_bits=4, strategy="group", group_size=16),
+    QuantizationArgs(num_bits=4, strategy="group", group_size=16, symmetric=False),
+    QuantizationArgs(num_bits=4, strategy="channel"),
+    QuantizationArgs(num_bits=8, strategy="channel"),
+]
+
+
+@pytest.mark.parametrize("args", ARGS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_error_below_rtn(args: QuantizationArgs, act_order: bool) -> None:
+    x = correlated_inputs()
+    hessian = 2 / x.shape[0] * x.T @ x
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    result = gptq_quantize(weight, hessian, args, block_size=16, act_order=act_order)
+    rtn_weight, _, _ = rtn(weight, args)
+    gptq_error = relative_output_error(weight, result.weight, hessian)
+    rtn_error = relative_output_error(weight, rtn_weight, hessian)
+    print(
+        f"{args.num_bits}b {args.strategy} sym={args.symmetric} act_order={act_order}: gptq {gptq_error:.3e} rtn {rtn_error:.3e}"
+    )
+    # Act-order matters here: the synthetic inputs put the largest channels last.
+    assert gptq_error < (0.5 if act_order else 0.95) * rtn_error
+    # The returned weight is exactly representable with the returned qparams.
+    from workers.compression.weight_quant import fake_quantize_weight
+
+    again = fake_quantize_weight(result.weight, result.scale, result.zero_point, args)
+    torch.testing.assert_close(again, result.weight, rtol=0, atol=1e-6)
+
+
+def test_gptq_preserves_zeros_and_handles_dead_inputs() -> None:
+    gen = torch.Generator().manual_seed(5)
+    # Nearly low-rank inputs: strongly correlated channels, so GPTQ's updates are large.
+    x = torch.randn(512, 4, generator=gen) @ torch.randn(4, 64, generator=gen) + 0.05 * torch.randn(
+        512, 64, generator=gen
+    )
+    x[:, 5] = 0.0  # a dead input channel
+    hessian = 2 / x.shape[0] * x.T @ x
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    weight[torch.rand(32, 64, generator=torch.Generator().manual_seed(3)) < 0.5] = 0.0
+    mask = weight == 0
+    # 8 bits: a fine grid, so error updates landing on pruned positions would not round back to 0.
+    args = QuantizationArgs(num_bits=8, strategy="group", group_size=16, symmetric=False)
+    kept = gptq_quantize(weight, hessian, args, preserve_zeros=True)
+    assert bool((kept.weight[mask] == 0).all())
+    filled = gptq_quantize(weight, hessian, args, preserve_zeros=False)
+    assert int((filled.weight[mask] != 0).sum()) > 0  # without the mask GPTQ does fill zeros
+    assert torch.isfinite(kept.weight).all()
+
+
+def test_awq_search_never_worse_and_finds_salient_channels() -> None:
+    x = correlated_inputs(seed=4)
+    x[:, :3] *= 30.0  # salient channels
+    hessian = 2 / x.shape[0] * x.T @ x
+    weights = [torch.randn(32, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    search = awq_search(weights, hessian, QuantizationArgs(num_bits=4, strategy="group", group_size=16))
+    print(f"awq error {search.error:.3e} baseline {search.baseline:.3e} ratio {search.ratio}")
+    assert search.ratio is not None and search.error < 0.95 * search.baseline
+    # Salient channels are scaled up relative to their (equally weighted) neighbours.
+    assert float(search.scales[:3].min()) > 2 * float(search.scales[3:6].max())
+
+
+def test_smoothing_is_function_preserving_and_flattens_inputs() -> None:
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight[2] = 50.0
+    linears = [nn.Linear(16, 8), nn.Linear(16, 4)]
+    x = torch.randn(32, 16)
+    before = [lin(norm(x)) for lin in linears]
+    act = norm(x).abs().amax(dim=0).detach()
+    scales = smoothquant_scales(act, [lin.weight for lin in linears], alpha=0.5)
+    apply_input_scaling(norm, linears, scales)
+    after = [lin(norm(x)) for lin in linears]
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    smoothed = norm(x).abs().amax(dim=0).detach()
+    assert float(smoothed.max() / smoothed.median()) < float(act.max() / act.median())

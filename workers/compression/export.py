@@ -1,0 +1,160 @@
+"""Reading and writing Hugging Face model directories, safely.
+
+``save_model`` is the one writer the service uses for every final model: safetensors weights,
+config and tokenizer files; a quantized model (compressed-tensors schemes attached by
+:func:`workers.compression.quantize.quantize`) is written as a compressed-tensors checkpoint
+(``quantization_config`` in config.json, packed/int/fp8 weights) that transformers and vLLM load.
+
+``load_model`` is the one reader: safetensors only (no pickle, so no code runs on load), no remote
+code, an optional size cap checked before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+from compressed_tensors.quantization import QuantizationStatus
+from compressed_tensors.utils import get_direct_state_dict
+from torch import nn
+
+from workers.compression.base import EngineError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any module carries a compressed-tensors quantization scheme."""
+    return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
+
+
+def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
+    """The model's state dict with every quantized module replaced by its compressed tensors.
+
+    Compresses module by module from a copy-free view of the module's own tensors, so the
+    in-memory model is left untouched (still fake-quantized and usable) and the extra memory is
+    only the compressed weights (int4 packs to 1/8 of float32).
+    """
+    compressor = ModelCompressor.from_pretrained_model(model)  # also fixes each scheme's format
+    state: dict[str, torch.Tensor] = {}
+    handled: set[str] = set()
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None:
+            continue
+        prefix = f"{name}." if name else ""
+        local = get_direct_state_dict(module)
+        handled.update(prefix + key for key in local)
+        if getattr(module, "quantization_status", None) != QuantizationStatus.COMPRESSED:
+            local = BaseCompressor.get_value_from_registry(scheme.format.value).compress(local, scheme)
+        for key, tensor in local.items():
+            if tensor is not None:  # e.g. a Linear without bias
+                state[prefix + key] = tensor
+    for key, tensor in model.state_dict().items():
+        if key not in handled:
+            state[key] = tensor
+    assert compressor.quantization_config is not None
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+    return state, compressor
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """Write ``model`` (+ ``tokenizer`` when given) to ``out_dir`` as a Hugging Face directory.
+
+    Safetensors only. A quantized model becomes a compressed-tensors checkpoint; a pruned model
+    is written dense with its zeros (compressed-tensors 0.20 dropped sparse formats), and a
+    structurally pruned one with its already-updated config.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not hasattr(model, "save_pretrained"):
+        raise EngineError(f"cannot save {type(model).__name__}: not a transformers model")
+    if is_quantized(model):
+        state, compressor = compressed_state_dict(model)
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        compressor.update_config(str(out_dir))
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def check_model_dir(model_dir: Path, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """Refuse unsafe or oversized model directories before loading; returns the parsed config."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EngineError(f"model directory {model_dir.name!r} not found")
+    files = [p for p in model_dir.rglob("*") if p.is_file()]
+    pickled = sorted(p.name for p in files if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise EngineError(f"pickle weights are not accepted; convert to safetensors (found {', '.join(pickled[:5])})")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise EngineError("config.json is missing from the model directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineError(f"config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise EngineError("config.json must hold a JSON object")
+    for name in ("config.json", "tokenizer_config.json"):
+        path = model_dir / name
+        if path.is_file() and '"auto_map"' in path.read_text(encoding="utf-8", errors="replace"):
+            raise EngineError(f"{name} uses custom code ('auto_map'); remote code is not allowed")
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if not weights:
+        raise EngineError("no *.safetensors weights in the model directory")
+    total = sum(p.stat().st_size for p in weights)
+    if max_bytes is not None and total > max_bytes:
+        raise EngineError(f"model weights are {total} bytes, over the limit of {max_bytes}")
+    return config
+
+
+def _has_packed_zero_points(config: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors config stores packed weight zero-points (asymmetric pack-quantized)."""
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "compressed-tensors":
+        return False
+    for group in (qconfig.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        fmt = group.get("format") or qconfig.get("format")
+        if isinstance(weights, dict) and weights.get("symmetric") is False and fmt == "pack-quantized":
+            return True
+    return False
+
+
+def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer (``None`` if the directory has none) in float32 on CPU.
+
+    Safetensors only, ``trust_remote_code=False``, configs with ``auto_map`` refused, weights over
+    ``max_bytes`` refused. Compressed-tensors checkpoints load too (decompressed on first forward).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = check_model_dir(model_dir, max_bytes=max_bytes)
+    extra: dict[str, Any] = {}
+    if _has_packed_zero_points(config):
+        # transformers 5.24 + compressed-tensors 0.20 build asymmetric pack-quantized modules with
+        # unpacked zero-point shapes and refuse the (vLLM-format) packed ones; the dequantize
+        # route reads them correctly and gives the same dense weights.
+        from transformers import CompressedTensorsConfig
+
+        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, trust_remote_code=False, use_safetensors=True, dtype=torch.float32, **extra
+        )
+    except (ValueError, OSError, KeyError) as exc:
+        raise EngineError(f"cannot load the model: {exc}") from exc
+    model.eval()
+    tokenizer = None
+    has_tokenizer = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        except (ValueError, OSError) as exc:
+            raise EngineError(f"cannot load the tokenizer: {exc}") from exc
+    return model, tokenizer

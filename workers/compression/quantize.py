@@ -1,0 +1,451 @@
+"""The quantize engine: RTN, GPTQ or AWQ weights (+ optional SmoothQuant) in compressed-tensors schemes.
+
+``quantize(model, QuantizeStep(...), calibration=ids)`` attaches compressed-tensors quantization to
+every targeted Linear (``weight_scale``/``weight_zero_point``/``input_scale`` parameters and a
+fake-quantizing forward, exactly as llm-compressor leaves a model), so that
+
+* the in-memory model's forward *is* the quantized model (honest perplexity right after), and
+* :func:`workers.compression.export.save_model` writes a compressed-tensors checkpoint that
+  transformers and vLLM load (pack-quantized int4/int8 weight-only, int-quantized W8A8,
+  float-quantized FP8).
+
+Weights hold their quantize-dequantized values, so the forward's re-quantization is idempotent and
+the packed checkpoint reproduces the in-memory logits.
+
+Work is kept to what each recipe needs: RTN (with dynamic activations) runs no forward at all;
+calibrated recipes make exactly one observation pass per decoder layer (Hessians shared by
+q/k/v and by gate/up, activation maxima recorded in the same pass) plus the propagation pass of
+the layer loop. SmoothQuant and AWQ rescale the collected Hessians instead of re-running the layer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import (
+    ActivationOrdering,
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    QuantizationStrategy,
+    QuantizationType,
+    apply_quantization_config,
+)
+from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.utils.match import match_named_modules
+from torch import nn
+
+from app.jobs.spec import QuantizeStep
+from workers.compression.awq import awq_search
+from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.gptq import gptq_quantize
+from workers.compression.hessian import InputStats, collect_input_stats
+from workers.compression.layerwise import decoder_layers, layerwise
+from workers.compression.smoothquant import apply_input_scaling, smoothquant_scales
+from workers.compression.weight_quant import relative_output_error, rtn
+
+# A weight with at least this share of exact zeros is treated as pruned: its mask is preserved.
+SPARSE_ZERO_FRACTION = 0.01
+CALIBRATION_BATCH = 8
+
+
+# ---------------------------------------------------------------- the scheme as compressed-tensors data
+
+
+def weight_args(config: QuantizeStep) -> QuantizationArgs:
+    """The compressed-tensors weight quantization of a step."""
+    if config.scheme == "fp8":
+        return QuantizationArgs(
+            num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.CHANNEL, symmetric=True
+        )
+    if config.scheme == "w8a8":
+        return QuantizationArgs(num_bits=8, type=QuantizationType.INT, strategy=QuantizationStrategy.CHANNEL)
+    grouped = config.group_size is not None
+    actorder = ActivationOrdering.WEIGHT if (config.algorithm == "gptq" and config.act_order) else None
+    return QuantizationArgs(
+        num_bits=4 if config.scheme == "w4a16" else 8,
+        type=QuantizationType.INT,
+        strategy=QuantizationStrategy.GROUP if grouped else QuantizationStrategy.CHANNEL,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        actorder=actorder,
+    )
+
+
+def input_args(config: QuantizeStep) -> QuantizationArgs | None:
+    """The activation quantization of a step (``None`` for weight-only schemes)."""
+    if config.scheme == "fp8":
+        return QuantizationArgs(
+            num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.TOKEN, symmetric=True, dynamic=True
+        )
+    if config.scheme == "w8a8":
+        if config.activations == "static":
+            return QuantizationArgs(num_bits=8, type=QuantizationType.INT, strategy=QuantizationStrategy.TENSOR)
+        return QuantizationArgs(
+            num_bits=8, type=QuantizationType.INT, strategy=QuantizationStrategy.TOKEN, dynamic=True
+        )
+    return None
+
+
+def build_quantization_config(config: QuantizeStep) -> QuantizationConfig:
+    """One config group targeting every ``Linear``, minus ``ignore`` (names or ``re:`` regexes)."""
+    scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(config), input_activations=input_args(config))
+    return QuantizationConfig(
+        config_groups={"group_0": scheme},
+        ignore=list(config.ignore),
+        quantization_status=QuantizationStatus.FROZEN,
+    )
+
+
+def target_linears(model: nn.Module, ignore: list[str]) -> dict[str, nn.Linear]:
+    """Linears that will be quantized: all of them minus ``ignore``, matched the compressed-tensors way."""
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise EngineError(f"ignore pattern {pattern!r} is not a valid regex: {exc}") from exc
+    return {
+        name: module for name, module in match_named_modules(model, ["Linear"], ignore) if isinstance(module, nn.Linear)
+    }
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantizeStep,
+    *,
+    calibration: torch.Tensor | None = None,
+    callbacks: Callbacks | None = None,
+) -> StepOutcome:
+    """Quantize ``model`` in place per ``config`` and return it with facts for the report.
+
+    ``calibration`` is ``input_ids`` ``[n, seq_len]``; required when ``config.needs_calibration``
+    (GPTQ, AWQ, SmoothQuant, static activations) and otherwise unused. Cancellation is checked
+    between decoder layers. Raises :class:`EngineError` for unusable models/configs.
+    """
+    started = time.perf_counter()
+    callbacks = callbacks or Callbacks()
+    if _is_quantized(model):
+        raise EngineError("model is already quantized; quantize a full-precision model")
+    targets = target_linears(model, config.ignore)
+    if not targets:
+        raise EngineError("no Linear layer left to quantize after 'ignore'")
+    w_args = weight_args(config)
+    _check_group_divisibility(targets, config.group_size)
+    if config.needs_calibration:
+        if calibration is None:
+            raise EngineError(f"{config.scheme}/{config.algorithm} needs calibration data")
+        if calibration.ndim != 2 or calibration.shape[0] == 0:
+            raise EngineError("calibration must be input_ids of shape [num_samples, seq_len]")
+
+    apply_quantization_config(model, build_quantization_config(config), show_progress=False)
+    # Until a module's qparams are set its scale parameters hold garbage: keep it in float.
+    for module in targets.values():
+        module.quantization_enabled = False
+
+    run = _Run(config, w_args, input_args(config), targets)
+    try:
+        layers = decoder_layers(model)
+    except EngineError:
+        if config.needs_calibration:
+            raise
+        layers = nn.ModuleList()
+    in_layers = {f"model.layers.{i}.": layer for i, layer in enumerate(layers)}
+
+    if config.needs_calibration:
+        assert calibration is not None
+        layerwise(model, calibration, run.process_layer, callbacks.scaled(0.0, 0.97), batch_size=CALIBRATION_BATCH)
+    else:
+        for index, (prefix, _layer) in enumerate(in_layers.items()):
+            callbacks.check()
+            for name in run.names_under(prefix):
+                run.quantize_module(name, None, None)
+            callbacks.progress((index + 1) / max(len(in_layers), 1) * 0.97, f"layer {index + 1}/{len(in_layers)}")
+
+    # Linears outside the decoder stack (e.g. lm_head when not ignored): RTN weights; static
+    # activation scales from one forward of the (already quantized) model.
+    callbacks.check()
+    outside = [name for name in targets if not any(name.startswith(p) for p in in_layers)]
+    absmax: dict[str, torch.Tensor] = {}
+    if outside and config.activations == "static":
+        assert calibration is not None
+        absmax = _observe_absmax(model, {n: targets[n] for n in outside}, calibration)
+    for name in outside:
+        run.quantize_module(name, None, absmax.get(name))
+        if config.algorithm != "rtn":
+            run.rtn_fallback.append(name)
+    callbacks.progress(1.0, "quantized")
+
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    facts: dict[str, Any] = {
+        "scheme": config.scheme,
+        "algorithm": config.algorithm,
+        "bits": w_args.num_bits,
+        "weight_type": str(w_args.type),
+        "group_size": config.group_size,
+        "symmetric": config.symmetric,
+        "activations": config.activations
+        if config.scheme == "w8a8"
+        else ("dynamic" if config.scheme == "fp8" else None),
+        "smoothquant_alpha": config.smoothquant.alpha if config.smoothquant else None,
+        "act_order": config.act_order if config.algorithm == "gptq" else None,
+        "quantized_modules": len(targets),
+        "ignored_modules": [n for n in all_linears if n not in targets],
+        "output_errors": run.output_errors,
+        "mean_output_error": (sum(run.output_errors.values()) / len(run.output_errors)) if run.output_errors else None,
+        "weight_errors": run.weight_errors,
+        "rtn_fallback_modules": run.rtn_fallback,
+        "sparsity_preserved_modules": run.sparse_modules,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    callbacks.metrics({"quantize_seconds": facts["seconds"], "mean_output_error": facts["mean_output_error"]})
+    return StepOutcome(model=model, facts=facts)
+
+
+class _Run:
+    """State of one quantize call: what to quantize and the per-module numbers for the report."""
+
+    def __init__(
+        self,
+        config: QuantizeStep,
+        w_args: QuantizationArgs,
+        a_args: QuantizationArgs | None,
+        targets: dict[str, nn.Linear],
+    ) -> None:
+        self.config = config
+        self.w_args = w_args
+        self.a_args = a_args
+        self.targets = targets
+        self.output_errors: dict[str, float] = {}
+        self.weight_errors: dict[str, float] = {}
+        self.rtn_fallback: list[str] = []
+        self.sparse_modules: list[str] = []
+
+    def names_under(self, prefix: str) -> list[str]:
+        return [name for name in self.targets if name.startswith(prefix)]
+
+    # -------------------------------------------------------- one decoder layer (calibrated recipes)
+
+    def process_layer(self, index: int, prefix: str, layer: nn.Module, replay: Any) -> None:
+        """Observe the layer once, rescale (SmoothQuant/AWQ), quantize its Linears, enable them."""
+        config = self.config
+        local = {name[len(prefix) + 1 :]: name for name in self.names_under(prefix + ".")}
+        need_hessian = config.algorithm in ("gptq", "awq")
+        need_absmax = config.smoothquant is not None or config.activations == "static"
+        absmax: dict[str, torch.Tensor] = {}
+        stats: dict[str, InputStats] = {}
+        with _record_absmax(layer, absmax, enabled=need_absmax):
+            if need_hessian:
+                stats = collect_input_stats(layer, replay, select=lambda n, _m: n in local)
+            else:
+                with torch.no_grad():
+                    replay()
+        hessians = _HessianCache(stats)
+
+        if config.smoothquant is not None:
+            for previous, consumers in _norm_mappings(layer):
+                names = [n for n, _ in consumers]
+                act = absmax.get(names[0])
+                if act is None:
+                    continue
+                scales = smoothquant_scales(act, [m.weight for _, m in consumers], config.smoothquant.alpha)
+                apply_input_scaling(previous, [m for _, m in consumers], scales)
+                for n in names:
+                    if n in absmax:
+                        absmax[n] = absmax[n] / scales.to(absmax[n].device)
+                hessians.rescale(names, scales)
+        if config.algorithm == "awq":
+            for previous, consumers in _norm_mappings(layer) + _linear_mappings(layer):
+                quantized = [(n, m) for n, m in consumers if n in local]
+                if not quantized:
+                    continue
+                hessian = hessians.get(quantized[0][0])
+                if hessian is None:
+                    continue
+                search = awq_search([m.weight for _, m in quantized], hessian, self.w_args)
+                if search.ratio is not None:
+                    apply_input_scaling(previous, [m for _, m in consumers], search.scales)
+                    hessians.rescale([n for n, _ in consumers], search.scales)
+
+        for short, name in local.items():
+            self.quantize_module(name, hessians.get(short), absmax.get(short))
+
+    # -------------------------------------------------------- one Linear
+
+    def quantize_module(self, name: str, hessian: torch.Tensor | None, act_absmax: torch.Tensor | None) -> None:
+        """Quantize one Linear's weight (GPTQ when a Hessian is given, else RTN) and switch it on."""
+        module = self.targets[name]
+        config = self.config
+        with torch.no_grad():
+            weight = module.weight.data
+            preserve = bool((weight == 0).float().mean() >= SPARSE_ZERO_FRACTION)
+            if preserve:
+                self.sparse_modules.append(name)
+            if config.algorithm == "gptq" and hessian is not None:
+                result = gptq_quantize(
+                    weight,
+                    hessian,
+                    self.w_args,
+                    block_size=config.block_size,
+                    dampening_frac=config.dampening_frac,
+                    act_order=config.act_order,
+                    preserve_zeros=preserve,
+                    name=name,
+                )
+                quantized, scale, zero_point = result.weight, result.scale, result.zero_point
+            else:
+                quantized, scale, zero_point = rtn(weight, self.w_args)
+            if hessian is not None:
+                self.output_errors[name] = relative_output_error(weight, quantized, hessian)
+            delta = (quantized.to(torch.float32) - weight.to(torch.float32)).pow(2).sum()
+            self.weight_errors[name] = float(delta / weight.to(torch.float32).pow(2).sum().clamp(min=1e-30))
+            weight.copy_(quantized)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            zp_param = getattr(module, "weight_zero_point", None)
+            if zp_param is not None:
+                zp_param.data.copy_(zero_point.reshape(zp_param.shape))
+            if self.a_args is not None and not self.a_args.dynamic:
+                if act_absmax is None:
+                    raise EngineError(f"{name}: no calibration activations reached this layer for static scales")
+                peak = act_absmax.max().reshape(1).to(torch.float32)
+                a_scale, a_zp = calculate_qparams(-peak, peak, self.a_args)
+                module.input_scale.data.copy_(a_scale.reshape(module.input_scale.shape))
+                a_zp_param = getattr(module, "input_zero_point", None)
+                if a_zp_param is not None:
+                    a_zp_param.data.copy_(a_zp.reshape(a_zp_param.shape))
+        module.quantization_enabled = True
+
+
+class _HessianCache:
+    """``2/n XᵀX`` per Linear, computed once per shared input and rescaled in place by smoothing."""
+
+    def __init__(self, stats: dict[str, InputStats]) -> None:
+        self.stats = stats
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        stat = self.stats.get(name)
+        if stat is None:
+            return None
+        key = id(stat)
+        if key not in self._cache:
+            self._cache[key] = stat.hessian
+        return self._cache[key]
+
+    def rescale(self, names: list[str], scales: torch.Tensor) -> None:
+        """Inputs divided by ``s``: ``H ← diag(1/s) H diag(1/s)``, once per shared input."""
+        done: set[int] = set()
+        inv = 1.0 / scales.to(torch.float32)
+        for name in names:
+            stat = self.stats.get(name)
+            if stat is None or id(stat) in done:
+                continue
+            done.add(id(stat))
+            inv_d = inv.to(stat.xtx.device)
+            stat.xtx.mul_(inv_d.unsqueeze(0)).mul_(inv_d.unsqueeze(1))
+            self._cache.pop(id(stat), None)
+
+
+def _norm_mappings(layer: nn.Module) -> list[tuple[nn.Module, list[tuple[str, nn.Linear]]]]:
+    """(norm, Linears it feeds) pairs of a Llama-style decoder layer; empty where the layout differs."""
+    mappings = []
+    for norm_name, parent, children in (
+        ("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),
+        ("post_attention_layernorm", "mlp", ("gate_proj", "up_proj")),
+    ):
+        norm = getattr(layer, norm_name, None)
+        block = getattr(layer, parent, None)
+        linears = [(f"{parent}.{c}", getattr(block, c, None)) for c in children]
+        if (
+            norm is not None
+            and getattr(norm, "weight", None) is not None
+            and all(isinstance(m, nn.Linear) for _, m in linears)
+        ):
+            mappings.append((norm, [(n, m) for n, m in linears if isinstance(m, nn.Linear)]))
+    return mappings
+
+
+def _linear_mappings(layer: nn.Module) -> list[tuple[nn.Module, list[tuple[str, nn.Linear]]]]:
+    """(producer Linear, consumer Linear) pairs AWQ may balance: v→o (only without GQA), up→down."""
+    mappings = []
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
+    if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and v.out_features == o.in_features:
+        mappings.append((v, [("self_attn.o_proj", o)]))
+    up, down = getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
+    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
+        mappings.append((up, [("mlp.down_proj", down)]))
+    return mappings
+
+
+@contextmanager
+def _record_absmax(layer: nn.Module, out: dict[str, torch.Tensor], enabled: bool) -> Iterator[None]:
+    """Record per-input-channel ``max |x|`` of every Linear in ``layer`` while the block runs."""
+    if not enabled:
+        yield
+        return
+    handles = []
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Linear):
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], _o: Any, name: str = name) -> None:
+                x = args[0].detach()
+                peak = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
+                out[name] = peak if name not in out else torch.maximum(out[name], peak)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _observe_absmax(
+    model: nn.Module, modules: dict[str, nn.Linear], calibration: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-channel input maxima of a few Linears from full forwards (only for Linears outside the layers)."""
+    out: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], _o: Any, name: str = name) -> None:
+            x = args[0].detach()
+            peak = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
+            out[name] = peak if name not in out else torch.maximum(out[name], peak)
+
+        handles.append(module.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, calibration.shape[0], CALIBRATION_BATCH):
+                model(input_ids=calibration[start : start + CALIBRATION_BATCH].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def _check_group_divisibility(targets: dict[str, nn.Linear], group_size: int | None) -> None:
+    if group_size is None:
+        return
+    bad = [f"{name} (in_features={m.in_features})" for name, m in targets.items() if m.in_features % group_size]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise EngineError(
+            f"group_size {group_size} does not divide the input width of: {shown}. "
+            "Use a smaller group_size, per-channel (group_size null), or add them to 'ignore'."
+        )
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
