@@ -71,7 +71,7 @@ def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _T
     if inputs.evaluation_files:
         stream = tokenize_stream(tokenizer, read_texts(inputs.evaluation_files))
         eval_ids = pack_blocks(stream[:eval_max], min(eval_seq, stream.numel()))
-        source = "evaluation text"
+        source = "evaluation"
     else:
         held_from = calib_stream if calib_stream is not None else train_stream
         if held_from is not None:
@@ -79,8 +79,8 @@ def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _T
             held = held_from[cut:][:eval_max]
             if held.numel() >= 16:
                 eval_ids = pack_blocks(held, min(eval_seq, held.numel()))
-                name = "calibration" if calib_stream is not None else "training"
-                source = f"held-out last {int(HELD_OUT_FRACTION * 100)}% of the {name} text"
+                # The last HELD_OUT_FRACTION of the stream, never used for calibration/training.
+                source = "calibration_heldout" if calib_stream is not None else "training_heldout"
                 if calib_stream is not None:
                     calib_stream = calib_stream[:cut]
                 else:
