@@ -155,6 +155,8 @@ def run_pipeline(
 
     callbacks.progress(0.0, "loading model")
     model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    if tokenizer is None:
+        raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     texts = _prepare_texts(tokenizer, recipe, inputs)
 
     callbacks.progress(0.01, "measuring the original model")
@@ -202,9 +204,12 @@ def run_pipeline(
     model_out = out_dir / "model"
     save_model(model, tokenizer, model_out)
 
+    # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
     callbacks.progress(0.9, "measuring the compressed model")
+    del model
+    reloaded, _ = load_model(model_out)
     result = evaluate(
-        model,
+        reloaded,
         tokenizer,
         eval_ids=texts.eval_ids,
         model_dir=model_out,
