@@ -1,0 +1,224 @@
+"""The runner in-process against the embedded stack (SQLite + local storage): failures, chains, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.tiny import sample_text, write_model_dir
+
+
+def _upload(tenant_id: str, files: dict[str, bytes]) -> str:
+    """Put files in storage and register a complete upload, as the uploads API would."""
+    from datetime import timedelta
+
+    from app.db import session_scope, utcnow
+    from app.storage import get_storage
+    from app.uploads.models import Upload
+    from app.uploads.service import upload_key
+
+    with session_scope() as session:
+        upload = Upload(
+            tenant_id=tenant_id,
+            status="complete",
+            files=[{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()],
+            total_bytes=sum(len(d) for d in files.values()),
+            expires_at=utcnow() + timedelta(hours=1),
+        )
+        session.add(upload)
+        session.flush()
+        for path, data in files.items():
+            get_storage().put_bytes(upload_key(tenant_id, upload.id, path), data)
+        return upload.id
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+
+def _submit(tenant_id: str, spec: dict) -> str:  # type: ignore[type-arg]
+    from app.auth.service import Principal
+    from app.config import get_settings
+    from app.db import get_sessionmaker
+    from app.jobs.service import create_job
+    from app.jobs.spec import JobSpec
+
+    principal = Principal(tenant_id=tenant_id, key_id="k", scopes=frozenset({"jobs:write"}))
+    with get_sessionmaker()() as session:
+        job, _ = create_job(session, principal, JobSpec.model_validate(spec), get_settings(), None)
+        return job.id
+
+
+def _job(job_id: str):  # type: ignore[no-untyped-def]
+    from app.db import get_sessionmaker
+    from app.jobs.models import Job
+
+    with get_sessionmaker()() as session:
+        return session.get(Job, job_id)
+
+
+def _events(job_id: str) -> list[str]:
+    from sqlalchemy import select
+
+    from app.db import get_sessionmaker
+    from app.jobs.models import JobEvent
+
+    with get_sessionmaker()() as session:
+        return [
+            e.type
+            for e in session.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).scalars()
+        ]
+
+
+@pytest.fixture
+def tenant(embedded_stack: dict[str, str]) -> str:
+    from app.auth.service import create_tenant
+    from app.db import session_scope
+
+    with session_scope() as session:
+        return create_tenant(session, "runner").id
+
+
+def _run(job_id: str) -> None:
+    from workers.runner import JobRunner
+
+    JobRunner(job_id).run()
+
+
+def test_pickle_weights_fail_with_a_readable_reason(tenant: str, tmp_path: Path) -> None:
+    files = _files(write_model_dir(tmp_path / "m"))
+    files["pytorch_model.bin"] = b"\x80\x04pickle"
+    job_id = _submit(
+        tenant, {"model": {"upload_id": _upload(tenant, files)}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
+    )
+    _run(job_id)
+    job = _job(job_id)
+    assert job.status == "failed" and job.error_type == "invalid_input"
+    assert "pickle" in job.error_message and "safetensors" in job.error_message
+    assert _events(job_id)[-1] == "job.failed"
+
+
+def test_remote_code_config_is_refused(tenant: str, tmp_path: Path) -> None:
+    model_dir = write_model_dir(tmp_path / "m")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    job_id = _submit(
+        tenant,
+        {
+            "model": {"upload_id": _upload(tenant, _files(model_dir))},
+            "steps": [{"method": "quantize", "scheme": "w8a16"}],
+        },
+    )
+    _run(job_id)
+    job = _job(job_id)
+    assert job.status == "failed" and "remote code" in job.error_message
+
+
+def test_oversize_model_is_refused_before_loading(tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_model_bytes", 1000)
+    job_id = _submit(
+        tenant,
+        {
+            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "steps": [{"method": "quantize", "scheme": "w8a16"}],
+        },
+    )
+    _run(job_id)
+    job = _job(job_id)
+    assert job.status == "failed" and "exceeds the limit of 1000 bytes" in job.error_message
+
+
+def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -> None:
+    from app.storage import get_storage
+    from app.uploads.service import upload_key
+
+    upload_id = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
+    get_storage().put_bytes(upload_key(tenant, upload_id, "config.json"), b'{"tampered": true}')
+    job_id = _submit(tenant, {"model": {"upload_id": upload_id}, "steps": [{"method": "quantize", "scheme": "w8a16"}]})
+    _run(job_id)
+    assert "sha256" in _job(job_id).error_message
+
+
+def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path: Path) -> None:
+    from app.storage import get_storage
+
+    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
+    calib = _upload(tenant, {"calib.txt": sample_text(30).encode()})
+    spec = {
+        "model": {"upload_id": model},
+        "calibration": {"upload_id": calib, "num_samples": 8, "seq_len": 64},
+        "steps": [
+            {"method": "prune", "algorithm": "sparsegpt", "pattern": "2:4"},
+            {"method": "quantize", "scheme": "w4a16", "algorithm": "gptq", "group_size": 32},
+        ],
+    }
+    job_id = _submit(tenant, spec)
+    _run(job_id)
+    job = _job(job_id)
+    assert job.status == "succeeded", job.error_message
+    assert [s["status"] for s in job.steps] == ["succeeded", "succeeded"]
+    assert job.summary["size_ratio"] < 0.5
+    events = _events(job_id)
+    assert events[:2] == ["job.queued", "job.started"] and events[-1] == "job.succeeded"
+    assert events.count("job.step.succeeded") == 2
+
+    storage = get_storage()
+    manifest = json.loads(storage.get_bytes(job.manifest_key))
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"model/model.safetensors", "report.json", "report.png", "README.md"} <= paths
+    out = tmp_path / "artifact.safetensors"
+    storage.get_file(job.manifest_key.replace("manifest.json", "model/model.safetensors"), out)
+    report = json.loads(storage.get_bytes(job.manifest_key.replace("manifest.json", "report.json")))
+    assert report["evaluation"]["source"] == "calibration_heldout"
+    assert [s["method"] for s in report["steps"]] == ["prune", "quantize"]
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    local = tmp_path / "model"
+    for entry in manifest["files"]:
+        if entry["path"].startswith("model/"):
+            storage.get_file(job.manifest_key.replace("manifest.json", entry["path"]), local / entry["path"][6:])
+    # Decompress to dense weights to look at the zero pattern.
+    reloaded = AutoModelForCausalLM.from_pretrained(local, quantization_config=CompressedTensorsConfig(dequantize=True))
+    weight = reloaded.model.layers[0].mlp.down_proj.weight.detach()
+    groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+    assert int(groups.max()) <= 2  # 2:4 survived GPTQ and int4 packing
+    assert load_file(out)  # the packed checkpoint is plain safetensors
+
+
+def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> None:
+    from app.db import session_scope
+    from workers import runner as runner_module
+
+    job_id = _submit(
+        tenant,
+        {
+            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "steps": [{"method": "quantize", "scheme": "w8a16"}],
+        },
+    )
+
+    original = runner_module.JobRunner._execute
+
+    def cancel_then_execute(self, spec, work):  # type: ignore[no-untyped-def]
+        from app.jobs import lifecycle
+
+        with session_scope() as session:
+            assert lifecycle.request_cancel(session, job_id) == "cancelling"
+        return original(self, spec, work)
+
+    runner_module.JobRunner._execute = cancel_then_execute  # type: ignore[method-assign]
+    try:
+        _run(job_id)
+    finally:
+        runner_module.JobRunner._execute = original  # type: ignore[method-assign]
+    job = _job(job_id)
+    assert job.status == "cancelled" and job.manifest_key is None
+    assert _events(job_id)[-2:] == ["job.cancelling", "job.cancelled"]
