@@ -42,8 +42,14 @@ def make_celery(settings: Settings) -> Celery:
             "polling_interval": settings.broker_polling_interval_s,
         }
     else:
-        # Redelivery after a lost worker: longer than any single job may run.
-        conf["broker_transport_options"] = {"visibility_timeout": settings.job_time_limit_s + 3600}
+        conf["broker_transport_options"] = {
+            # Redelivery after a lost worker: longer than any single job may run.
+            "visibility_timeout": settings.job_time_limit_s + 3600,
+            # One Redis list per priority level (0 is popped first), so tenant priorities order the queue.
+            # queue_order_strategy stays round-robin: "priority" would rank whole queues (cpu before gpu),
+            # not messages, and starve the second queue of a worker that consumes both.
+            "priority_steps": list(range(10)),
+        }
     celery.conf.update(conf)
     return celery
 
@@ -53,10 +59,26 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_job(job_id: str, queue: str) -> bool:
-    """Publish the doorbell for a committed job. Failures are logged, not raised: the reaper re-sends."""
+def broker_priority(tenant_priority: int | None) -> int:
+    """Tenant priority 0 (low) … 9 (high) → the Redis transport's message priority, where 0 is served first.
+
+    ``None`` (a re-sent doorbell that did not look the tenant up) gets the middle of the range, never 0:
+    kombu treats a message without priority as the most urgent.
+    """
+    level = 5 if tenant_priority is None else min(max(tenant_priority, 0), 9)
+    return 9 - level
+
+
+def enqueue_job(job_id: str, queue: str, priority: int | None = None, countdown: float | None = None) -> bool:
+    """Publish the doorbell for a committed job. Failures are logged, not raised: the reaper re-sends.
+
+    ``priority`` is the tenant's (0 low … 9 high); ``countdown`` delays delivery (a job deferred by its
+    tenant's running-jobs quota is rung again a little later).
+    """
     try:
-        get_celery().send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        get_celery().send_task(
+            RUN_JOB_TASK, args=[job_id], queue=queue, priority=broker_priority(priority), countdown=countdown
+        )
         return True
     except Exception:
         log.exception("could not enqueue job %s; the reaper will retry", job_id)

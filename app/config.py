@@ -60,12 +60,25 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     work_dir: Path | None = Field(default=None, description="scratch space for workers; default data_dir/work")
 
+    # Quotas: operator defaults; a tenant row overrides each one (null there = this default).
+    quota_running_jobs: int = Field(default=2, ge=1, description="jobs of one tenant running at once")
+    quota_queued_jobs: int = Field(default=100, ge=1, description="jobs of one tenant waiting in the queue")
+    quota_upload_bytes_per_day: int = Field(default=1024**4, ge=1, description="upload bytes per rolling 24 h")
+    quota_requests_per_minute: int = Field(default=600, ge=1, description="API requests per minute per key")
+    quota_retry_after_s: int = Field(default=15, ge=1, description="Retry-After of a full queue; worker re-try")
+    default_priority: int = Field(default=5, ge=0, le=9, description="tenant priority 0 (low) … 9 (high)")
+
     # Auth
     bootstrap_api_key: str | None = Field(default=None, description="dev only: a key for the 'default' tenant")
 
     # Webhooks / outbound URLs
     allow_http_urls: bool = False
     url_allowlist: list[str] = Field(default_factory=list, description="hosts exempt from the private-IP check")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60, description="per-attempt connect/read timeout")
+    webhook_max_attempts: int = Field(default=17, ge=1, description="attempts per delivery (~3 days of backoff)")
+    webhook_secret_overlap_s: int = Field(default=24 * 3600, ge=0, description="old secret still signs after rotation")
+    webhook_progress_interval_s: float = Field(default=5.0, ge=0, description="at most one job.progress per job per …")
+    webhook_relay_interval_s: float = Field(default=2.0, gt=0, description="period of the relay's beat task")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"

@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from app.auth.quotas import too_many
+from app.auth.ratelimit import check_rate
 from app.auth.service import Principal, authenticate
 from app.config import Settings, get_settings
 from app.db import get_sessionmaker
@@ -43,6 +45,14 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     if principal is None:
         raise Problem(401, "Unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     session.commit()  # persist last_used_at
+    # Counted per key after authentication: an unauthenticated flood costs a hash lookup, not a budget.
+    decision = check_rate(get_settings(), principal.key_id, principal.rate_limit_per_minute)
+    if not decision.allowed:
+        raise too_many(
+            f"this API key may make {decision.limit} requests per minute",
+            decision.retry_after_s,
+            limit=decision.limit,
+        )
     request.state.principal = principal
     return principal
 
@@ -58,3 +68,6 @@ def require(scope: str) -> Callable[[Principal], Principal]:
 
 JobsReader = Annotated[Principal, Depends(require("jobs:read"))]
 JobsWriter = Annotated[Principal, Depends(require("jobs:write"))]
+AnyPrincipal = Annotated[Principal, Depends(current_principal)]
+KeysManager = Annotated[Principal, Depends(require("keys:manage"))]
+Admin = Annotated[Principal, Depends(require("admin"))]

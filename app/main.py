@@ -10,12 +10,15 @@ from fastapi import FastAPI
 
 from app import health
 from app.artifacts.router import router as storage_router
+from app.auth.router import admin_router
+from app.auth.router import router as keys_router
 from app.auth.service import ensure_bootstrap_key
 from app.config import get_settings
 from app.db import session_scope
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
 from app.uploads.router import router as uploads_router
+from app.webhooks.router import router as webhooks_router  # also registers the outbox listener
 
 
 @asynccontextmanager
@@ -41,7 +44,10 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs_router)
     app.include_router(uploads_router)
+    app.include_router(webhooks_router)
     app.include_router(storage_router)
+    app.include_router(keys_router)
+    app.include_router(admin_router)
     return app
 
 

@@ -124,7 +124,10 @@ def pg_stack(
 
     with get_engine().begin() as conn:
         conn.execute(
-            text("TRUNCATE tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys CASCADE")
+            text(
+                "TRUNCATE tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys, "
+                "webhook_endpoints, webhook_deliveries, webhook_attempts CASCADE"
+            )
         )
     redis.Redis.from_url(REDIS_URL).flushdb()
     yield env

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from kombu import Queue
 
+import app.webhooks.service  # noqa: F401 - registers the webhook outbox listener: workers record job events too
 from app.broker import REAP_TASK, make_celery
 from app.config import get_settings
+from app.webhooks.relay import WEBHOOK_RELAY_TASK
 
 settings = get_settings()
 celery_app = make_celery(settings)
@@ -27,6 +29,12 @@ celery_app.conf.update(
     worker_hijack_root_logger=False,
     beat_schedule={
         "reap-expired-leases": {"task": REAP_TASK, "schedule": settings.reaper_interval_s, "options": {"queue": "cpu"}},
+        # Expires: runs that waited behind a long job are dropped rather than piling up (the next one catches up).
+        "deliver-webhooks": {
+            "task": WEBHOOK_RELAY_TASK,
+            "schedule": settings.webhook_relay_interval_s,
+            "options": {"queue": "cpu", "expires": max(settings.webhook_relay_interval_s * 5, 10.0)},
+        },
     },
     imports=["workers.tasks"],
 )

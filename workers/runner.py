@@ -16,7 +16,10 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from app.auth import quotas
+from app.broker import enqueue_job
 from app.config import Settings, get_settings
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
@@ -82,7 +85,7 @@ class JobRunner:
     def run(self) -> None:
         with session_scope() as session:
             if not lifecycle.claim(session, self.job_id, self.worker_id, self.settings.lease_s):
-                log.info("job %s not claimable (already taken, cancelled or finished)", self.job_id)
+                self._defer_if_waiting(session)
                 return
             job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
             tenant_id, spec_data, attempt, self._steps = job.tenant_id, job.spec, job.attempts, list(job.steps)
@@ -120,6 +123,21 @@ class JobRunner:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
             shutil.rmtree(work.parent, ignore_errors=True)
+
+    def _defer_if_waiting(self, session: Session) -> None:
+        """A refused claim of a job still queued means its tenant runs as many jobs as its quota allows: ring
+        again shortly (the row is committed, so an early doorbell is harmless; the reaper is the backstop)."""
+        deferred = quotas.deferred_job(session, self.job_id, self.settings)
+        if deferred is None:
+            log.info("job %s not claimable (already taken, cancelled or finished)", self.job_id)
+            return
+        queue, priority = deferred
+        log.info(
+            "job %s waits for a running slot of its tenant; retrying in %s s",
+            self.job_id,
+            self.settings.quota_retry_after_s,
+        )
+        enqueue_job(self.job_id, queue, priority=priority, countdown=self.settings.quota_retry_after_s)
 
     def _fail(self, error_type: str, message: str) -> None:
         with session_scope() as session:

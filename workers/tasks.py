@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from app.broker import REAP_TASK, RUN_JOB_TASK
+from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from workers.celery_app import celery_app
 
 log = logging.getLogger("modelpress.worker")
@@ -24,3 +25,12 @@ def reap() -> dict[str, int]:
     from workers.reaper import reap_once
 
     return reap_once()
+
+
+@celery_app.task(name=WEBHOOK_RELAY_TASK)
+def deliver_webhooks() -> dict[str, int]:
+    """Send due webhook deliveries from the outbox (overlapping runs are safe: claims skip locked rows)."""
+    from app.webhooks.relay import run_once
+
+    stats = run_once(budget_s=30.0)
+    return {"claimed": stats.claimed, "delivered": stats.delivered, "retrying": stats.retrying, "failed": stats.failed}

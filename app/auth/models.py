@@ -18,10 +18,15 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Quotas (null = the operator default).
+    # Quotas (null = the operator default in app/config.py, ``quota_*`` settings).
     max_running_jobs: Mapped[int | None]
     max_queued_jobs: Mapped[int | None]
+    # Bytes of uploads the tenant may declare per rolling 24 hours (not the size of one upload).
     max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # API requests per minute for each of the tenant's keys.
+    rate_limit_per_minute: Mapped[int | None]
+    # 0 (lowest) … 9 (highest): the order in which queued jobs reach workers.
+    priority: Mapped[int | None]
 
 
 class ApiKey(Base):

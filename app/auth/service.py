@@ -5,16 +5,25 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth.models import ApiKey, Tenant
 from app.db import utcnow
+from app.errors import Problem, conflict, not_found
 
-ALL_SCOPES = ("jobs:read", "jobs:write", "webhooks:manage", "admin")
+# ``keys:manage``: list, create and revoke the keys of one's own tenant (self-service, see create_own_key).
+# ``admin``: the operator — every scope, every tenant (/v1/admin/…).
+ALL_SCOPES = ("jobs:read", "jobs:write", "webhooks:manage", "keys:manage", "admin")
 DEFAULT_SCOPES = ["jobs:read", "jobs:write", "webhooks:manage"]
 KEY_PREFIX = "mp_live_"
+# Tenant columns an operator may change with PATCH /v1/admin/tenants/{id} (null = the operator default).
+QUOTA_FIELDS = ("max_running_jobs", "max_queued_jobs", "max_upload_bytes", "rate_limit_per_minute", "priority")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,13 @@ class Principal:
     tenant_id: str
     key_id: str
     scopes: frozenset[str]
+    # The tenant's request-rate override (None: the operator default), read with the key in one query.
+    rate_limit_per_minute: int | None = None
+
+
+def scoped(model: type[T], tenant_id: str) -> Select[T]:
+    """``SELECT model WHERE tenant_id = …``: the one way to read a tenant-owned row, so no query forgets it."""
+    return select(model).where(model.tenant_id == tenant_id)  # type: ignore[attr-defined]
 
 
 def hash_secret(secret: str) -> str:
@@ -31,9 +47,44 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_tenant(session: Session, name: str) -> Tenant:
-    tenant = Tenant(name=name)
+def create_tenant(session: Session, name: str, **quotas: Any) -> Tenant:
+    """Insert a tenant (quota overrides optional); a taken name raises 409."""
+    unknown = set(quotas) - set(QUOTA_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown tenant fields: {sorted(unknown)}")
+    tenant = Tenant(name=name, **quotas)
     session.add(tenant)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:
+        raise conflict(f"a tenant named {name!r} already exists") from exc
+    return tenant
+
+
+def get_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise not_found("tenant", tenant_id)
+    return tenant
+
+
+def list_tenants(session: Session, after: str | None, limit: int) -> tuple[list[Tenant], bool]:
+    """Oldest first (ids are time-ordered); ``after`` is the last id of the previous page."""
+    stmt = select(Tenant).order_by(Tenant.id)
+    if after:
+        stmt = stmt.where(Tenant.id > after)
+    rows = list(session.execute(stmt.limit(limit + 1)).scalars())
+    return rows[:limit], len(rows) > limit
+
+
+def update_tenant(session: Session, tenant_id: str, changes: dict[str, Any]) -> Tenant:
+    """Set quota overrides; a None value returns that quota to the operator default."""
+    tenant = get_tenant(session, tenant_id)
+    for field, value in changes.items():
+        if field not in QUOTA_FIELDS:
+            raise ValueError(f"not a tenant quota: {field}")
+        setattr(tenant, field, value)
     session.flush()
     return tenant
 
@@ -47,7 +98,7 @@ def create_key(
     session: Session, tenant_id: str, name: str, scopes: list[str] | None = None, secret: str | None = None
 ) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the clear-text key (shown once, never stored)."""
-    scopes = scopes or list(DEFAULT_SCOPES)
+    scopes = list(dict.fromkeys(scopes or DEFAULT_SCOPES))  # de-duplicated, order kept
     unknown = set(scopes) - set(ALL_SCOPES)
     if unknown:
         raise ValueError(f"unknown scopes: {sorted(unknown)}")
@@ -58,20 +109,47 @@ def create_key(
     return key, clear
 
 
+def create_own_key(session: Session, principal: Principal, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
+    """Self-service (``keys:manage``): a key for the caller's own tenant with no scope the caller lacks.
+
+    The subset rule means a key can never mint a more powerful key; ``admin`` is therefore only
+    ever granted by an admin (operator) key.
+    """
+    if "admin" not in principal.scopes:
+        missing = sorted(set(scopes) - principal.scopes)
+        if missing:
+            raise Problem(403, "Forbidden", f"a key cannot grant scopes it lacks: {', '.join(missing)}")
+    return create_key(session, principal.tenant_id, name, scopes)
+
+
+def list_keys(session: Session, tenant_id: str, include_revoked: bool = False) -> list[ApiKey]:
+    stmt = scoped(ApiKey, tenant_id).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return list(session.execute(stmt).scalars())
+
+
 def authenticate(session: Session, clear: str) -> Principal | None:
-    key = session.execute(
-        select(ApiKey).where(ApiKey.secret_hash == hash_secret(clear), ApiKey.revoked_at.is_(None))
-    ).scalar_one_or_none()
-    if key is None:
+    row = session.execute(
+        select(ApiKey, Tenant.rate_limit_per_minute)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.secret_hash == hash_secret(clear), ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+    if row is None:
         return None
+    key, rate_limit = row
     now = utcnow()
     # Coarse last-used tracking: at most one write a minute per key.
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
         session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
-    return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))
+    return Principal(
+        tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes), rate_limit_per_minute=rate_limit
+    )
 
 
 def revoke_key(session: Session, key_id: str, tenant_id: str | None = None) -> bool:
+    """Revoke an active key (of ``tenant_id`` only, when given); False if there is none. Effective at once:
+    every request looks the key up again."""
     stmt = update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
     if tenant_id is not None:
         stmt = stmt.where(ApiKey.tenant_id == tenant_id)

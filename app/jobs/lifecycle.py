@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
+from app.auth import quotas
+from app.config import get_settings
 from app.db import utcnow
 from app.jobs.models import Job, JobEvent
 
@@ -53,12 +55,19 @@ def _tenant_of(session: Session, job_id: str) -> str:
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> bool:
-    """``queued → running`` for this worker, with a lease. False if someone else has it or it was cancelled."""
+    """``queued → running`` for this worker, with a lease. False if someone else has it or it was cancelled,
+    and also while the job's tenant already runs as many jobs as its quota allows (the job then stays
+    queued; see :func:`app.auth.quotas.deferred_job`)."""
     now = utcnow()
+    tenant_id = session.execute(select(Job.tenant_id).where(Job.id == job_id)).scalar_one_or_none()
+    if tenant_id is None:
+        return False
     ok = _guarded_update(
         session,
         job_id,
         ("queued",),
+        # The running-jobs quota is checked here, where jobs start, atomically with the transition.
+        quotas.running_slot_free(session, tenant_id, get_settings()),
         status="running",
         worker_id=worker_id,
         lease_expires_at=now + timedelta(seconds=lease_s),
@@ -69,9 +78,7 @@ def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> bool:
     )
     if ok:
         attempts = session.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one()
-        record_event(
-            session, job_id, _tenant_of(session, job_id), "job.started", {"worker": worker_id, "attempt": attempts}
-        )
+        record_event(session, job_id, tenant_id, "job.started", {"worker": worker_id, "attempt": attempts})
     return ok
 
 

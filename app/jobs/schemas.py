@@ -45,6 +45,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict[str, Any]
+    webhook_secret: str | None = Field(
+        default=None, description="whsec_… secret of the one-off webhook_url; only in the creating response"
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -61,6 +64,8 @@ class JobOut(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             spec=job.spec,
+            # Set only by create_job on the instance it returns (see app.jobs.service.create_job).
+            webhook_secret=getattr(job, "webhook_secret", None),
         )
 
 

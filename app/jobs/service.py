@@ -15,6 +15,7 @@ from sqlalchemy import Select, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.auth import quotas
 from app.auth.service import Principal
 from app.broker import enqueue_job
 from app.config import Settings
@@ -25,6 +26,7 @@ from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
 from app.jobs.spec import JobSpec, Source
 from app.storage import Storage, split_s3_uri
 from app.uploads.service import require_complete
+from app.webhooks import service as webhooks
 
 
 def _scoped(tenant_id: str) -> Select[tuple[Job]]:
@@ -106,6 +108,8 @@ def create_job(
             raise unprocessable("Idempotency-Key must be 1-255 characters")
         replay = _claim_idempotency_key(session, tenant_id, idempotency_key, _request_hash(spec))
         if replay is not None:
+            # An idempotent replay answers like the original 201, one-off webhook secret included.
+            setattr(replay, "webhook_secret", webhooks.job_webhook_secret(session, tenant_id, replay.id))  # noqa: B010
             return replay, False
     try:
         _check_source(session, tenant_id, spec.model, "model", settings)
@@ -117,7 +121,11 @@ def create_job(
             if student is not None and (student.upload_id or student.uri):
                 source = Source(upload_id=student.upload_id, uri=student.uri)
                 _check_source(session, tenant_id, source, f"steps.{index}.student", settings)
+        if spec.webhook_url is not None:
+            webhooks.check_webhook_url(spec.webhook_url, settings, field="webhook_url")  # 422 if unsafe
         hardware = spec.hardware if spec.hardware != "auto" else ("gpu" if settings.gpu_queue else "cpu")
+        # 429 when the tenant's queue is full; locks the tenant row until the commit so twins count each other.
+        limits = quotas.check_queued_quota(session, tenant_id, settings)
         job = Job(
             tenant_id=tenant_id,
             spec=spec.model_dump(mode="json", exclude_none=True),
@@ -127,6 +135,11 @@ def create_job(
         )
         session.add(job)
         session.flush()
+        if spec.webhook_url is not None:
+            # Before job.queued is recorded, so that event reaches the one-off URL too. The secret is not
+            # a column of Job: it rides on the instance to the 201 response (JobOut.webhook_secret).
+            secret = webhooks.create_job_endpoint(session, tenant_id, job.id, spec.webhook_url)
+            setattr(job, "webhook_secret", secret)  # noqa: B010
         lifecycle.record_event(session, job.id, tenant_id, "job.queued", {"status": "queued"})
         if idempotency_key is not None:
             row = session.execute(
@@ -141,7 +154,7 @@ def create_job(
             _release_idempotency_key(session, tenant_id, idempotency_key)
         raise
     # Only after the commit: a worker must never receive a job it cannot read.
-    enqueue_job(job.id, job.queue)
+    enqueue_job(job.id, job.queue, priority=limits.priority)
     return job, True
 
 

@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.auth import quotas
 from app.auth.service import Principal
 from app.config import Settings
 from app.db import utcnow
@@ -46,6 +47,8 @@ def create_upload(
             "Content Too Large",
             f"upload of {total} bytes exceeds the limit of {settings.max_upload_bytes} bytes",
         )
+    # The tenant's rolling 24-hour byte budget (429 with Retry-After); locks the tenant row until the commit.
+    quotas.check_upload_quota(session, principal.tenant_id, total, settings)
     upload = Upload(
         tenant_id=principal.tenant_id,
         files=[],

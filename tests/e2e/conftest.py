@@ -142,7 +142,10 @@ def production_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Ite
         exists = conn.execute(text("SELECT to_regclass('public.jobs')")).scalar()
         if exists:
             conn.execute(
-                text("TRUNCATE tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys CASCADE")
+                text(
+                    "TRUNCATE tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys, "
+                    "webhook_endpoints, webhook_deliveries, webhook_attempts CASCADE"
+                )
             )
     engine.dispose()
     yield from _start_stack(tmp_path, service_env(tmp_path, stack="production", s3_endpoint=s3_endpoint))

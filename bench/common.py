@@ -1,0 +1,247 @@
+"""Shared pieces of the benchmark harness, imported by both sides (ModelPress venv and .venv-llmc).
+
+Everything that decides whether two numbers are comparable lives here and only here: the cache
+paths, the calibration token blocks, the perplexity function, the timing/RSS probes and the JSON
+line writer. Depends on torch and transformers only (both venvs have them, at different versions).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+CACHE = BENCH_DIR / ".cache"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", str(BENCH_DIR / "results")))
+MODEL_DIR = CACHE / "smollm2-135m"
+CALIB_TXT = CACHE / "calib.txt"
+EVAL_TXT = CACHE / "eval.txt"
+
+# Defaults of every comparison (issue 8): 32 calibration samples x 256 tokens; perplexity over
+# non-overlapping 512-token windows of at most 2k evaluation tokens (16k suggested; 2k fits the
+# time budget on 2 heavily shared cores — BENCH_EVAL_TOKENS=16384 to widen).
+CALIB_SAMPLES = 32
+CALIB_SEQ_LEN = 256
+EVAL_SEQ_LEN = 512
+EVAL_MAX_TOKENS = int(os.environ.get("BENCH_EVAL_TOKENS", "2048"))
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+
+
+def limit_threads(n: int = THREADS) -> None:
+    """Pin torch (and BLAS) to ``n`` threads: the machine is shared, and timings must be comparable."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    os.environ.setdefault("MKL_NUM_THREADS", str(n))
+    torch.set_num_threads(n)
+    with suppress(RuntimeError):  # already set once in this process
+        torch.set_num_interop_threads(1)
+
+
+def load_tokenizer(model_dir: Path = MODEL_DIR) -> Any:
+    """The reference model's tokenizer (saved next to the checkpoint by reference_model.py)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_model(model_dir: Path = MODEL_DIR) -> Any:
+    """The reference model in float32, eval mode, on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def tokenize_stream(tokenizer: Any, texts: list[str]) -> Any:
+    """Documents -> one 1-D id stream, documents separated by EOS.
+
+    Identical to ``workers.compression.data.tokenize_stream`` (kept here so .venv-llmc need not import
+    the service package); ``calibration_ids`` checks the two agree when both are importable.
+    """
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_ids(
+    tokenizer: Any, num_samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN, path: Path = CALIB_TXT
+) -> Any:
+    """Calibration input ids ``[num_samples, seq_len]``: calib.txt as one document, packed into blocks.
+
+    The same packing as ``workers.compression.data.calibration_blocks(tokenizer, [path], ...)``, so
+    both tools see exactly the same tokens (``ids_digest`` goes into every result line to prove it).
+    """
+    stream = tokenize_stream(tokenizer, [path.read_text(encoding="utf-8")])
+    n = min(stream.numel() // seq_len, num_samples)
+    if n < num_samples:
+        raise RuntimeError(f"calibration text too short: {n} blocks of {seq_len}, want {num_samples}")
+    return stream[: n * seq_len].view(n, seq_len).clone()
+
+
+def eval_ids(tokenizer: Any, path: Path = EVAL_TXT) -> Any:
+    """The evaluation text as one 1-D id stream (eval.txt as one document)."""
+    return tokenize_stream(tokenizer, [path.read_text(encoding="utf-8")])
+
+
+def ids_digest(ids: Any) -> str:
+    """Short sha256 of a token-id tensor: equal digests = identical inputs across tools."""
+    return hashlib.sha256(ids.to("cpu").contiguous().numpy().tobytes()).hexdigest()[:12]
+
+
+def perplexity(
+    model: Any,
+    stream: Any,
+    seq_len: int = EVAL_SEQ_LEN,
+    max_tokens: int = EVAL_MAX_TOKENS,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Perplexity over non-overlapping ``seq_len`` windows of the first ``max_tokens`` tokens.
+
+    Each window is scored independently (no carried context): the first token of a window is
+    context only, so a window contributes ``seq_len - 1`` predictions. The result is
+    ``exp(total NLL / total predictions)``. The one function both tools are scored with.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    n_windows = min(stream.numel(), max_tokens) // seq_len
+    if n_windows == 0:
+        raise RuntimeError(f"evaluation text too short for one window of {seq_len}")
+    windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
+    total_nll = 0.0
+    total = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n_windows, batch_size):
+            batch = windows[i : i + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += float(nll)
+            total += batch[:, 1:].numel()
+    return {
+        "ppl": math.exp(total_nll / total),
+        "eval_tokens": n_windows * seq_len,
+        "eval_windows": n_windows,
+        "eval_s": time.perf_counter() - start,
+    }
+
+
+def rss_mib() -> float:
+    """Current resident set size (MiB), from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (MiB); ``ru_maxrss`` is KiB on Linux."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Timing:
+    """What :func:`measure` records: wall and CPU seconds and RSS around one call."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    rss_before_mib: float = 0.0
+    peak_rss_mib: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def measure() -> Iterator[Timing]:
+    """Time a block (wall + process CPU) and read the process's peak RSS at its end.
+
+    Run each recipe in a fresh process so ``peak_rss_mib`` is that recipe's peak (it also counts
+    the loaded float32 model and the calibration data, which ``rss_before_mib`` shows alone).
+    """
+    timing = Timing(rss_before_mib=rss_mib())
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    yield timing
+    timing.wall_s = time.perf_counter() - wall0
+    timing.cpu_s = time.process_time() - cpu0
+    timing.peak_rss_mib = peak_rss_mib()
+
+
+def load_avg() -> list[float]:
+    """The 1/5/15-minute load averages: the machine is shared, so every line records how busy it was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def sparsity_of(model: Any, skip: tuple[str, ...] = ("lm_head",)) -> float:
+    """Fraction of exact zeros over the decoder's Linear weights (``lm_head`` excluded)."""
+    import torch
+
+    zeros = 0
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip):
+            w = module.weight.detach()
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / max(total, 1)
+
+
+def count_params(model: Any) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def environment() -> dict[str, Any]:
+    """Versions that matter for reproducing a line."""
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_result(file_name: str, record: dict[str, Any]) -> None:
+    """Append one JSON line to ``bench/results/<file_name>`` (and echo it to stdout)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "load_avg": load_avg(), **record}
+    line = json.dumps(record, sort_keys=False)
+    with open(RESULTS / file_name, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    print(line, flush=True)
+
+
+def fail(message: str) -> None:
+    """Print to stderr and exit non-zero."""
+    print(message, file=sys.stderr)
+    raise SystemExit(1)

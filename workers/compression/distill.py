@@ -1,0 +1,774 @@
+"""Knowledge distillation: train a smaller student on a teacher's softened token distributions.
+
+Two verbs, both pure (no DB, storage or Celery):
+
+* :func:`build_student` makes the student a ``distill`` step names: cut from the teacher by the
+  structured-pruning machinery, freshly initialised from a config, loaded from a directory, or the
+  model the previous step produced.
+* :func:`distill` trains it. The loop is meant to be read in one sitting (nanoGPT-like)::
+
+      loss = kl_weight * T² * KL(teacher_T ‖ student_T) + ce_weight * CE(labels) + hs_weight * MSE(hidden)
+
+  AdamW, linear warmup then cosine decay to 10 % of the peak rate, gradient clipping, gradient
+  accumulation, bf16 autocast on CUDA only, the teacher in ``eval()`` under ``no_grad``.
+
+Rules worth knowing:
+
+* Every loss term is averaged over the same positions: those that predict a real next token (both the
+  position and its target are inside the attention mask). Sums are divided by the count over the
+  whole optimizer step, so grad accumulation, padding and data parallelism give the same gradient
+  as one big batch.
+* Data parallelism keeps the global batch: ``batch_size`` rows per micro-batch in total, each of the
+  ``world_size`` ranks taking ``batch_size / world_size`` of them (must divide). Rank 0 runs in the
+  calling process (so callbacks need not be picklable); ranks 1.. are spawned.
+* Checkpoints are ``checkpoint_dir/step-NNNNNNNN/`` with ``model.safetensors`` (student + hidden-state
+  projections), ``trainer.pt`` (optimizer + scheduler, torch.save of plain state dicts),
+  ``rng-rank{r}.pt`` and ``state.json``. The batch order is a pure function of (seed, step), so the
+  step is the data position. Only the newest checkpoint is kept locally; ``on_checkpoint`` gets each.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+from torch import nn
+
+from app.jobs.spec import DistillStep, FromTeacher, StudentSpec
+from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome
+from workers.compression.data import pack_blocks
+from workers.compression.layerwise import decoder_layers
+
+MIN_LR_RATIO = 0.1  # cosine decays to 10 % of the peak rate (nanoGPT's choice)
+CHECKPOINT_PREFIX = "step-"
+DIST_TIMEOUT = timedelta(minutes=30)
+
+# ============================================================================ the student
+
+
+def build_student(
+    teacher: nn.Module,
+    spec: StudentSpec,
+    *,
+    student_dir: Path | None = None,
+    previous_model: nn.Module | None = None,
+    calibration: torch.Tensor | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Make the student ``spec`` names. The teacher is never modified.
+
+    ``student_dir`` is the local directory the runner resolved ``upload_id``/``uri`` to;
+    ``previous_model`` the model earlier steps produced; ``calibration`` ([n, seq_len] ids) lets the
+    pruning machinery rank heads/channels by activations instead of weight magnitude; ``seed`` fixes
+    a fresh initialisation. Raises :class:`EngineError` if the student's vocabulary differs.
+    """
+    if spec.from_teacher is not None:
+        student = cut_from_teacher(teacher, spec.from_teacher, calibration=calibration)
+    elif spec.config is not None:
+        student = fresh_from_config(teacher, spec.config, seed=seed)
+    elif spec.previous_step:
+        if previous_model is None:
+            raise EngineError("student 'previous_step': no earlier step produced a model to distill into")
+        student = previous_model
+    else:
+        if student_dir is None:
+            raise EngineError("student model directory was not provided")
+        student = _load_pretrained(student_dir)
+    check_same_vocabulary(teacher, student)
+    return student
+
+
+def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
+    """``keep`` layer indices spread over ``0..num_layers-1``, always including the first and the last
+    (the embedding-adjacent and output-adjacent layers matter most for a cut-down student)."""
+    if not 1 <= keep <= num_layers:
+        raise EngineError(f"cannot keep {keep} of {num_layers} layers")
+    if keep == 1:
+        return [num_layers - 1]
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def cut_from_teacher(teacher: nn.Module, spec: FromTeacher, *, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Deep-copy the teacher and shrink the copy with the structured-pruning engine."""
+    from workers.compression import structured  # imported late: a sibling engine, heavy only when used
+
+    num_layers = len(decoder_layers(teacher))
+    keep_layers: list[int] | None = None
+    if spec.layers is not None:
+        bad = [i for i in spec.layers if not 0 <= i < num_layers]
+        if bad:
+            raise EngineError(f"student layers {bad} out of range: the teacher has {num_layers} layers")
+        keep_layers = sorted(spec.layers)
+    elif spec.keep_ratio is not None:
+        keep = max(1, round(spec.keep_ratio * num_layers))
+        keep_layers = _layers_by_importance(teacher, keep, calibration) if calibration is not None else None
+        keep_layers = keep_layers or evenly_spaced_layers(num_layers, keep)
+    if keep_layers == list(range(num_layers)):
+        keep_layers = None  # nothing to drop
+    if keep_layers is None and spec.heads is None and spec.mlp is None:
+        raise EngineError("from_teacher keeps the whole teacher: name layers, keep_ratio < 1, heads or mlp")
+    student = copy.deepcopy(teacher)
+    structured.shrink(student, keep_layers=keep_layers, heads=spec.heads, mlp=spec.mlp, calibration=calibration)
+    return student
+
+
+def _layers_by_importance(teacher: nn.Module, keep: int, calibration: torch.Tensor) -> list[int] | None:
+    """Layer ranking from the structured-pruning engine, if it exposes one (else evenly spaced)."""
+    from workers.compression import structured
+
+    rank = getattr(structured, "layer_importance", None)
+    if rank is None:
+        return None
+    scores = [float(s) for s in rank(teacher, calibration)]
+    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep])
+
+
+def fresh_from_config(teacher: nn.Module, config: dict[str, Any], *, seed: int = 0) -> nn.Module:
+    """A randomly initialised causal LM from a transformers config dict (no remote code).
+
+    ``model_type`` is required; ``vocab_size`` and the special token ids default to the teacher's,
+    because the student must speak the teacher's tokenizer.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(config)
+    if "auto_map" in values or values.pop("trust_remote_code", False):
+        raise EngineError("student config must not use remote code ('auto_map')")
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise EngineError("student config needs 'model_type' (e.g. 'llama', 'qwen2')")
+    for key in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"):
+        if key not in values and getattr(_config(teacher), key, None) is not None:
+            values[key] = getattr(_config(teacher), key)
+    try:
+        cfg = AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EngineError(f"invalid student config: {exc}") from exc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EngineError(f"cannot build a causal LM from the student config: {exc}") from exc
+    return model.to(_device_of(teacher))
+
+
+def _load_pretrained(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EngineError(f"cannot load the student model: {exc}") from exc
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """Width of the model's logits (the output embedding rows), falling back to ``config.vocab_size``."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(_config(model).vocab_size)
+
+
+def check_same_vocabulary(teacher: nn.Module, student: nn.Module) -> None:
+    """KD compares distributions token by token, so both models must share one vocabulary."""
+    t, s = vocabulary_size(teacher), vocabulary_size(student)
+    if t != s:
+        raise EngineError(
+            f"student vocabulary ({s} tokens) differs from the teacher's ({t}): "
+            "distillation needs a student that uses the teacher's tokenizer"
+        )
+
+
+# ============================================================================ data
+
+
+def as_blocks(ids: torch.Tensor, seq_len: int, pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training/eval rows ``[n, L]`` and their attention mask.
+
+    A 1-D token stream is packed into ``seq_len`` blocks (the tail shorter than a block is dropped),
+    so it has no padding. 2-D rows are used as given; with ``pad_token_id`` the trailing run of pad
+    tokens of each row is right padding and masked out. Only the *trailing* run: many tokenizers use
+    EOS as the pad token, and EOS between packed documents is real text.
+    """
+    if ids.dim() == 1:
+        blocks = pack_blocks(ids, seq_len)
+        return blocks, torch.ones_like(blocks, dtype=torch.bool)
+    if ids.dim() != 2:
+        raise EngineError(f"token ids must be a 1-D stream or 2-D rows, got shape {tuple(ids.shape)}")
+    blocks = ids.long()
+    if pad_token_id is None:
+        return blocks, torch.ones_like(blocks, dtype=torch.bool)
+    not_pad = blocks != pad_token_id
+    # a position is real if any non-pad token sits at or after it in the row
+    real_after = not_pad.flip(1).cumsum(1).flip(1) > 0
+    return blocks, real_after
+
+
+def _config(model: nn.Module) -> Any:
+    """The transformers config of a model (typed loosely: any PretrainedConfig)."""
+    return getattr(model, "config")  # noqa: B009 - nn.Module's attribute typing would reject .config
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _step_rows(step: int, rows_per_step: int, num_rows: int, seed: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Row indices of optimizer step ``step``: a fresh seeded permutation per epoch over the rows.
+
+    A pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+    positions = range(step * rows_per_step, (step + 1) * rows_per_step)
+    out = []
+    for pos in positions:
+        epoch = pos // num_rows
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache.clear()  # one epoch at a time is enough: steps move forward
+            cache[epoch] = torch.randperm(num_rows, generator=generator)
+        out.append(int(cache[epoch][pos % num_rows]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ============================================================================ the loss
+
+
+def loss_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(ce_sum, kd_sum, n_positions)`` over positions that predict a real next token.
+
+    ``kd_sum`` is T²·KL(teacher_T ‖ student_T) summed over positions (T² keeps gradient magnitudes
+    comparable across temperatures, Hinton et al. 2015); None without teacher logits.
+    """
+    valid = (mask[:, :-1] & mask[:, 1:]).float()
+    logits = student_logits[:, :-1].float()
+    ce = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none").view_as(valid)
+    ce_sum = (ce * valid).sum()
+    kd_sum = None
+    if teacher_logits is not None:
+        log_p_student = F.log_softmax(logits / temperature, dim=-1)
+        log_p_teacher = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+        kd_sum = temperature**2 * (kl * valid).sum()
+    return ce_sum, kd_sum, valid.sum()
+
+
+def hidden_sum(
+    student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean-over-width squared error per position, averaged over the mapped layer pairs, summed over positions."""
+    valid = (mask[:, :-1] & mask[:, 1:]).float()
+    total = torch.zeros((), device=mask.device)
+    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        err = (s[:, :-1].float() - t[:, :-1].float()).pow(2).mean(-1)
+        total = total + (err * valid).sum()
+    return total / len(student_hidden)
+
+
+@contextmanager
+def capture_layer_outputs(model: nn.Module, layers: list[int]) -> Iterator[list[torch.Tensor]]:
+    """Within the block, forward passes record the outputs of decoder layers ``layers`` (in that order)."""
+    stack = decoder_layers(model)
+    slots: dict[int, torch.Tensor] = {}
+    out: list[torch.Tensor] = []
+
+    def make_hook(index: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            slots[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [stack[i].register_forward_hook(make_hook(n)) for n, i in enumerate(layers)]
+    try:
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
+        out.extend(slots[n] for n in range(len(layers)) if n in slots)
+
+
+class Trainee(nn.Module):
+    """What the optimizer trains: the student plus one projection per hidden-state pair.
+
+    A pair gets a learned ``Linear(student_width, teacher_width)`` when the widths differ and the
+    identity otherwise. One module so DDP, the optimizer and checkpoints see a single thing.
+    """
+
+    def __init__(self, student: nn.Module, student_layers: list[int], student_width: int, teacher_width: int):
+        super().__init__()
+        self.student = student
+        self.student_layers = student_layers
+        self.projections = nn.ModuleList(
+            nn.Linear(student_width, teacher_width, bias=False) if student_width != teacher_width else nn.Identity()
+            for _ in student_layers
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not self.student_layers:
+            return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, []
+        with capture_layer_outputs(self.student, self.student_layers) as hidden:
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits, [proj(h) for proj, h in zip(self.projections, hidden, strict=True)]
+
+
+# ============================================================================ the loop
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    config: DistillStep,
+    *,
+    train_ids: torch.Tensor,
+    eval_ids: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    checkpoint_dir: Path | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    world_size: int = 1,
+    callbacks: Callbacks | None = None,
+) -> StepOutcome:
+    """Train ``student`` (in place) to imitate ``teacher`` under ``config``; return it with facts.
+
+    ``train_ids``/``eval_ids``: a 1-D token stream (packed into ``config.seq_len`` blocks) or 2-D rows
+    (see :func:`as_blocks` for padding). Without ``eval_ids`` the last ``eval_fraction`` of the
+    training blocks is held out. With ``checkpoint_dir`` a checkpoint is written every
+    ``checkpoint_every`` steps and handed to ``on_checkpoint``; if the directory already holds one,
+    training resumes from it exactly. ``world_size > 1`` trains data-parallel (DDP; gloo on CPU, one
+    GPU per rank on CUDA). Raises :class:`StepCancelled` when ``callbacks.should_stop()`` turns true
+    between steps, :class:`EngineError` for problems the user can fix.
+    """
+    callbacks = callbacks or Callbacks()
+    check_same_vocabulary(teacher, student)
+    train_blocks, train_mask = as_blocks(train_ids, config.seq_len, pad_token_id)
+    if eval_ids is not None:
+        eval_blocks, eval_mask = as_blocks(eval_ids, config.seq_len, pad_token_id)
+    else:
+        if train_blocks.shape[0] < 2:
+            raise EngineError("training text too short: need at least two blocks (one is held out for evaluation)")
+        n_eval = max(1, math.ceil(config.eval_fraction * train_blocks.shape[0]))
+        eval_blocks, eval_mask = train_blocks[-n_eval:], train_mask[-n_eval:]
+        train_blocks, train_mask = train_blocks[:-n_eval], train_mask[:-n_eval]
+    if config.batch_size % world_size:
+        raise EngineError(f"batch_size {config.batch_size} must be divisible by world_size {world_size}")
+    if config.hidden_states is not None:
+        _check_layer_map(teacher, student, config)
+    data = (train_blocks, train_mask, eval_blocks, eval_mask)
+    if world_size == 1:
+        return _train(0, 1, teacher, student, config, data, checkpoint_dir, on_checkpoint, callbacks, None)
+    return _train_data_parallel(teacher, student, config, data, checkpoint_dir, on_checkpoint, world_size, callbacks)
+
+
+def _check_layer_map(teacher: nn.Module, student: nn.Module, config: DistillStep) -> None:
+    assert config.hidden_states is not None
+    n_s, n_t = len(decoder_layers(student)), len(decoder_layers(teacher))
+    for s, t in config.hidden_states.layer_map:
+        if not (-n_s <= s < n_s and -n_t <= t < n_t):
+            raise EngineError(f"hidden_states layer pair [{s}, {t}] out of range (student {n_s}, teacher {n_t} layers)")
+
+
+def _train_data_parallel(
+    teacher: nn.Module,
+    student: nn.Module,
+    config: DistillStep,
+    data: tuple[torch.Tensor, ...],
+    checkpoint_dir: Path | None,
+    on_checkpoint: Callable[[Path], None] | None,
+    world_size: int,
+    callbacks: Callbacks,
+) -> StepOutcome:
+    """Rank 0 here (callbacks stay in this process); ranks 1.. spawned; all join one process group."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if dist.is_initialized():
+        raise EngineError("a torch.distributed process group is already running in this process")
+    if _device_of(teacher).type == "cuda" and torch.cuda.device_count() < world_size:
+        raise EngineError(f"world_size {world_size} needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    rendezvous = tempfile.mkdtemp(prefix="distill-ddp-")
+    init_method = f"file://{rendezvous}/store"
+    # children get CPU copies; tensors travel through shared memory, so each child clones its student
+    cpu = torch.device("cpu")
+    device = _device_of(teacher)
+    args = (world_size, init_method, teacher.to(cpu), student.to(cpu), config, data, checkpoint_dir, device.type)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // world_size))  # ranks share the cores
+    context = mp.start_processes(_rank_worker, args=args, nprocs=world_size - 1, join=False, start_method="spawn")
+    teacher.to(device)
+    student.to(device)
+    finished = False
+    try:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=0, world_size=world_size, timeout=DIST_TIMEOUT)
+        outcome = _train(0, world_size, teacher, student, config, data, checkpoint_dir, on_checkpoint, callbacks, dist)
+        finished = True
+        return outcome
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        if finished:
+            while not context.join():
+                pass
+        else:  # rank 0 failed or was cancelled: the others would wait on a collective forever
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join()
+        shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def _rank_worker(
+    index: int,
+    world_size: int,
+    init_method: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    config: DistillStep,
+    data: tuple[torch.Tensor, ...],
+    checkpoint_dir: Path | None,
+    device_type: str,
+) -> None:
+    """Entry point of a spawned rank (1..world_size-1)."""
+    import torch.distributed as dist
+
+    rank = index + 1
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    student = copy.deepcopy(student)  # its tensors were shared with rank 0's through shared memory
+    teacher.to(device)
+    student.to(device)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=DIST_TIMEOUT)
+    try:
+        _train(rank, world_size, teacher, student, config, data, checkpoint_dir, None, Callbacks(), dist)
+    except StepCancelled:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to MIN_LR_RATIO at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def total_steps(config: DistillStep) -> int:
+    """Optimizer steps to run: ``max_steps``, or enough nominal tokens (rows x seq_len) for ``max_tokens``."""
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+    candidates = []
+    if config.max_steps is not None:
+        candidates.append(config.max_steps)
+    if config.max_tokens is not None:
+        candidates.append(max(1, math.ceil(config.max_tokens / tokens_per_step)))
+    return min(candidates)
+
+
+def _train(
+    rank: int,
+    world_size: int,
+    teacher: nn.Module,
+    student: nn.Module,
+    config: DistillStep,
+    data: tuple[torch.Tensor, ...],
+    checkpoint_dir: Path | None,
+    on_checkpoint: Callable[[Path], None] | None,
+    callbacks: Callbacks,
+    dist: Any,
+) -> StepOutcome:
+    """The training loop, run identically by every rank (rank 0 also evaluates, reports and checkpoints)."""
+    train_blocks, train_mask, eval_blocks, eval_mask = data
+    device = _device_of(teacher)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (lambda: nullcontext())
+    )
+    original_dtype = next(student.parameters()).dtype
+    student.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does the bf16 on GPU
+    student.requires_grad_(True)
+    teacher.eval()
+    torch.manual_seed(config.seed + rank)
+    random.seed(config.seed + rank)
+
+    hs = config.hidden_states
+    s_layers = [s for s, _ in hs.layer_map] if hs else []
+    t_layers = [t for _, t in hs.layer_map] if hs else []
+    trainee = Trainee(student, s_layers, _config(student).hidden_size, _config(teacher).hidden_size).to(device)
+    use_teacher = config.kl_weight > 0 or hs is not None
+    model: Any = trainee  # or its DDP wrapper
+    if dist is not None:
+        # logits go unused (lm_head gets no gradient) when only hidden states are matched
+        unused = config.kl_weight == 0 and config.ce_weight == 0
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(trainee, device_ids=device_ids, find_unused_parameters=unused)
+
+    decay = [p for p in trainee.parameters() if p.dim() >= 2]
+    no_decay = [p for p in trainee.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    steps = total_steps(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.warmup_steps, steps))
+
+    step, tokens, resumed_from = 0, 0, None
+    state: dict[str, Any] = {}
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if latest is not None:
+        state = _load_checkpoint(latest, trainee, optimizer, scheduler, config, rank)
+        step, tokens, resumed_from = state["step"], state["tokens"], state["step"]
+
+    is_main = rank == 0
+    if is_main:
+        teacher_ppl = state.get("teacher_eval_perplexity") or perplexity(teacher, eval_blocks, eval_mask, config)
+        ppl_before = state.get("eval_perplexity_before") or perplexity(student, eval_blocks, eval_mask, config)
+    rows_per_micro = config.batch_size // world_size
+    rows_per_step = config.batch_size * config.grad_accum
+    perm_cache: dict[int, torch.Tensor] = {}
+    last: dict[str, Any] = {}
+    eval_ppl: float | None = None
+
+    while step < steps:
+        _check_stop(callbacks, dist, device)
+        rows = _step_rows(step, rows_per_step, train_blocks.shape[0], config.seed, perm_cache)
+        step_mask = train_mask[rows]
+        n_valid = (step_mask[:, :-1] & step_mask[:, 1:]).sum().clamp(min=1).item()
+        sums = torch.zeros(4, device=device)  # total, kd, ce, hidden — this rank's share of the step
+        trainee.train()
+        for micro in range(config.grad_accum):
+            chunk = rows[micro * config.batch_size : (micro + 1) * config.batch_size]
+            mine = chunk[rank * rows_per_micro : (rank + 1) * rows_per_micro]
+            ids, mask = train_blocks[mine].to(device), train_mask[mine].to(device)
+            t_logits, t_hidden = None, []
+            if use_teacher:
+                with torch.no_grad(), autocast(), capture_layer_outputs(teacher, t_layers) as t_hidden:
+                    t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            sync = dist is None or micro == config.grad_accum - 1
+            with nullcontext() if sync else model.no_sync(), autocast():
+                s_logits, s_hidden = model(ids, mask)
+                ce_sum, kd_sum, _ = loss_sums(
+                    s_logits, t_logits if config.kl_weight > 0 else None, ids, mask, config.temperature
+                )
+                loss = config.ce_weight * ce_sum
+                if kd_sum is not None:
+                    loss = loss + config.kl_weight * kd_sum
+                hid = hidden_sum(s_hidden, t_hidden, mask) if hs else torch.zeros((), device=device)
+                if hs:
+                    loss = loss + hs.weight * hid
+                # / n_valid of the whole step; times world_size undoes DDP's gradient averaging
+                (loss * world_size / n_valid).backward()
+            sums += torch.stack(
+                [loss.detach(), (kd_sum if kd_sum is not None else ce_sum * 0).detach(), ce_sum.detach(), hid.detach()]
+            )
+        torch.nn.utils.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dist is not None:
+            dist.all_reduce(sums)
+        mean = (sums / n_valid).tolist()
+        step += 1
+        tokens += int(step_mask.sum())
+
+        if is_main:
+            last = {"step": step, "tokens": tokens, "train_loss": mean[0], "ce_loss": mean[2], "lr": lr}
+            last["kd_loss"] = mean[1] if config.kl_weight > 0 else None
+            if hs:
+                last["hidden_loss"] = mean[3]
+            if step % config.eval_every == 0 or step == steps:
+                eval_ppl = perplexity(student, eval_blocks, eval_mask, config)
+                last["eval_perplexity"] = eval_ppl
+            callbacks.metrics(dict(last))
+            callbacks.progress(step / steps, f"step {step}/{steps} loss {mean[0]:.4f}")
+        if checkpoint_dir is not None and step % config.checkpoint_every == 0 and step < steps:
+            extra = {"teacher_eval_perplexity": teacher_ppl, "eval_perplexity_before": ppl_before} if is_main else {}
+            path = _save_checkpoint(
+                checkpoint_dir, trainee, optimizer, scheduler, config, step, tokens, rank, dist, extra
+            )
+            if is_main and on_checkpoint is not None and path is not None:
+                on_checkpoint(path)
+
+    student.eval()
+    student.to(dtype=original_dtype)
+    if not is_main:
+        return StepOutcome(model=student)
+    if eval_ppl is None:  # resumed at the very end: nothing trained in this call
+        eval_ppl = perplexity(student, eval_blocks, eval_mask, config)
+    facts = {
+        "steps": step,
+        "tokens": tokens,
+        "resumed_from_step": resumed_from,
+        "world_size": world_size,
+        "global_batch_rows": rows_per_step,
+        "train_loss": last.get("train_loss"),
+        "kd_loss": last.get("kd_loss"),
+        "ce_loss": last.get("ce_loss"),
+        "hidden_loss": last.get("hidden_loss"),
+        "teacher_eval_perplexity": teacher_ppl,
+        "eval_perplexity_before": ppl_before,
+        "eval_perplexity_after": eval_ppl,
+        "eval_tokens": int(eval_mask.sum()),
+        "teacher_params": _count_params(teacher),
+        "student_params": _count_params(student),
+        "student_config": _config_summary(student),
+        "teacher_config": _config_summary(teacher),
+    }
+    return StepOutcome(model=student, facts=facts)
+
+
+def _check_stop(callbacks: Callbacks, dist: Any, device: torch.device) -> None:
+    """Cancel between steps; with several ranks, rank 0 decides and tells the others."""
+    if dist is None:
+        callbacks.check()
+        return
+    flag = torch.tensor([1.0 if callbacks.should_stop() else 0.0], device=device)
+    dist.broadcast(flag, src=0)
+    if flag.item():
+        raise StepCancelled("cancelled")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, config: DistillStep) -> float:
+    """exp(mean next-token CE) over the real positions of ``blocks``; the model is left in eval mode."""
+    model.eval()
+    device = _device_of(model)
+    total, count = 0.0, 0.0
+    for start in range(0, blocks.shape[0], config.batch_size):
+        ids, m = (
+            blocks[start : start + config.batch_size].to(device),
+            mask[start : start + config.batch_size].to(device),
+        )
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        with ctx:
+            logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits
+        ce_sum, _, n = loss_sums(logits, None, ids, m, 1.0)
+        total, count = total + float(ce_sum), count + float(n)
+    return math.exp(total / max(count, 1.0))
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _config_summary(model: nn.Module) -> dict[str, Any]:
+    cfg = _config(model)
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+    summary = {k: getattr(cfg, k, None) for k in (*keys, "num_key_value_heads", "vocab_size")}
+    return summary
+
+
+# ============================================================================ checkpoints
+
+_RESUME_IGNORES = {"checkpoint_every", "eval_every"}  # may change between runs without changing the math
+
+
+def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
+    """The newest complete checkpoint under ``checkpoint_dir`` (one with ``state.json``), or None."""
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return None
+    done = [p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _comparable(config: DistillStep) -> dict[str, Any]:
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in _RESUME_IGNORES}
+
+
+def _save_checkpoint(
+    checkpoint_dir: Path,
+    trainee: Trainee,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: DistillStep,
+    step: int,
+    tokens: int,
+    rank: int,
+    dist: Any,
+    extra: dict[str, Any],
+) -> Path | None:
+    """Write ``step-NNNNNNNN`` atomically (a temp dir renamed last); return it on rank 0."""
+    from safetensors.torch import save_model
+
+    final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    staging = checkpoint_dir / f".{final.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if dist is not None:
+        dist.barrier()
+    torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
+    if dist is not None:
+        dist.barrier()
+    if rank != 0:
+        return None
+    save_model(trainee, str(staging / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "trainer.pt")
+    state = {"step": step, "tokens": tokens, "config": _comparable(config), **extra}
+    (staging / "state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    for old in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"):  # keep only the newest locally
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(
+    path: Path,
+    trainee: Trainee,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: DistillStep,
+    rank: int,
+) -> dict[str, Any]:
+    from safetensors.torch import load_model
+
+    state = json.loads((path / "state.json").read_text())
+    if state["config"] != _comparable(config):
+        changed = sorted(k for k in state["config"] if state["config"][k] != _comparable(config).get(k))
+        raise EngineError(f"checkpoint {path.name} was written with a different distill config ({', '.join(changed)})")
+    device = _device_of(trainee)
+    load_model(trainee, str(path / "model.safetensors"), device=str(device))
+    trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming with more ranks than wrote it: those start fresh
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
