@@ -223,3 +223,40 @@ def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> Non
     assert job.status == "cancelled" and job.manifest_key is None
     events = _events(job_id)
     assert events[-1] == "job.cancelled" and "job.cancelling" in events and "job.succeeded" not in events
+
+
+def test_structured_prune_then_distill_then_quantize(tenant: str, tmp_path: Path) -> None:
+    """The issue's composition: prune(structured) → distill(student = pruned model) → quantize, one job."""
+    from app.storage import get_storage
+
+    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
+    text = _upload(tenant, {"train.txt": sample_text(40).encode()})
+    spec = {
+        "model": {"upload_id": model},
+        "calibration": {"upload_id": text, "num_samples": 8, "seq_len": 64},
+        "training": {"upload_id": text},
+        "steps": [
+            {"method": "prune", "algorithm": "structured", "targets": {"mlp": 0.25}},
+            {
+                "method": "distill",
+                "student": {"previous_step": True},
+                "max_steps": 4,
+                "batch_size": 2,
+                "seq_len": 64,
+                "checkpoint_every": 2,
+                "ce_weight": 0.5,
+            },
+            {"method": "quantize", "scheme": "w8a16"},
+        ],
+    }
+    job_id = _submit(tenant, spec)
+    _run(job_id)
+    job = _job(job_id)
+    assert job.status == "succeeded", job.error_message
+    report = json.loads(get_storage().get_bytes(job.manifest_key.replace("manifest.json", "report.json")))
+    assert [s["method"] for s in report["steps"]] == ["prune", "distill", "quantize"]
+    distilled = report["steps"][1]["details"]
+    assert distilled["steps"] == 4 and distilled["student_params"] < distilled["teacher_params"]
+    assert report["result"]["parameters"] < report["baseline"]["parameters"]
+    # the distill step uploaded its checkpoints to storage as it went
+    assert get_storage().list(f"checkpoints/{tenant}/{job_id}/step-1/")
