@@ -18,37 +18,50 @@ from torch import nn
 
 @dataclass
 class InputStats:
-    """Running ``Xᵀ X`` (float32) and token count for one distinct input tensor."""
+    """Running ``Xᵀ X`` (float32) and token count for one distinct input tensor.
+
+    With ``diag_only`` only the diagonal ``Σ x_j²`` is kept (``xtx`` is 1-D): all Wanda and channel
+    importance need, at ``T·d`` instead of ``2·T·d²`` FLOPs.
+    """
 
     xtx: torch.Tensor
     tokens: int = 0
     modules: list[str] = field(default_factory=list)
+    diag_only: bool = False
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        # Symmetric rank-k update; addmm_ on the transposed view avoids a temporary of the product.
-        self.xtx.addmm_(x.T, x)
+        if self.diag_only:
+            self.xtx.add_(x.square().sum(0))
+        else:
+            # Symmetric rank-k update; addmm_ on the transposed view avoids a temporary of the product.
+            self.xtx.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         """``2/n · Xᵀ X`` (the GPTQ/SparseGPT convention)."""
+        if self.diag_only:
+            raise ValueError("statistics were collected with diag_only=True; the full Hessian is not available")
         return self.xtx * (2.0 / max(self.tokens, 1))
 
     @property
     def channel_norms(self) -> torch.Tensor:
         """``‖X_j‖₂`` for every input channel j (Wanda's activation term)."""
-        return torch.sqrt(torch.clamp(torch.diagonal(self.xtx), min=0.0))
+        diagonal = self.xtx if self.diag_only else torch.diagonal(self.xtx)
+        return torch.sqrt(torch.clamp(diagonal, min=0.0))
 
 
 def collect_input_stats(
     layer: nn.Module,
     replay: Callable[[], Any],
     select: Callable[[str, nn.Linear], bool] = lambda _n, _m: True,
+    diag_only: bool = False,
 ) -> dict[str, InputStats]:
     """Run ``replay()`` once with hooks and return ``{linear name: stats}`` for the selected Linears.
 
     Names sharing an input map to the same :class:`InputStats` object (see ``stats.modules``).
+    ``diag_only`` keeps per-channel sums of squares instead of the full ``Xᵀ X``.
     """
     by_name: dict[str, InputStats] = {}
     # Within one call of the layer, inputs are identified by storage pointer. The map holds a
@@ -72,7 +85,8 @@ def collect_input_stats(
                 return
             stats = by_name.get(name)
             if stats is None:
-                stats = InputStats(xtx=torch.zeros(in_features, in_features, dtype=torch.float32, device=x.device))
+                shape = (in_features,) if diag_only else (in_features, in_features)
+                stats = InputStats(xtx=torch.zeros(shape, dtype=torch.float32, device=x.device), diag_only=diag_only)
                 stats.modules.append(name)
                 by_name[name] = stats
             stats.add(x)

@@ -133,7 +133,9 @@ def _prune_unstructured(
                 sizes[f"{prefix}.{name}"] = module.weight.numel()
 
         def process(index: int, prefix: str, layer: nn.Module, replay: Callable[[], Any]) -> None:
-            for names, stats in _sequential_groups(layer, replay, selected(prefix)):
+            # Wanda needs only per-channel input norms, not the full Hessian SparseGPT solves with.
+            diag_only = config.algorithm == "wanda"
+            for names, stats in _sequential_groups(layer, replay, selected(prefix), diag_only):
                 prune_group(prefix, layer, names, stats)
 
         layerwise(model, calibration, process, callbacks)
@@ -141,7 +143,9 @@ def _prune_unstructured(
     return StepOutcome(model=model, facts=_facts(config, achieved, sizes, obs_loss, len(layers)))
 
 
-def _sequential_groups(layer: nn.Module, replay: Callable[[], Any], select: Callable[[str, nn.Linear], bool]) -> Any:
+def _sequential_groups(
+    layer: nn.Module, replay: Callable[[], Any], select: Callable[[str, nn.Linear], bool], diag_only: bool = False
+) -> Any:
     """Yield ``(linear names, stats)`` per shared input in forward order, each group's statistics
     gathered after the groups before it were pruned (the caller prunes between yields)."""
     order: list[str] = []
@@ -155,7 +159,7 @@ def _sequential_groups(layer: nn.Module, replay: Callable[[], Any], select: Call
 
             handles.append(module.register_forward_pre_hook(note))
     try:
-        first = collect_input_stats(layer, replay, select)
+        first = collect_input_stats(layer, replay, select, diag_only=diag_only)
     finally:
         for handle in handles:
             handle.remove()
@@ -167,7 +171,7 @@ def _sequential_groups(layer: nn.Module, replay: Callable[[], Any], select: Call
         if position == 0:
             stats = first[names[0]]
         else:
-            fresh = collect_input_stats(layer, replay, _named(names))
+            fresh = collect_input_stats(layer, replay, _named(names), diag_only=diag_only)
             stats = fresh[names[0]]
         yield names, stats
 

@@ -185,7 +185,7 @@ def _prune_heads_and_mlp(
         if keep_channels is not None:
             norms = None
             if replay is not None:
-                stats = collect_input_stats(layer, replay, lambda n, m: m is block.down_proj)
+                stats = collect_input_stats(layer, replay, lambda n, m: m is block.down_proj, diag_only=True)
                 norms = next(iter(stats.values())).channel_norms
             _shrink_mlp(block, _channel_scores(layer, norms), keep_channels)
 
