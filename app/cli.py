@@ -41,7 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_argv(args: argparse.Namespace) -> list[str]:
+def worker_argv(
+    queues: str, concurrency: int = 1, beat: bool = False, *, hostname: str | None = None, schedule: Path | None = None
+) -> list[str]:
+    """The Celery worker command line (also used by the end-to-end tests to start real workers)."""
     argv = [
         sys.executable,
         "-m",
@@ -50,24 +53,25 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         "workers.celery_app",
         "worker",
         "--queues",
-        args.queues,
+        queues,
         "--loglevel",
         "INFO",
         "--concurrency",
-        str(args.concurrency),
+        str(concurrency),
         "--hostname",
-        f"modelpress-{args.queues.replace(',', '-')}@%h",
+        hostname or f"modelpress-{queues.replace(',', '-')}@%h",
     ]
-    if args.beat:
-        argv.append("--beat")
-        data_dir = os.environ.get("MODELPRESS_DATA_DIR", "var")
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        argv += ["--schedule", str(Path(data_dir) / "celerybeat-schedule")]
+    if beat:
+        if schedule is None:
+            data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", "var"))
+            data_dir.mkdir(parents=True, exist_ok=True)
+            schedule = data_dir / "celerybeat-schedule"
+        argv += ["--beat", "--schedule", str(schedule)]
     return argv
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, _worker_argv(args))
+    os.execv(sys.executable, worker_argv(args.queues, args.concurrency, args.beat))
     return 0  # not reached
 
 
@@ -77,8 +81,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     port = args.port or _port()
     os.environ.setdefault("MODELPRESS_PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     cmd_migrate(args)
-    worker_args = argparse.Namespace(queues="cpu,gpu", concurrency=1, beat=True)
-    worker = subprocess.Popen(_worker_argv(worker_args))
+    worker = subprocess.Popen(worker_argv("cpu,gpu", beat=True))
     print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs")
     print(f"  API key: {os.environ['MODELPRESS_BOOTSTRAP_API_KEY']}\n", flush=True)
     try:

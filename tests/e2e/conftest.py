@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.cli import worker_argv
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,25 +37,8 @@ class Stack:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "--queues",
-            "cpu",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--beat",
-            "--schedule",
-            str(self.tmp / f"beat-{len(self.workers)}"),
-            "--hostname",
-            f"w{len(self.workers)}@%h",
-        ]
+        n = len(self.workers)
+        argv = worker_argv("cpu", beat=True, hostname=f"w{n}@%h", schedule=self.tmp / f"beat-{n}")
         proc = subprocess.Popen(
             argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
