@@ -107,6 +107,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         evaluation=Path(args.eval) if args.eval else None,
         training=Path(args.train) if args.train else None,
         measure_speed=not args.no_speed,
+        low_memory=args.low_memory,
     )
     print(json.dumps(report.get("summary", {}), indent=2))
     print(f"wrote {args.out}/model, report.json, report.png, README.md")
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="evaluation text file")
     p.add_argument("--train", help="training text file (distillation)")
     p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize layer by layer from the shards, never loading the whole model "
+        "(default: the recipe's low_memory, else automatic when the model would not fit in memory)",
+    )
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("admin", help="tenants and API keys")

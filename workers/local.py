@@ -32,8 +32,14 @@ def compress_local(
     evaluation: Path | None = None,
     training: Path | None = None,
     measure_speed: bool = True,
+    low_memory: bool | None = None,
 ) -> dict[str, Any]:
     recipe = load_recipe(recipe_path, has_calibration=calibration is not None, has_training=training is not None)
+    if low_memory is not None:
+        try:
+            recipe = Recipe.model_validate({**recipe.model_dump(), "low_memory": low_memory})
+        except ValidationError as exc:
+            raise SystemExit(f"--low-memory: {exc}") from exc
     inputs = PipelineInputs(
         model_dir=model_dir,
         calibration_files=[calibration] if calibration else [],

@@ -153,6 +153,9 @@ def run_pipeline(
     on_step = on_step or (lambda _i, _s, _e: None)
     started = time.perf_counter()
 
+    if use_low_memory(recipe, inputs.model_dir):
+        return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
+
     callbacks.progress(0.0, "loading model")
     model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
     if tokenizer is None:
@@ -226,6 +229,120 @@ def run_pipeline(
             "seq_len": int(texts.eval_ids.shape[1]) if texts.eval_ids is not None else None,
             "tokens": int(texts.eval_ids.numel()) if texts.eval_ids is not None else 0,
         },
+    )
+    write_report_files(report, out_dir)
+    callbacks.progress(1.0, "done")
+    return report
+
+
+# ---------------------------------------------------------------- low-memory mode (layer streaming)
+
+# The in-memory path peaks near twice the float32 model (the model, plus a copy while saving and
+# reloading); below that much free memory, "auto" streams instead.
+IN_MEMORY_FACTOR = 2.0
+
+LOW_MEMORY_NOTE = (
+    "Low-memory mode: the model was quantized one decoder layer at a time from its shards and was never "
+    "whole in memory, so speed, peak memory and the text sample were not measured. Perplexity before and "
+    "after was scored in the same layer-by-layer pass (the in-memory quantized weights, which the "
+    "checkpoint stores exactly)."
+)
+
+
+def use_low_memory(recipe: Recipe, model_dir: Path) -> bool:
+    """Whether to stream: as the recipe says, or (``null``) when a one-quantize-step recipe's model
+    would not fit in the memory free now."""
+    if recipe.low_memory is not None:
+        return recipe.low_memory
+    if len(recipe.steps) != 1 or not isinstance(recipe.steps[0], QuantizeStep):
+        return False
+    import psutil
+
+    from workers.compression.streaming import CheckpointReader
+
+    try:
+        needed = IN_MEMORY_FACTOR * 4 * CheckpointReader(model_dir).elements
+    except Exception:  # unreadable checkpoints fail with a clear error on the normal path
+        return False
+    return needed > psutil.virtual_memory().available
+
+
+def _run_low_memory(
+    recipe: Recipe,
+    inputs: PipelineInputs,
+    out_dir: Path,
+    callbacks: Callbacks,
+    on_step: StepHook,
+    started: float,
+) -> dict[str, Any]:
+    """:func:`run_pipeline` for a one-quantize-step recipe, through the layer-streaming engine."""
+    from workers.compression.evaluate import count_parameters, directory_size
+    from workers.compression.export import check_model_dir, load_tokenizer
+    from workers.compression.streaming import meta_model, quantize_streaming
+
+    step = recipe.steps[0]
+    assert isinstance(step, QuantizeStep)
+    callbacks.progress(0.0, "reading the model config (low-memory mode)")
+    check_model_dir(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    tokenizer = load_tokenizer(inputs.model_dir)
+    if tokenizer is None:
+        raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    texts = _prepare_texts(tokenizer, recipe, inputs)
+    original_params, original_mix = count_parameters(meta_model(inputs.model_dir))
+
+    on_step(0, "running", {})
+    begin = time.perf_counter()
+    model_out = out_dir / "model"
+    try:
+        outcome, stream = quantize_streaming(
+            inputs.model_dir,
+            step,
+            model_out,
+            calibration=texts.calibration,
+            eval_ids=texts.eval_ids,
+            callbacks=callbacks.scaled(0.02, 0.97),
+        )
+    except BaseException:
+        on_step(0, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
+        raise
+    duration = round(time.perf_counter() - begin, 3)
+    on_step(0, "succeeded", {"duration_s": duration})
+    params, mix = count_parameters(stream.model)
+
+    def metrics(perplexity: float | None, parameters: int, dtypes: dict[str, int], size: int) -> dict[str, Any]:
+        return {
+            "perplexity": perplexity,
+            "parameters": parameters,
+            "dtypes": dtypes,
+            "size_bytes": size,
+            "size_method": "directory",
+            "prefill_tokens_per_s": None,
+            "decode_tokens_per_s": None,
+            "peak_memory_bytes": None,
+            "sample": None,
+            "device": "cpu (layer streaming)",
+            "eval_windows": int(texts.eval_ids.shape[0]) if texts.eval_ids is not None else 0,
+            "eval_tokens": int(texts.eval_ids.numel()) if texts.eval_ids is not None else 0,
+        }
+
+    report = build_report(
+        metrics(stream.perplexity_before, original_params, original_mix, directory_size(inputs.model_dir)),
+        metrics(stream.perplexity_after, params, mix, directory_size(model_out)),
+        [
+            {
+                "method": step.method,
+                "params": step.model_dump(mode="json"),
+                "duration_s": duration,
+                "details": outcome.facts,
+            }
+        ],
+        duration_s=round(time.perf_counter() - started, 3),
+        evaluation_info={
+            "source": texts.eval_source,
+            "seq_len": int(texts.eval_ids.shape[1]) if texts.eval_ids is not None else None,
+            "tokens": int(texts.eval_ids.numel()) if texts.eval_ids is not None else 0,
+        },
+        notes=[LOW_MEMORY_NOTE],
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")

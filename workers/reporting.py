@@ -185,16 +185,17 @@ def build_report(
     duration_s: float,
     evaluation_info: Mapping[str, Any],
     environment: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Assemble and validate report.json as a plain dict.
 
     ``baseline``/``result``: :class:`~workers.compression.evaluate.Evaluation` objects or their dicts.
     ``steps``: ``{"method", "params", "duration_s", "details"}`` per step. ``evaluation_info``:
     ``{"source", "seq_len", "tokens"}`` (+ optional ``windows``). ``environment`` overrides the
-    detected package versions and device.
+    detected package versions and device. ``notes`` are added to the warnings as they are.
     """
     base, res = _as_dict(baseline), _as_dict(result)
-    warnings: list[str] = []
+    warnings: list[str] = list(notes)
     for label, metrics in (("original", base), ("compressed", res)):
         value = metrics.get("perplexity")
         if isinstance(value, float) and not math.isfinite(value):

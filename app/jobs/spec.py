@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -288,6 +288,22 @@ def check_steps_inputs(steps: list[Any], has_calibration: bool, has_training: bo
             raise ValueError(f"steps[{index}] (distill) needs 'training' text")
 
 
+LOW_MEMORY_DESCRIPTION = (
+    "quantize one decoder layer at a time straight from the safetensors shards, so the model is never "
+    "whole in memory (speed and the text sample are then not measured). null (default): automatic, "
+    "when the model would not fit in the worker's memory; true: always; false: never. Only for a "
+    "recipe of one quantize step."
+)
+
+
+def check_low_memory(value: bool | None, info: ValidationInfo) -> bool | None:
+    """``low_memory: true`` needs a recipe of exactly one quantize step (the layer-streaming engine)."""
+    steps = info.data.get("steps") or []
+    if value and not (len(steps) == 1 and steps[0].method == "quantize"):
+        raise ValueError("low_memory mode runs a recipe of exactly one quantize step")
+    return value
+
+
 class Recipe(StrictModel):
     """What to do, without where the inputs live: the local CLI's ``--recipe`` file.
 
@@ -297,6 +313,9 @@ class Recipe(StrictModel):
     steps: list[Step] = Field(min_length=1, max_length=16)
     calibration: CalibrationOptions | None = None
     evaluation: EvaluationOptions | None = None
+    low_memory: bool | None = Field(default=None, description=LOW_MEMORY_DESCRIPTION)
+
+    _check_low_memory = field_validator("low_memory")(check_low_memory)
 
 
 class JobSpec(StrictModel):
@@ -312,6 +331,9 @@ class JobSpec(StrictModel):
     hardware: Literal["auto", "cpu", "gpu"] = Field(
         default="auto", description="worker queue: 'auto' uses GPU workers where the operator runs them"
     )
+    low_memory: bool | None = Field(default=None, description=LOW_MEMORY_DESCRIPTION)
+
+    _check_low_memory = field_validator("low_memory")(check_low_memory)
 
     @field_validator("metadata")
     @classmethod
@@ -338,4 +360,5 @@ class JobSpec(StrictModel):
             evaluation=EvaluationOptions(**self.evaluation.model_dump(include={"seq_len", "max_tokens"}))
             if self.evaluation
             else None,
+            low_memory=self.low_memory,
         )

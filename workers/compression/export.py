@@ -31,34 +31,50 @@ def is_quantized(model: nn.Module) -> bool:
     return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
 
 
-def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
-    """The model's state dict with every quantized module replaced by its compressed tensors.
+def compressed_tensors_of(root: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``root``'s state dict (keys prefixed with ``prefix``) with every quantized module replaced by its
+    compressed tensors (packed int4, int8, fp8 + scales), ready to write.
 
-    Compresses module by module from a copy-free view of the module's own tensors, so the
-    in-memory model is left untouched (still fake-quantized and usable) and the extra memory is
-    only the compressed weights (int4 packs to 1/8 of float32).
+    Compresses module by module from a copy-free view of the module's own tensors, so the in-memory
+    model is left untouched (still fake-quantized and usable) and the extra memory is only the
+    compressed weights (int4 packs to 1/8 of float32).
     """
-    compressor = ModelCompressor.from_pretrained_model(model)  # also fixes each scheme's format
     state: dict[str, torch.Tensor] = {}
     handled: set[str] = set()
-    for name, module in model.named_modules():
+    for name, module in root.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.weights is None:
             continue
-        prefix = f"{name}." if name else ""
+        module_prefix = f"{prefix}{name}." if name else prefix
         local = get_direct_state_dict(module)
-        handled.update(prefix + key for key in local)
+        handled.update(module_prefix + key for key in local)
         if getattr(module, "quantization_status", None) != QuantizationStatus.COMPRESSED:
             local = BaseCompressor.get_value_from_registry(scheme.format.value).compress(local, scheme)
         for key, tensor in local.items():
             if tensor is not None:  # e.g. a Linear without bias
-                state[prefix + key] = tensor
-    for key, tensor in model.state_dict().items():
-        if key not in handled:
-            state[key] = tensor
+                state[module_prefix + key] = tensor
+    for key, tensor in root.state_dict().items():
+        if prefix + key not in handled:
+            state[prefix + key] = tensor
+    return state
+
+
+def checkpoint_compressor(model: nn.Module) -> ModelCompressor:
+    """The compressed-tensors compressor of a quantized model, its config marked as compressed.
+
+    Call before compressing (it also fixes each scheme's storage format); ``update_config(dir)``
+    then writes ``quantization_config`` into the saved ``config.json``.
+    """
+    compressor = ModelCompressor.from_pretrained_model(model)
     assert compressor.quantization_config is not None
     compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
-    return state, compressor
+    return compressor
+
+
+def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
+    """The whole model's compressed state dict and its compressor (see :func:`compressed_tensors_of`)."""
+    compressor = checkpoint_compressor(model)
+    return compressed_tensors_of(model), compressor
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
@@ -132,7 +148,7 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, A
     Safetensors only, ``trust_remote_code=False``, configs with ``auto_map`` refused, weights over
     ``max_bytes`` refused. Compressed-tensors checkpoints load too (decompressed on first forward).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = check_model_dir(model_dir, max_bytes=max_bytes)
     extra: dict[str, Any] = {}
@@ -150,11 +166,16 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, A
     except (ValueError, OSError, KeyError) as exc:
         raise EngineError(f"cannot load the model: {exc}") from exc
     model.eval()
-    tokenizer = None
-    has_tokenizer = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    if has_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        except (ValueError, OSError) as exc:
-            raise EngineError(f"cannot load the tokenizer: {exc}") from exc
-    return model, tokenizer
+    return model, load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The directory's tokenizer (``None`` if it has none); no remote code."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, OSError) as exc:
+        raise EngineError(f"cannot load the tokenizer: {exc}") from exc

@@ -134,25 +134,7 @@ def quantize(
     """
     started = time.perf_counter()
     callbacks = callbacks or Callbacks()
-    if _is_quantized(model):
-        raise EngineError("model is already quantized; quantize a full-precision model")
-    targets = target_linears(model, config.ignore)
-    if not targets:
-        raise EngineError("no Linear layer left to quantize after 'ignore'")
-    w_args = weight_args(config)
-    _check_group_divisibility(targets, config.group_size)
-    if config.needs_calibration:
-        if calibration is None:
-            raise EngineError(f"{config.scheme}/{config.algorithm} needs calibration data")
-        if calibration.ndim != 2 or calibration.shape[0] == 0:
-            raise EngineError("calibration must be input_ids of shape [num_samples, seq_len]")
-
-    apply_quantization_config(model, build_quantization_config(config), show_progress=False)
-    # Until a module's qparams are set its scale parameters hold garbage: keep it in float.
-    for module in targets.values():
-        module.quantization_enabled = False
-
-    run = _Run(config, w_args, input_args(config), targets)
+    run = prepare_quantization(model, config, calibration)
     try:
         layers = decoder_layers(model)
     except EngineError:
@@ -165,50 +147,50 @@ def quantize(
         assert calibration is not None
         layerwise(model, calibration, run.process_layer, callbacks.scaled(0.0, 0.97), batch_size=CALIBRATION_BATCH)
     else:
-        for index, (prefix, _layer) in enumerate(in_layers.items()):
+        for index, prefix in enumerate(in_layers):
             callbacks.check()
-            for name in run.names_under(prefix):
-                run.quantize_module(name, None, None)
+            run.quantize_uncalibrated(prefix)
             callbacks.progress((index + 1) / max(len(in_layers), 1) * 0.97, f"layer {index + 1}/{len(in_layers)}")
 
     # Linears outside the decoder stack (e.g. lm_head when not ignored): RTN weights; static
     # activation scales from one forward of the (already quantized) model.
     callbacks.check()
-    outside = [name for name in targets if not any(name.startswith(p) for p in in_layers)]
+    outside = [name for name in run.targets if not any(name.startswith(p) for p in in_layers)]
     absmax: dict[str, torch.Tensor] = {}
     if outside and config.activations == "static":
         assert calibration is not None
-        absmax = _observe_absmax(model, {n: targets[n] for n in outside}, calibration)
+        absmax = _observe_absmax(model, {n: run.targets[n] for n in outside}, calibration)
     for name in outside:
-        run.quantize_module(name, None, absmax.get(name))
-        if config.algorithm != "rtn":
-            run.rtn_fallback.append(name)
+        run.quantize_outside(name, absmax.get(name))
     callbacks.progress(1.0, "quantized")
 
-    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    facts: dict[str, Any] = {
-        "scheme": config.scheme,
-        "algorithm": config.algorithm,
-        "bits": w_args.num_bits,
-        "weight_type": str(w_args.type),
-        "group_size": config.group_size,
-        "symmetric": config.symmetric,
-        "activations": config.activations
-        if config.scheme == "w8a8"
-        else ("dynamic" if config.scheme == "fp8" else None),
-        "smoothquant_alpha": config.smoothquant.alpha if config.smoothquant else None,
-        "act_order": config.act_order if config.algorithm == "gptq" else None,
-        "quantized_modules": len(targets),
-        "ignored_modules": [n for n in all_linears if n not in targets],
-        "output_errors": run.output_errors,
-        "mean_output_error": (sum(run.output_errors.values()) / len(run.output_errors)) if run.output_errors else None,
-        "weight_errors": run.weight_errors,
-        "rtn_fallback_modules": run.rtn_fallback,
-        "sparsity_preserved_modules": run.sparse_modules,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    facts = run.facts(model, seconds=time.perf_counter() - started)
     callbacks.metrics({"quantize_seconds": facts["seconds"], "mean_output_error": facts["mean_output_error"]})
     return StepOutcome(model=model, facts=facts)
+
+
+def prepare_quantization(model: nn.Module, config: QuantizeStep, calibration: torch.Tensor | None) -> _Run:
+    """Check ``model``/``config``/``calibration``, attach the compressed-tensors scheme to every targeted
+    Linear (switched off until its qparams are set) and return the per-call state.
+
+    Works on a model whose tensors live on the ``meta`` device too (the streaming engine).
+    """
+    if _is_quantized(model):
+        raise EngineError("model is already quantized; quantize a full-precision model")
+    targets = target_linears(model, config.ignore)
+    if not targets:
+        raise EngineError("no Linear layer left to quantize after 'ignore'")
+    _check_group_divisibility(targets, config.group_size)
+    if config.needs_calibration:
+        if calibration is None:
+            raise EngineError(f"{config.scheme}/{config.algorithm} needs calibration data")
+        if calibration.ndim != 2 or calibration.shape[0] == 0:
+            raise EngineError("calibration must be input_ids of shape [num_samples, seq_len]")
+    apply_quantization_config(model, build_quantization_config(config), show_progress=False)
+    # Until a module's qparams are set its scale parameters hold garbage: keep it in float.
+    for module in targets.values():
+        module.quantization_enabled = False
+    return _Run(config, weight_args(config), input_args(config), targets)
 
 
 class _Run:
@@ -232,6 +214,44 @@ class _Run:
 
     def names_under(self, prefix: str) -> list[str]:
         return [name for name in self.targets if name.startswith(prefix)]
+
+    def quantize_uncalibrated(self, prefix: str) -> None:
+        """RTN every targeted Linear under ``prefix`` (``model.layers.3.``); no data needed."""
+        for name in self.names_under(prefix):
+            self.quantize_module(name, None, None)
+
+    def quantize_outside(self, name: str, act_absmax: torch.Tensor | None) -> None:
+        """A Linear outside the decoder stack (e.g. lm_head): RTN, recorded as a fallback for calibrated algorithms."""
+        self.quantize_module(name, None, act_absmax)
+        if self.config.algorithm != "rtn":
+            self.rtn_fallback.append(name)
+
+    def facts(self, model: nn.Module, seconds: float) -> dict[str, Any]:
+        """What the report says about this quantization."""
+        config, w_args = self.config, self.w_args
+        all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        errors = self.output_errors
+        return {
+            "scheme": config.scheme,
+            "algorithm": config.algorithm,
+            "bits": w_args.num_bits,
+            "weight_type": str(w_args.type),
+            "group_size": config.group_size,
+            "symmetric": config.symmetric,
+            "activations": config.activations
+            if config.scheme == "w8a8"
+            else ("dynamic" if config.scheme == "fp8" else None),
+            "smoothquant_alpha": config.smoothquant.alpha if config.smoothquant else None,
+            "act_order": config.act_order if config.algorithm == "gptq" else None,
+            "quantized_modules": len(self.targets),
+            "ignored_modules": [n for n in all_linears if n not in self.targets],
+            "output_errors": errors,
+            "mean_output_error": (sum(errors.values()) / len(errors)) if errors else None,
+            "weight_errors": self.weight_errors,
+            "rtn_fallback_modules": self.rtn_fallback,
+            "sparsity_preserved_modules": self.sparse_modules,
+            "seconds": round(seconds, 3),
+        }
 
     # -------------------------------------------------------- one decoder layer (calibrated recipes)
 
@@ -290,6 +310,7 @@ class _Run:
             preserve = bool((weight == 0).float().mean() >= SPARSE_ZERO_FRACTION)
             if preserve:
                 self.sparse_modules.append(name)
+            gptq_loss: float | None = None
             if config.algorithm == "gptq" and hessian is not None:
                 result = gptq_quantize(
                     weight,
@@ -302,10 +323,14 @@ class _Run:
                     name=name,
                 )
                 quantized, scale, zero_point = result.weight, result.scale, result.zero_point
+                # GPTQ tracks tr(ΔHΔᵀ)/2 itself (exact against its damped H unless a mask bends the updates).
+                gptq_loss = None if preserve else result.loss
             else:
                 quantized, scale, zero_point = rtn(weight, self.w_args)
             if hessian is not None:
-                self.output_errors[name] = relative_output_error(weight, quantized, hessian)
+                self.output_errors[name] = relative_output_error(
+                    weight, quantized, hessian, error=2 * gptq_loss if gptq_loss is not None else None
+                )
             delta = (quantized.to(torch.float32) - weight.to(torch.float32)).pow(2).sum()
             self.weight_errors[name] = float(delta / weight.to(torch.float32).pow(2).sum().clamp(min=1e-30))
             weight.copy_(quantized)

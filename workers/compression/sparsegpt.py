@@ -120,7 +120,7 @@ def sparsegpt_prune(
             err = (col - q) / d
             loss += float(torch.sum(err**2))
             # OBS update of the not-yet-processed columns of this block.
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # rank-1 update in place
             err1[:, i] = err
         w[:, start:end] = q1
         # Lazy batched update of every column after the block.

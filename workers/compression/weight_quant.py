@@ -74,8 +74,15 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((delta @ hessian) * delta).sum())
 
 
-def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``‖(Q - W) X‖² / ‖W X‖²`` computed from the Hessian, so no activations are stored."""
+def relative_output_error(
+    weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, error: float | None = None
+) -> float:
+    """``‖(Q - W) X‖² / ‖W X‖²`` computed from the Hessian, so no activations are stored.
+
+    ``error``: the numerator ``tr(ΔHΔᵀ)`` when the caller already knows it (GPTQ does), saving a matmul.
+    """
     w = weight.to(torch.float32)
     denom = output_error(w, hessian)
-    return output_error(quantized.to(torch.float32) - w, hessian) / max(denom, 1e-30)
+    if error is None:
+        error = output_error(quantized.to(torch.float32) - w, hessian)
+    return error / max(denom, 1e-30)

@@ -1,0 +1,388 @@
+"""Low-memory quantization: a model that never sits whole in memory.
+
+``quantize_streaming(model_dir, step, out_dir, calibration=ids)`` builds the model's skeleton on the
+``meta`` device (shapes, no storage), then walks the decoder stack once. For each layer it reads
+that layer's tensors from the safetensors shards, calibrates and quantizes it with the very code
+the in-memory engine uses (:class:`workers.compression.quantize._Run`), pushes the calibration
+activations through the quantized layer, writes the layer's compressed tensors to the output
+shards and frees it. Peak memory is one float32 layer, its Hessians, the activations and one
+output shard buffer: independent of depth, so a model larger than RAM still completes.
+
+Perplexity before and after comes out of the same walk: the evaluation windows travel beside the
+calibration batches, once through each original layer and once through each quantized one, and
+the final norm + ``lm_head`` score both streams (the same per-window NLL as
+:func:`workers.compression.evaluate.perplexity`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from app.jobs.spec import QuantizeStep
+from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.export import check_model_dir, checkpoint_compressor, compressed_tensors_of
+from workers.compression.layerwise import LayerBatch, capture_layer_inputs, decoder_layers, run_layer
+from workers.compression.quantize import CALIBRATION_BATCH, prepare_quantization
+
+# Output shards are flushed when their buffered tensors pass this size (bounded extra memory).
+DEFAULT_SHARD_BYTES = 256 * 2**20
+# Side files copied from the input directory as they are (the tokenizer is copied, not re-saved).
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint (one file or an index of shards), read on demand.
+
+    Every :meth:`read` opens the shards it needs and closes them before returning, so no file stays
+    memory-mapped between layers and the process's resident set holds only what was asked for.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.location: dict[str, Path] = {}
+        self.elements = 0  # float32 bytes = 4 * elements: how the engines hold weights
+        for path in sorted(self.model_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self.location[key] = path
+                    self.elements += math.prod(handle.get_slice(key).get_shape())
+        if not self.location:
+            raise EngineError("no tensors in the model's *.safetensors files")
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors in float32 (missing names raise :class:`EngineError`)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            path = self.location.get(name)
+            if path is None:
+                raise EngineError(
+                    f"tensor {name!r} is not in the checkpoint; low-memory mode needs tensor names that match "
+                    "the model's modules (a standard transformers checkpoint)"
+                )
+            by_file.setdefault(path, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for key in keys:
+                    out[key] = handle.get_tensor(key).to(torch.float32)
+        return out
+
+
+def meta_model(model_dir: Path) -> nn.Module:
+    """The model's skeleton on the meta device (no weights read), in float32; no remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise EngineError(f"cannot read the model config: {exc}") from exc
+    if getattr(config, "quantization_config", None) is not None:
+        raise EngineError("model is already quantized; quantize a full-precision model")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+    # Non-persistent buffers (rotary inverse frequencies) are computed at init, not read from files:
+    # rebuild those modules on the CPU.
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                setattr(parent, child_name, type(child)(config=model.config))
+    model.eval()
+    return model
+
+
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, *, source_prefix: str | None = None) -> None:
+    """Give ``module``'s meta tensors real CPU storage and fill those the checkpoint holds.
+
+    ``prefix`` is the module's name in the model (``model.layers.3.``); ``source_prefix`` reads the
+    tensors under another name (a tied ``lm_head`` reads ``model.embed_tokens.``). Quantization
+    parameters the checkpoint does not have (``weight_scale``…) stay uninitialised for the engine.
+    """
+    module.to_empty(device="cpu")
+    local = [key for key, _ in module.named_parameters()] + [key for key, _ in module.named_buffers()]
+    wanted = {key: (source_prefix or prefix) + key for key in local}
+    present = {key: name for key, name in wanted.items() if name in reader.location}
+    missing = [name for key, name in wanted.items() if key not in present and not _is_qparam(key)]
+    if missing:
+        reader.read(missing[:1])  # raises the readable error
+    tensors = reader.read(present.values())
+    with torch.no_grad():
+        for key, name in present.items():
+            target = module.get_parameter(key) if _is_param(module, key) else module.get_buffer(key)
+            if tuple(target.shape) != tuple(tensors[name].shape):
+                raise EngineError(
+                    f"{name}: shape {list(tensors[name].shape)} in the checkpoint, model expects {list(target.shape)}"
+                )
+            target.copy_(tensors[name])
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s storage (back to meta) and hand freed heap pages back to the OS."""
+    module.to("meta")
+    _trim_heap()
+
+
+def _is_param(module: nn.Module, key: str) -> bool:
+    return any(key == name for name, _ in module.named_parameters())
+
+
+def _is_qparam(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf.startswith(
+        (
+            "weight_scale",
+            "weight_zero_point",
+            "weight_g_idx",
+            "input_scale",
+            "input_zero_point",
+            "output_scale",
+            "output_zero_point",
+        )
+    )
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the allocator tuning below is best effort
+        return None
+
+
+def _trim_heap() -> None:
+    # glibc keeps freed blocks in its arenas; malloc_trim returns them so the resident set tracks
+    # what is live.
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _map_large_blocks() -> None:
+    """Serve every block of 1 MiB or more by its own mmap, so freeing a layer unmaps it.
+
+    glibc's default threshold grows with the largest freed block (up to 32 MiB); layer-sized
+    tensors then come from the heap, whose top cannot shrink past later small allocations, so the
+    address space (and any RLIMIT_DATA or container limit that counts it) grows layer after layer.
+    A fixed threshold (``M_MMAP_THRESHOLD``) keeps the footprint at one layer. Process-wide.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+class ShardWriter:
+    """Writes tensors to ``model-0000i-of-0000n.safetensors`` shards as they come, plus the index."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            self.buffer[key] = tensor.detach().contiguous()
+            self.buffered += tensor.numel() * tensor.element_size()
+        if self.buffered >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.out_dir / f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.buffer)))
+        self.total += self.buffered
+        self.buffer, self.buffered = {}, 0
+
+    def finish(self) -> None:
+        """Name the shards the transformers way; an index when there are several."""
+        self.flush()
+        count = len(self.shards)
+        if count == 1:
+            self.shards[0][0].rename(self.out_dir / "model.safetensors")
+            return
+        weight_map = {}
+        for index, (path, keys) in enumerate(self.shards):
+            name = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index_doc = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
+
+
+@dataclass
+class StreamResult:
+    """What a streaming run measured beside the step's facts."""
+
+    perplexity_before: float | None
+    perplexity_after: float | None
+    peak_rss_bytes: int
+    model: nn.Module  # the meta skeleton with its quantization schemes (shapes for counting, no storage)
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _WindowNLL:
+    """Per-window NLL sums of one evaluation stream (float64, window order): a perplexity at the end."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.tokens = 0
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+        nll = -logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+        self.nll += float(nll.double().sum().item())
+        self.tokens += int(nll.numel())
+
+    def perplexity(self) -> float | None:
+        if not self.tokens:
+            return None
+        mean = self.nll / self.tokens
+        return math.exp(mean) if mean < 700 else math.inf
+
+
+def quantize_streaming(
+    model_dir: Path,
+    config: QuantizeStep,
+    out_dir: Path,
+    *,
+    calibration: torch.Tensor | None = None,
+    eval_ids: torch.Tensor | None = None,
+    callbacks: Callbacks | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> tuple[StepOutcome, StreamResult]:
+    """Quantize the checkpoint in ``model_dir`` into ``out_dir`` one decoder layer at a time.
+
+    Same algorithms, options and output format as :func:`workers.compression.quantize.quantize` +
+    :func:`workers.compression.export.save_model`; the tokenizer and generation config are copied.
+    ``eval_ids`` (``[n, seq_len]``) are scored before and after in the same walk.
+    """
+    started = time.perf_counter()
+    callbacks = callbacks or Callbacks()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_model_dir(model_dir)
+    _map_large_blocks()
+    reader = CheckpointReader(model_dir)
+    model = meta_model(model_dir)
+    run = prepare_quantization(model, config, calibration)
+    layers = decoder_layers(model)
+    inner: Any = model.model
+    lm_head: nn.Module = model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied and "lm_head" in run.targets:
+        raise EngineError("low-memory mode cannot quantize an lm_head tied to the embeddings; add 'lm_head' to ignore")
+    outside_layers = [n for n, _ in inner.named_children() if n not in ("layers", "embed_tokens", "norm", "rotary_emb")]
+    if outside_layers:
+        raise EngineError(f"low-memory mode supports Llama-style models; unexpected modules: {outside_layers}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    compressor = checkpoint_compressor(model)
+
+    # Embeddings: capture what the first layer receives, for calibration (batches of 8) and for
+    # evaluation (one window per batch, exactly as `perplexity` scores them).
+    callbacks.progress(0.0, "embedding calibration and evaluation text")
+    materialize(inner.embed_tokens, "model.embed_tokens.", reader)
+    calib = capture_layer_inputs(model, calibration, CALIBRATION_BATCH) if calibration is not None else []
+    eval_before = capture_layer_inputs(model, eval_ids, 1) if eval_ids is not None else []
+    eval_after = [LayerBatch(hidden=b.hidden.clone(), kwargs=b.kwargs) for b in eval_before]
+    writer.add({"model.embed_tokens." + k: v for k, v in inner.embed_tokens.state_dict().items()})
+    release(inner.embed_tokens)
+
+    total = len(layers)
+    for index, layer in enumerate(layers):
+        callbacks.check()
+        prefix = f"model.layers.{index}"
+        materialize(layer, prefix + ".", reader)
+        _advance(layer, eval_before)
+        if config.needs_calibration:
+            run.process_layer(index, prefix, layer, lambda layer=layer: run_layer(layer, calib))
+        else:
+            run.quantize_uncalibrated(prefix + ".")
+        _advance(layer, calib)
+        _advance(layer, eval_after)
+        writer.add(compressed_tensors_of(layer, prefix + "."))
+        release(layer)
+        callbacks.progress(0.02 + 0.95 * (index + 1) / total, f"layer {index + 1}/{total}")
+
+    # Final norm and lm_head: score both evaluation streams; quantize lm_head if it is a target.
+    callbacks.check()
+    materialize(inner.norm, "model.norm.", reader)
+    materialize(lm_head, "lm_head.", reader, source_prefix="model.embed_tokens." if tied else None)
+    with torch.no_grad():
+        before = _score(inner.norm, lm_head, eval_before, eval_ids)
+        if "lm_head" in run.targets:
+            absmax = None
+            if config.activations == "static":
+                absmax = torch.stack(
+                    [inner.norm(b.hidden).reshape(-1, b.hidden.shape[-1]).abs().amax(0) for b in calib]
+                ).amax(0)
+            run.quantize_outside("lm_head", absmax)
+        after = _score(inner.norm, lm_head, eval_after, eval_ids)
+    writer.add({"model.norm." + k: v for k, v in inner.norm.state_dict().items()})
+    if not tied:
+        writer.add(compressed_tensors_of(lm_head, "lm_head."))
+    release(inner.norm)
+    release(lm_head)
+    writer.finish()
+
+    model.config.save_pretrained(out_dir)
+    compressor.update_config(str(out_dir))
+    for name in SIDE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
+    callbacks.progress(1.0, "quantized")
+
+    facts = run.facts(model, seconds=time.perf_counter() - started)
+    peak = _peak_rss_bytes()
+    facts.update({"mode": "layer_streaming", "peak_rss_bytes": peak, "checkpoint_float32_bytes": 4 * reader.elements})
+    callbacks.metrics({"quantize_seconds": facts["seconds"], "mean_output_error": facts["mean_output_error"]})
+    return StepOutcome(model=model, facts=facts), StreamResult(before, after, peak, model)
+
+
+def _advance(layer: nn.Module, batches: list[LayerBatch]) -> None:
+    """Replace every batch's hidden states by ``layer``'s output on them."""
+    for batch, out in zip(batches, run_layer(layer, batches), strict=True):
+        batch.hidden = out
+
+
+def _score(
+    norm: nn.Module, lm_head: nn.Module, batches: list[LayerBatch], eval_ids: torch.Tensor | None
+) -> float | None:
+    """Perplexity of one evaluation stream from its last hidden states (one window per batch)."""
+    if eval_ids is None:
+        return None
+    nll = _WindowNLL()
+    for batch, window in zip(batches, eval_ids, strict=True):
+        nll.add(lm_head(norm(batch.hidden)), window.unsqueeze(0))
+    return nll.perplexity()
