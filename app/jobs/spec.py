@@ -86,7 +86,11 @@ class QuantizeStep(StrictModel):
     )
     smoothquant: SmoothQuantOptions | None = Field(default=None, description="w8a8 only: SmoothQuant pre-pass")
     dampening_frac: float = Field(default=0.01, gt=0.0, le=1.0, description="gptq: Hessian dampening")
-    act_order: bool = Field(default=False, description="gptq: quantize columns by descending activation")
+    act_order: bool = Field(
+        default=True,
+        description="gptq: quantize columns by descending activation, group scales fixed up front from the "
+        "original weight (static groups: no g_idx, no runtime cost; llm-compressor's default too)",
+    )
     block_size: int = Field(default=128, ge=1, le=4096, description="gptq: columns per lazy update block")
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],

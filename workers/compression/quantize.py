@@ -162,6 +162,7 @@ def quantize(
         absmax = _observe_absmax(model, {n: run.targets[n] for n in outside}, calibration)
     for name in outside:
         run.quantize_outside(name, absmax.get(name))
+    run.enable_all()
     callbacks.progress(1.0, "quantized")
 
     facts = run.facts(model, seconds=time.perf_counter() - started)
@@ -214,6 +215,11 @@ class _Run:
 
     def names_under(self, prefix: str) -> list[str]:
         return [name for name in self.targets if name.startswith(prefix)]
+
+    def enable_all(self) -> None:
+        """Switch on the quantized forward of every target (after the last layer)."""
+        for module in self.targets.values():
+            module.quantization_enabled = True
 
     def quantize_uncalibrated(self, prefix: str) -> None:
         """RTN every targeted Linear under ``prefix`` (``model.layers.3.``); no data needed."""
@@ -347,7 +353,10 @@ class _Run:
                 a_zp_param = getattr(module, "input_zero_point", None)
                 if a_zp_param is not None:
                     a_zp_param.data.copy_(a_zp.reshape(a_zp_param.shape))
-        module.quantization_enabled = True
+        # Weight-only: the weight already holds its grid values, so the fake-quantizing forward would
+        # give the very same outputs at the cost of re-quantizing it on every calibration batch;
+        # switch it on at the end (enable_all). Quantized activations must act on later layers now.
+        module.quantization_enabled = self.a_args is not None
 
 
 class _HessianCache:

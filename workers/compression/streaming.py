@@ -349,6 +349,7 @@ def quantize_streaming(
                 ).amax(0)
             run.quantize_outside("lm_head", absmax)
         after = _score(inner.norm, lm_head, eval_after, eval_ids)
+    run.enable_all()
     writer.add({"model.norm." + k: v for k, v in inner.norm.state_dict().items()})
     if not tied:
         writer.add(compressed_tensors_of(lm_head, "lm_head."))
