@@ -7,8 +7,10 @@ Counts the floating-point work the layer-by-layer GPTQ pass cannot avoid, per de
   Linear weights plus the two attention products (causal attention computed densely, as SDPA does
   on CPU). ModelPress runs 2 passes per layer (one observation with hooks, one propagation of the
   quantized layer's outputs); the floor counts the same 2.
-* Hessian accumulation: ``2 * T * d_in^2`` per *distinct* input (q/k/v share one, gate/up share one,
-  so 4 per layer: attn-in d, o-in d, mlp-in d, down-in f).
+* Hessian accumulation: ``2 * T * d_in^2 * b(b+1)/2 / b^2`` per *distinct* input (q/k/v share one,
+  gate/up share one, so 4 per layer: attn-in d, o-in d, mlp-in d, down-in f), where ``b`` is the
+  number of column blocks ModelPress splits ``XᵀX`` into to compute only the upper blocks of the
+  symmetric product (``workers.compression.hessian``: 4 for d >= 512).
 * GPTQ solve: ``(4/3) d_in^3`` per distinct Hessian (Cholesky + inverse + Cholesky of the inverse),
   plus ``2 * d_out * d_in^2 / 2 = d_out * d_in^2`` per module for the column-by-column error
   propagation (each column's error updates all later columns of all rows).
@@ -56,6 +58,12 @@ def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     return best
 
 
+def _upper_share(d: int) -> float:
+    """Share of ``XᵀX``'s block products computed when only the upper blocks are (see hessian.py)."""
+    count = 4 if d >= 512 else (2 if d >= 128 else 1)
+    return count * (count + 1) / 2 / count**2
+
+
 def gptq_flops(config: dict[str, Any], samples: int, seq_len: int, passes: int = FORWARD_PASSES) -> dict[str, float]:
     """FLOPs of layer-wise GPTQ over every Linear of every decoder layer, by phase."""
     d = config["hidden_size"]
@@ -69,7 +77,7 @@ def gptq_flops(config: dict[str, Any], samples: int, seq_len: int, passes: int =
     params_layer = sum(i * o for i, o in linears.values())
     distinct_inputs = [d, d, d, f]  # attn-in (q/k/v), o-in, mlp-in (gate/up), down-in
     forward = passes * (2 * params_layer * tokens + 4 * tokens * seq_len * d)
-    hessian = sum(2 * tokens * n**2 for n in distinct_inputs)
+    hessian = sum(2 * tokens * n**2 * _upper_share(n) for n in distinct_inputs)
     inverse = sum(4 / 3 * n**3 for n in distinct_inputs)
     propagate = sum(o * i**2 for i, o in linears.values())
     per_layer = {"forward": forward, "hessian": hessian, "inverse": inverse, "propagate": propagate}

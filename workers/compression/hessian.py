@@ -34,9 +34,14 @@ class InputStats:
         if self.diag_only:
             self.xtx.add_(x.square().sum(0))
         else:
-            # Symmetric rank-k update; addmm_ on the transposed view avoids a temporary of the product.
-            self.xtx.addmm_(x.T, x)
+            _accumulate_upper(self.xtx, x)
         self.tokens += x.shape[0]
+
+    def finish(self) -> None:
+        """Mirror the accumulated upper blocks into the lower triangle (once, after the last batch)."""
+        if not self.diag_only:
+            upper = torch.triu(self.xtx)
+            self.xtx.copy_(upper + torch.triu(upper, 1).T)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -50,6 +55,21 @@ class InputStats:
         """``‖X_j‖₂`` for every input channel j (Wanda's activation term)."""
         diagonal = self.xtx if self.diag_only else torch.diagonal(self.xtx)
         return torch.sqrt(torch.clamp(diagonal, min=0.0))
+
+
+def _accumulate_upper(xtx: torch.Tensor, x: torch.Tensor) -> None:
+    """``xtx += xᵀx`` on the diagonal and upper blocks only (a symmetric rank-k update: BLAS has
+    ``syrk``, torch does not). With 4 x 4 blocks that is 10 of 16 block products, ~35 % less work;
+    :meth:`InputStats.finish` mirrors the result."""
+    d = x.shape[1]
+    count = 4 if d >= 512 else (2 if d >= 128 else 1)
+    edges = [d * i // count for i in range(count + 1)]
+    for i in range(count):
+        a0, a1 = edges[i], edges[i + 1]
+        for j in range(i, count):
+            b0, b1 = edges[j], edges[j + 1]
+            # addmm_ on transposed views: no temporary for the product.
+            xtx[a0:a1, b0:b1].addmm_(x[:, a0:a1].T, x[:, b0:b1])
 
 
 def collect_input_stats(
@@ -104,4 +124,6 @@ def collect_input_stats(
     finally:
         for handle in handles:
             handle.remove()
+    for stats in {id(s): s for s in by_name.values()}.values():
+        stats.finish()
     return by_name
