@@ -64,6 +64,7 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     act_order: bool = False,
     preserve_zeros: bool = False,
+    clip_search: bool = True,
     name: str = "layer",
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (``2/n XᵀX``) with GPTQ.
@@ -72,6 +73,8 @@ def gptq_quantize(
     then fixed up front from the original weight ("static groups", compressed-tensors
     ``actorder='weight'``), so the checkpoint needs no ``g_idx``. ``preserve_zeros`` keeps every
     zero of ``weight`` at exactly zero (masking the error updates), so a pruned model keeps its mask.
+    ``clip_search`` picks the up-front scales (per channel, or static groups) by the activation-weighted
+    clipping search of :func:`weight_qparams` instead of plain min/max.
     """
     out_features, in_features = weight.shape
     w = weight.detach().to(torch.float32).clone()
@@ -90,7 +93,7 @@ def gptq_quantize(
     static_scale: torch.Tensor | None = None
     static_zp: torch.Tensor | None = None
     if group is None or act_order:
-        static_scale, static_zp = weight_qparams(w, args)
+        static_scale, static_zp = weight_qparams(w, args, importance=torch.diag(h) if clip_search else None)
         static_scale = static_scale.to(torch.float32)
         static_zp = static_zp.to(torch.float32)
 

@@ -254,13 +254,25 @@ def _peak_rss_bytes() -> int:
 class _WindowNLL:
     """Per-window NLL sums of one evaluation stream (float64, window order): a perplexity at the end."""
 
+    # Positions scored per lm_head call: a whole window's logits over a large vocabulary would be the
+    # biggest tensor of the run (512 x 49152 float32 = 100 MB, twice with the log-softmax).
+    CHUNK = 128
+
     def __init__(self) -> None:
         self.nll = 0.0
         self.tokens = 0
 
-    def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
-        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-        nll = -logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    def add(self, norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        """Score one window (batch 1) from its last hidden states, as ``evaluate.perplexity`` does."""
+        pieces = []
+        targets = ids[0, 1:]
+        positions = hidden.shape[1] - 1  # the last position predicts nothing inside the window
+        for start in range(0, positions, self.CHUNK):
+            stop = min(start + self.CHUNK, positions)
+            logits = lm_head(norm(hidden[:, start:stop]))[0]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            pieces.append(-logprobs.gather(-1, targets[start:stop].unsqueeze(-1)).squeeze(-1))
+        nll = torch.cat(pieces)
         self.nll += float(nll.double().sum().item())
         self.tokens += int(nll.numel())
 
@@ -317,6 +329,7 @@ def quantize_streaming(
     eval_before = capture_layer_inputs(model, eval_ids, 1) if eval_ids is not None else []
     eval_after = [LayerBatch(hidden=b.hidden.clone(), kwargs=b.kwargs) for b in eval_before]
     writer.add({"model.embed_tokens." + k: v for k, v in inner.embed_tokens.state_dict().items()})
+    writer.flush()  # the embedding is often the largest tensor: write it now rather than hold it
     release(inner.embed_tokens)
 
     total = len(layers)
@@ -337,6 +350,7 @@ def quantize_streaming(
 
     # Final norm and lm_head: score both evaluation streams; quantize lm_head if it is a target.
     callbacks.check()
+    writer.flush()
     materialize(inner.norm, "model.norm.", reader)
     materialize(lm_head, "lm_head.", reader, source_prefix="model.embed_tokens." if tied else None)
     with torch.no_grad():
@@ -385,5 +399,5 @@ def _score(
         return None
     nll = _WindowNLL()
     for batch, window in zip(batches, eval_ids, strict=True):
-        nll.add(lm_head(norm(batch.hidden)), window.unsqueeze(0))
+        nll.add(norm, lm_head, batch.hidden, window.unsqueeze(0))
     return nll.perplexity()

@@ -18,17 +18,52 @@ def group_size_of(args: QuantizationArgs) -> int | None:
     return args.group_size if args.strategy == QuantizationStrategy.GROUP else None
 
 
-def weight_qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max scale and zero-point of a ``[out, in]`` weight: ``[out, 1]`` per channel or ``[out, in/g]`` per group."""
+def weight_qparams(
+    weight: torch.Tensor, args: QuantizationArgs, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point of a ``[out, in]`` weight: ``[out, 1]`` per channel or ``[out, in/g]`` per group.
+
+    Min/max by default. With ``importance`` (``[in]``, e.g. ``diag(H)``) the range of every row/group
+    is shrunk by the factor in :data:`CLIP_GRID` that minimises ``Σ importance_j (w_j - q(w_j))²``: a
+    clipped range rounds the bulk of the weights more finely at the cost of a few outliers, and the
+    activation weighting keeps the columns that matter exact (integer schemes only).
+    """
     group = group_size_of(args)
     w = weight.detach().to(torch.float32)
+    rows = w.shape[0]
+    grouped = w.reshape(rows, -1, group) if group is not None else w.reshape(rows, 1, -1)
+    lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    if importance is not None and args.type == QuantizationType.INT:
+        lo, hi = _search_clip(grouped, lo, hi, importance.to(torch.float32).reshape(1, *grouped.shape[1:]), args)
     if group is None:
-        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-    else:
-        grouped = w.reshape(w.shape[0], -1, group)
-        lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+        lo, hi = lo.reshape(rows, 1), hi.reshape(rows, 1)
     scale, zero_point = calculate_qparams(lo, hi, args)
     return scale.to(weight.dtype), zero_point
+
+
+# Range shrink factors tried by the clip search (1.0 = plain min/max).
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
+
+
+def _search_clip(
+    grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, importance: torch.Tensor, args: QuantizationArgs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(lo, hi)`` shrunk by the grid factor with the least importance-weighted error."""
+    q_min, q_max = (float(v) for v in calculate_range(args, grouped.device))
+    best_err = torch.full(lo.shape, float("inf"), device=grouped.device)
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for factor in CLIP_GRID:
+        cand_lo, cand_hi = lo * factor, hi * factor
+        scale, zero_point = calculate_qparams(cand_lo, cand_hi, args)
+        scale = scale.to(torch.float32).unsqueeze(-1)
+        zp = zero_point.to(torch.float32).unsqueeze(-1)
+        q = (torch.clamp(torch.round(grouped / scale + zp), q_min, q_max) - zp) * scale
+        err = ((q - grouped).square() * importance).sum(dim=2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, cand_lo, best_lo)
+        best_hi = torch.where(better, cand_hi, best_hi)
+    return best_lo, best_hi
 
 
 def fake_quantize_weight(
