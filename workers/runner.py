@@ -306,7 +306,11 @@ class JobRunner:
         return f"checkpoints/{self.tenant_id}/{self.job_id}/step-{index}/"
 
     def _save_checkpoint(self, index: int, path: Path) -> None:
-        """Upload a checkpoint as a new version, then point ``latest.json`` at it (last), then drop older ones."""
+        """Upload a checkpoint as a new version, then point ``latest.json`` at it (last), then drop older ones.
+
+        ``latest.json`` also keeps the directory's name (the engine's ``step-NNNNNNNN``): the engine finds
+        checkpoints by that name, so a restore must recreate it.
+        """
         from app.ids import new_id
 
         prefix = self._checkpoint_prefix(index)
@@ -316,21 +320,26 @@ class JobRunner:
             rel = file.relative_to(path).as_posix()
             self.storage.put_file(f"{prefix}{version}/{rel}", file)
             files.append({"path": rel, "size": file.stat().st_size, "sha256": sha256_file(file)})
-        self.storage.put_bytes(prefix + "latest.json", json.dumps({"version": version, "files": files}).encode())
+        latest = {"version": version, "name": path.name, "files": files}
+        self.storage.put_bytes(prefix + "latest.json", json.dumps(latest).encode())
         for obj in self.storage.list(prefix):
             if not obj.key.startswith(f"{prefix}{version}/") and not obj.key.endswith("latest.json"):
                 self.storage.delete_prefix(obj.key)
 
     def _restore_checkpoint(self, index: int, dest: Path) -> Path:
-        """Download the latest complete checkpoint of a step (if any) into ``dest``."""
+        """Download the latest complete checkpoint of a step (if any) into ``dest/<its name>``; return ``dest``."""
         dest.mkdir(parents=True, exist_ok=True)
         prefix = self._checkpoint_prefix(index)
         try:
             latest = json.loads(self.storage.get_bytes(prefix + "latest.json"))
         except StorageError:
             return dest
+        name = Path(str(latest.get("name", ""))).name  # a bare directory name, never a path
+        if not name or name in {".", ".."}:
+            log.warning("job %s step %d: checkpoint without a name; starting from scratch", self.job_id, index)
+            return dest
         for record in latest["files"]:
-            target = dest / record["path"]
+            target = dest / name / record["path"]
             self.storage.get_file(f"{prefix}{latest['version']}/{record['path']}", target)
             if sha256_file(target) != record["sha256"]:
                 log.warning("checkpoint file %s corrupt; step %d starts from scratch", record["path"], index)

@@ -540,6 +540,8 @@ def _train(
         step, tokens, resumed_from = state["step"], state["tokens"], state["step"]
 
     is_main = rank == 0
+    if is_main and resumed_from is not None:
+        callbacks.progress(step / steps, f"resumed from checkpoint step {step}")
     if is_main:
         teacher_ppl = state.get("teacher_eval_perplexity") or perplexity(teacher, eval_blocks, eval_mask, config)
         ppl_before = state.get("eval_perplexity_before") or perplexity(student, eval_blocks, eval_mask, config)
@@ -595,13 +597,15 @@ def _train(
         if is_main:
             last = {"step": step, "tokens": tokens, "train_loss": mean[0], "ce_loss": mean[2], "lr": lr}
             last["kd_loss"] = mean[1] if config.kl_weight > 0 else None
+            if resumed_from is not None and step == resumed_from + 1:
+                last["resumed_from_step"] = resumed_from  # the first step event after a resume says so
             if hs:
                 last["hidden_loss"] = mean[3]
             if step % config.eval_every == 0 or step == steps:
                 eval_ppl = perplexity(student, eval_blocks, eval_mask, config)
                 last["eval_perplexity"] = eval_ppl
-            callbacks.metrics(dict(last))
             callbacks.progress(step / steps, f"step {step}/{steps} loss {mean[0]:.4f}")
+            callbacks.metrics(dict(last))  # after progress: the runner's event carries this step's message
         if checkpoint_dir is not None and step % config.checkpoint_every == 0 and step < steps:
             extra = {"teacher_eval_perplexity": teacher_ppl, "eval_perplexity_before": ppl_before} if is_main else {}
             path = _save_checkpoint(

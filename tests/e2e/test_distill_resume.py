@@ -1,0 +1,128 @@
+"""End to end: SIGKILL a worker in the middle of a distillation; the re-delivered job resumes from the
+checkpoint it had uploaded (not from step 0), succeeds on attempt 2, and the student reloads with transformers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.e2e.conftest import Stack
+from tests.e2e.test_stack import _download_artifacts, _model_files, _upload_dir
+from tests.tiny import sample_text, write_model_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+MAX_STEPS = 200
+CHECKPOINT_EVERY = 10
+
+
+def _all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    """Every event of the job, oldest first (the API pages them 500 at a time)."""
+    events: list[dict[str, Any]] = []
+    while True:
+        after = events[-1]["id"] if events else 0
+        page = client.get(f"/v1/jobs/{job_id}/events", params={"after": after, "limit": 500})
+        assert page.status_code == 200, page.text
+        events += page.json()["data"]
+        if not page.json()["has_more"]:
+            return events
+
+
+def _wait_for_checkpoint(stack: Stack, client: httpx.Client, job_id: str, timeout: float = 120) -> str:
+    """Poll storage until the job has uploaded a complete checkpoint (``latest.json`` is written last);
+    return the key of that ``latest.json``."""
+    from app.storage import get_storage
+
+    storage = get_storage()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [o.key for o in storage.list("checkpoints/") if job_id in o.key and o.key.endswith("latest.json")]
+        if found:
+            return found[0]
+        status = client.get(f"/v1/jobs/{job_id}").json()["status"]
+        assert status in {"queued", "running"}, f"job became {status} before any checkpoint was uploaded"
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of {job_id} in storage after {timeout} s")
+
+
+def _checkpoint_step(latest_key: str) -> int:
+    """The training step recorded in the checkpoint ``latest.json`` points at."""
+    from app.storage import get_storage
+
+    storage = get_storage()
+    latest = json.loads(storage.get_bytes(latest_key))
+    prefix = latest_key.removesuffix("latest.json")
+    state = json.loads(storage.get_bytes(f"{prefix}{latest['version']}/state.json"))
+    return int(state["step"])
+
+
+def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack, tmp_path: Path) -> None:
+    stack = production_stack
+    teacher_dir = write_model_dir(tmp_path / "teacher", num_hidden_layers=4)
+    worker = stack.start_worker()
+    with stack.client() as client:
+        model_upload = _upload_dir(client, _model_files(teacher_dir))
+        text_upload = _upload_dir(client, {"train.txt": sample_text(60).encode()})
+        spec = {
+            "model": {"upload_id": model_upload},
+            "training": {"upload_id": text_upload},
+            "steps": [
+                {
+                    "method": "distill",
+                    "student": {"from_teacher": {"layers": [0, 3]}},
+                    "max_steps": MAX_STEPS,
+                    "batch_size": 4,
+                    "seq_len": 64,
+                    "learning_rate": 1e-3,
+                    "ce_weight": 0.5,
+                    "checkpoint_every": CHECKPOINT_EVERY,
+                    "eval_every": 100,
+                }
+            ],
+        }
+        created = client.post("/v1/jobs", json=spec)
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+
+        latest_key = _wait_for_checkpoint(stack, client, job_id)
+        stack.kill_worker(worker)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # killed mid-training
+        resume_step = _checkpoint_step(latest_key)  # nobody writes checkpoints now: this is what attempt 2 finds
+        assert 0 < resume_step < MAX_STEPS and resume_step % CHECKPOINT_EVERY == 0
+
+        stack.start_worker()  # its reaper re-queues the job once the lease expires, then it runs it
+        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        events = _all_events(client, job_id)
+        _download_artifacts(client, job_id, tmp_path / "artifact")
+
+    types = [e["type"] for e in events]
+    assert "job.retrying" in types and types.count("job.started") == 2
+    second_start = [i for i, t in enumerate(types) if t == "job.started"][1]
+    step_events = [(i, e["data"]) for i, e in enumerate(events) if e["type"] == "job.progress" and "step" in e["data"]]
+    first_steps = [d["step"] for i, d in step_events if i < second_start]
+    second = [d for i, d in step_events if i > second_start]
+    # attempt 1 got past the checkpoint it uploaded; attempt 2 says it resumed there and trains only the rest
+    assert first_steps and max(first_steps) >= resume_step
+    assert second[0].get("resumed_from_step") == resume_step, second[0]
+    assert [d["step"] for d in second] == list(range(resume_step + 1, MAX_STEPS + 1))
+    assert all("resumed_from_step" not in d for d in second[1:])
+
+    report = json.loads((tmp_path / "artifact" / "report.json").read_text())
+    details = report["steps"][0]["details"]
+    assert details["resumed_from_step"] == resume_step and details["steps"] == MAX_STEPS
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "artifact" / "model")
+    assert student.config.num_hidden_layers == 2
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = student(ids).logits
+    assert logits.shape == (1, 16, 256) and torch.isfinite(logits).all()
