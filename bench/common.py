@@ -68,6 +68,38 @@ def load_model(model_dir: Path = MODEL_DIR) -> Any:
     return model
 
 
+# The issue's small timing case: a ~10M-parameter, 4-layer Llama (random weights; only wall time
+# means something there), SmolLM2's vocabulary so the same calibration ids apply.
+SMALL_DIR = CACHE / "llama-10m-4layer"
+SMALL_CONFIG = {
+    "vocab_size": 49152,
+    "hidden_size": 192,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+def model_dir_for(recipe: str) -> Path:
+    """The checkpoint a recipe runs on: ``*_10m`` recipes use the small Llama (created on first use)."""
+    if not recipe.endswith("_10m"):
+        return MODEL_DIR
+    if not (SMALL_DIR / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL_CONFIG))
+        tmp = SMALL_DIR.with_suffix(".tmp")
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer().save_pretrained(tmp)
+        tmp.rename(SMALL_DIR)
+    return SMALL_DIR
+
+
 def tokenize_stream(tokenizer: Any, texts: list[str]) -> Any:
     """Documents -> one 1-D id stream, documents separated by EOS.
 

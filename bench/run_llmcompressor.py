@@ -37,6 +37,7 @@ RECIPES: dict[str, tuple[str, bool, str]] = {
     "w8a16_rtn": ("quant", False, "int8 weights per channel, symmetric, RTN"),
     "w4a16_rtn_g64": ("quant", False, "int4 weights, groups of 64, symmetric, RTN"),
     "w4a16_gptq_g64": ("quant", True, "int4 weights, groups of 64, symmetric, GPTQ (damp 0.01, block 128)"),
+    "w4a16_gptq_g64_10m": ("quant", True, "w4a16_gptq_g64 on a 10M-parameter 4-layer Llama (time only)"),
     "w8a8_sq": ("quant", True, "int8 weights per channel + int8 dynamic per-token activations, SmoothQuant a=0.5"),
     "fp8_dynamic": ("quant", False, "fp8 e4m3 weights per channel + dynamic per-token activations"),
     "prune_magnitude_50": ("prune", False, "unstructured 50 % by |w| per layer"),
@@ -72,7 +73,7 @@ def build_recipe(name: str) -> list[Any]:
         return [QuantizationModifier(config_groups=_weight_only(8, None), ignore=ignore)]
     if name == "w4a16_rtn_g64":
         return [QuantizationModifier(config_groups=_weight_only(4, 64), ignore=ignore)]
-    if name == "w4a16_gptq_g64":
+    if name in ("w4a16_gptq_g64", "w4a16_gptq_g64_10m"):
         return [GPTQModifier(config_groups=_weight_only(4, 64), ignore=ignore, dampening_frac=0.01, block_size=128)]
     if name == "w8a8_sq":
         return [
@@ -119,7 +120,7 @@ def run_one(name: str) -> None:
 
     kind, needs_data, description = RECIPES[name]
     tokenizer = common.load_tokenizer()
-    model = common.load_model()
+    model = common.load_model(common.model_dir_for(name))
     stream = common.eval_ids(tokenizer)
     ids = common.calibration_ids(tokenizer)
     record: dict[str, Any] = {

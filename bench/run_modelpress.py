@@ -8,7 +8,7 @@ text, not evaluation). Results: ``bench/results/modelpress.jsonl``.
 
 Structured pruning (``struct_*``) is also scored on the reference model (parameters + perplexity),
 and ``speed`` measures CPU prefill/decode tokens/s at batch 1 before/after structured pruning on a
-random-weight ~110M-parameter Llama (``bench/results/speed.jsonl``).
+random-weight Llama of SmolLM2-135M's shape (``bench/results/speed.jsonl``).
 
 Usage: ``.venv/bin/python -m bench.run_modelpress [recipe ...]`` (default: all, then ``speed``).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,38 @@ RECIPES: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "w4a16_gptq_g64": (
         "quant",
         {"scheme": "w4a16", "group_size": 64, "algorithm": "gptq", "dampening_frac": 0.01, "block_size": 128},
-        "int4 weights, groups of 64, symmetric, GPTQ (damp 0.01, block 128)",
+        "int4 weights, groups of 64, symmetric, GPTQ (damp 0.01, block 128, act-order with static groups: "
+        "the default of both tools)",
+    ),
+    "w4a16_gptq_g64_10m": (
+        "quant",
+        {"scheme": "w4a16", "group_size": 64, "algorithm": "gptq", "dampening_frac": 0.01, "block_size": 128},
+        "w4a16_gptq_g64 on a 10M-parameter 4-layer Llama (random weights: time only)",
+    ),
+    "w4a16_gptq_g64_lazy": (
+        "quant",
+        {
+            "scheme": "w4a16",
+            "group_size": 64,
+            "algorithm": "gptq",
+            "dampening_frac": 0.01,
+            "block_size": 128,
+            "act_order": False,
+        },
+        "as w4a16_gptq_g64 without act-order: columns in order, group scales from the updated weights",
+    ),
+    "w4a16_gptq_g64_lowmem": (
+        "quant_stream",
+        {
+            "scheme": "w4a16",
+            "group_size": 64,
+            "algorithm": "gptq",
+            "dampening_frac": 0.01,
+            "block_size": 128,
+            "act_order": True,
+        },
+        "w4a16_gptq_g64 in low-memory mode: layers streamed from the shards, never the whole model "
+        "in memory; wall/RSS include writing the checkpoint, ppl is scored in the same pass",
     ),
     "w8a8_sq": (
         "quant",
@@ -63,7 +95,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "struct_heads25_mlp25": (
         "structured",
         {"algorithm": "structured", "targets": {"heads": 0.25, "mlp": 0.25}},
-        "drop 25 % of attention head groups and 25 % of MLP channels in every layer",
+        "drop 25 % of attention heads (nearest valid on SmolLM2: 1 of 3 GQA groups = 33 %) and 25 % of MLP "
+        "channels in every layer",
     ),
     "struct_layers33": (
         "structured",
@@ -72,13 +105,17 @@ RECIPES: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     ),
 }
 
-# The speed model: Llama family, ~110M parameters, big enough that matmuls dominate Python overhead.
+# The speed model: SmolLM2-135M's own shape (the reference model's config) with random weights, so
+# the speed rows and the perplexity rows describe the same architecture. fp32 decode at batch 1 reads
+# every Linear weight once per token (538 MB here), which is ~82 % of a decode step on this CPU;
+# the tied 49152 x 576 lm_head is 21 % of those bytes and is not pruned.
 SPEED_CONFIG: dict[str, Any] = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 16,  # head_dim 48; 12 of 16 heads keeps hidden % heads == 0 (Llama validates it)
-    "num_key_value_heads": 4,
-    "intermediate_size": 2048,
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "intermediate_size": 1536,
     "vocab_size": 49152,
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
@@ -91,7 +128,11 @@ SPEED_VARIANTS: dict[str, dict[str, float] | None] = {
 PREFILL_TOKENS = 512
 DECODE_PROMPT = 64
 DECODE_TOKENS = 64
-SPEED_RUNS = 3
+SPEED_RUNS = 7
+# One thread by default: on a 2-core machine that other work shares, a 2-thread decode step waits a
+# scheduler slice at every OpenMP barrier whenever a co-tenant holds a core (measured: 250 ms/token
+# at 2 threads vs 58 ms at 1), i.e. it times the neighbours, not the model.
+SPEED_THREADS = int(os.environ.get("BENCH_SPEED_THREADS", "1"))
 
 
 def _step(kind: str, spec: dict[str, Any]) -> Any:
@@ -106,23 +147,18 @@ def run_one(name: str) -> None:
     from workers.compression.base import Callbacks
     from workers.compression.data import calibration_blocks
 
-    kind, spec, description = RECIPES[name]
+    kind, spec, _description = RECIPES[name]
+    if kind == "quant_stream":
+        _run_streaming(name)
+        return
     tokenizer = common.load_tokenizer()
-    model = common.load_model()
+    model = common.load_model(common.model_dir_for(name))
     stream = common.eval_ids(tokenizer)
     ids = calibration_blocks(tokenizer, [common.CALIB_TXT], common.CALIB_SEQ_LEN, common.CALIB_SAMPLES)
     shared = common.calibration_ids(tokenizer)
     if common.ids_digest(ids) != common.ids_digest(shared):
         raise RuntimeError("workers.compression.data.calibration_blocks disagrees with bench.common.calibration_ids")
-    record: dict[str, Any] = {
-        "tool": "modelpress",
-        "recipe": name,
-        "kind": kind,
-        "description": description,
-        "calib_digest": common.ids_digest(ids),
-        "eval_digest": common.ids_digest(stream),
-        **common.environment(),
-    }
+    record = _record_head(name, ids, stream)
     params_before = common.count_params(model)
     if spec is not None:
         step = _step("quant" if kind == "quant" else "prune", spec)
@@ -153,6 +189,53 @@ def run_one(name: str) -> None:
     common.write_result(RESULT_FILE, record)
 
 
+def _record_head(name: str, ids: Any, stream: Any) -> dict[str, Any]:
+    """The fields every ModelPress result line starts with."""
+    kind, _spec, description = RECIPES[name]
+    return {
+        "tool": "modelpress",
+        "recipe": name,
+        "kind": kind,
+        "description": description,
+        "calib_digest": common.ids_digest(ids),
+        "eval_digest": common.ids_digest(stream),
+        **common.environment(),
+    }
+
+
+def _run_streaming(name: str) -> None:
+    """A low-memory recipe: the model is never loaded; the engine reads, quantizes and writes layer by layer."""
+    import tempfile
+
+    from workers.compression.data import calibration_blocks
+    from workers.compression.streaming import quantize_streaming
+
+    spec = RECIPES[name][1]
+    assert spec is not None
+    tokenizer = common.load_tokenizer()
+    stream = common.eval_ids(tokenizer)
+    ids = calibration_blocks(tokenizer, [common.CALIB_TXT], common.CALIB_SEQ_LEN, common.CALIB_SAMPLES)
+    n_windows = min(stream.numel(), common.EVAL_MAX_TOKENS) // common.EVAL_SEQ_LEN
+    windows = stream[: n_windows * common.EVAL_SEQ_LEN].view(n_windows, common.EVAL_SEQ_LEN)
+    step = _step("quant", spec)
+    with tempfile.TemporaryDirectory() as out, common.measure() as timing:
+        outcome, result = quantize_streaming(common.MODEL_DIR, step, Path(out), calibration=ids, eval_ids=windows)
+    record = _record_head(name, ids, stream) | {
+        "calib": f"{ids.shape[0]}x{ids.shape[1]}",
+        "wall_s": round(timing.wall_s, 2),
+        "cpu_s": round(timing.cpu_s, 2),
+        "rss_before_mib": round(timing.rss_before_mib, 1),
+        "peak_rss_mib": round(timing.peak_rss_mib, 1),
+        "model_float32_mib": round(outcome.facts["checkpoint_float32_bytes"] / 2**20, 1),
+        "facts": {k: v for k, v in outcome.facts.items() if _small(v)},
+        "ppl": result.perplexity_after,
+        "ppl_before": result.perplexity_before,
+        "eval_tokens": int(windows.numel()),
+        "eval_windows": n_windows,
+    }
+    common.write_result(RESULT_FILE, record)
+
+
 def _small(value: Any) -> bool:
     """Keep scalar/short facts in the JSON line (per-module error maps are long)."""
     if isinstance(value, dict):
@@ -171,42 +254,85 @@ def _speed_model(seed: int = 0) -> Any:
     return model.to(torch.float32).eval()
 
 
-def _tokens_per_second(model: Any) -> dict[str, float]:
-    """Median prefill and decode tokens/s at batch 1 (one warm-up discarded)."""
+def _weight_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decode token reads: every parameter once, except that an untied input
+    embedding contributes only the looked-up row (a tied one is read whole by lm_head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embed is not head:
+        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    return total
+
+
+def _prefill_flops(model: Any, tokens: int = PREFILL_TOKENS) -> int:
+    """Matmul FLOPs of one forward over ``tokens`` (all Linear layers incl. lm_head on every position,
+    plus causal QKᵀ and AV)."""
+    from torch import nn
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    cfg = model.config
+    attention = len(model.model.layers) * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * tokens * (tokens + 1) // 2
+    return 2 * tokens * linear + attention
+
+
+def _measure_once(model: Any, prompt: Any, short: Any) -> tuple[float, float, float, float]:
+    """One prefill and one decode of exactly ``DECODE_TOKENS`` greedy tokens (no EOS stop): wall and CPU s."""
     import torch
 
-    vocab = model.config.vocab_size
+    with torch.inference_mode():  # as a server runs it: no autograd bookkeeping
+        w0, c0 = time.perf_counter(), time.process_time()
+        model(input_ids=prompt, use_cache=False)
+        prefill = (time.perf_counter() - w0, time.process_time() - c0)
+        out = model(input_ids=short, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(DECODE_TOKENS):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        decode = (time.perf_counter() - w0, time.process_time() - c0)
+    return prefill[0], prefill[1], decode[0], decode[1]
+
+
+def _tokens_per_second(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Median prefill/decode tokens/s per model at batch 1, interleaved: every round measures every
+    model (in a rotating order) on the same prompts, so load changes hit all of them alike. Round 0
+    is a warm-up. Wall-clock and process-CPU rates are both kept (CPU time ignores preemption)."""
+    import torch
+
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, vocab, (1, PREFILL_TOKENS), generator=gen)
-    short = torch.randint(0, vocab, (1, DECODE_PROMPT), generator=gen)
-    prefill: list[float] = []
-    decode: list[float] = []
-    with torch.no_grad():
-        for run in range(SPEED_RUNS + 1):
-            t0 = time.perf_counter()
-            model(input_ids=prompt, use_cache=False)
-            t_prefill = time.perf_counter() - t0
-            out = model(input_ids=short, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t0 = time.perf_counter()
-            for _ in range(DECODE_TOKENS):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t_decode = time.perf_counter() - t0
-            if run:  # run 0 is the warm-up
-                prefill.append(PREFILL_TOKENS / t_prefill)
-                decode.append(DECODE_TOKENS / t_decode)
+    prompt = torch.randint(0, SPEED_CONFIG["vocab_size"], (1, PREFILL_TOKENS), generator=gen)
+    short = torch.randint(0, SPEED_CONFIG["vocab_size"], (1, DECODE_PROMPT), generator=gen)
+    names = list(models)
+    runs: dict[str, dict[str, list[float]]] = {
+        n: {"prefill": [], "prefill_cpu": [], "decode": [], "decode_cpu": []} for n in names
+    }
+    for round_ in range(SPEED_RUNS + 1):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            pw, pc, dw, dc = _measure_once(models[name], prompt, short)
+            if round_:
+                r = runs[name]
+                r["prefill"].append(PREFILL_TOKENS / pw)
+                r["prefill_cpu"].append(PREFILL_TOKENS / pc)
+                r["decode"].append(DECODE_TOKENS / dw)
+                r["decode_cpu"].append(DECODE_TOKENS / dc)
+        print(f"round {round_}/{SPEED_RUNS} done", flush=True)
     return {
-        "prefill_tok_s": round(statistics.median(prefill), 1),
-        "decode_tok_s": round(statistics.median(decode), 2),
-        "prefill_runs": [round(x, 1) for x in prefill],
-        "decode_runs": [round(x, 2) for x in decode],
+        name: {
+            "prefill_tok_s": round(statistics.median(r["prefill"]), 1),
+            "decode_tok_s": round(statistics.median(r["decode"]), 2),
+            "prefill_cpu_tok_s": round(statistics.median(r["prefill_cpu"]), 1),
+            "decode_cpu_tok_s": round(statistics.median(r["decode_cpu"]), 2),
+            "prefill_runs": [round(x, 1) for x in r["prefill"]],
+            "decode_runs": [round(x, 2) for x in r["decode"]],
+        }
+        for name, r in runs.items()
     }
 
 
 def run_speed() -> None:
-    """Prefill/decode tokens/s of the random ~110M Llama, dense and after each structured recipe."""
-    common.limit_threads()
+    """Prefill/decode tokens/s of a random SmolLM2-135M-shaped Llama, dense and after each structured
+    recipe, beside the ideal speed-up (weight bytes per decode token, FLOPs per prefill)."""
+    common.limit_threads(SPEED_THREADS)
     import torch
 
     from app.jobs.spec import PruneStep
@@ -215,31 +341,54 @@ def run_speed() -> None:
 
     base = _speed_model()
     calibration = torch.randint(0, SPEED_CONFIG["vocab_size"], (8, 128), generator=torch.Generator().manual_seed(2))
+    models: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
     for variant, targets in SPEED_VARIANTS.items():
         model = base if targets is None else copy.deepcopy(base)
         wall = None
         if targets is not None:
             t0 = time.perf_counter()
-            model = prune(model, PruneStep(algorithm="structured", targets=targets), calibration=calibration,
-                          callbacks=Callbacks()).model
+            step = PruneStep(algorithm="structured", targets=targets)
+            model = prune(model, step, calibration=calibration, callbacks=Callbacks()).model.eval()
             wall = round(time.perf_counter() - t0, 2)
         cfg = model.config
-        record = {
+        models[variant] = model
+        records[variant] = {
             "tool": "modelpress",
             "variant": variant,
+            "model": "SmolLM2-135M shape, random weights, float32",
             "targets": targets,
             "prune_wall_s": wall,
             "params": common.count_params(model),
-            "layers": cfg.num_hidden_layers if targets is None else len(model.model.layers),
+            "layers": len(model.model.layers),
             "heads": cfg.num_attention_heads,
             "kv_heads": cfg.num_key_value_heads,
             "intermediate": cfg.intermediate_size,
+            "weight_mb_per_token": round(_weight_bytes_per_token(model) / 1e6, 1),
+            "prefill_gflop": round(_prefill_flops(model) / 1e9, 1),
             "prefill_tokens": PREFILL_TOKENS,
+            "decode_prompt": DECODE_PROMPT,
             "decode_tokens": DECODE_TOKENS,
-            **_tokens_per_second(model),
-            **common.environment(),
+            "runs": SPEED_RUNS,
         }
+    speeds = _tokens_per_second(models)
+    dense = records["dense"] | speeds["dense"]
+    for variant, record in records.items():
+        record.update(speeds[variant])
+        record["decode_bound_x"] = round(dense["weight_mb_per_token"] / record["weight_mb_per_token"], 3)
+        record["prefill_bound_x"] = round(dense["prefill_gflop"] / record["prefill_gflop"], 3)
+        record["decode_x"] = round(record["decode_tok_s"] / dense["decode_tok_s"], 3)
+        record["decode_cpu_x"] = round(record["decode_cpu_tok_s"] / dense["decode_cpu_tok_s"], 3)
+        record["prefill_x"] = round(record["prefill_tok_s"] / dense["prefill_tok_s"], 3)
+        record.update(common.environment())
         common.write_result(SPEED_FILE, record)
+        print(
+            f"{variant:>14}: decode {record['decode_tok_s']:.2f} tok/s x{record['decode_x']:.3f} "
+            f"(CPU-time x{record['decode_cpu_x']:.3f}; bound x{record['decode_bound_x']:.3f}), "
+            f"prefill {record['prefill_tok_s']:.1f} tok/s x{record['prefill_x']:.3f} "
+            f"(bound x{record['prefill_bound_x']:.3f})",
+            flush=True,
+        )
 
 
 def main() -> None:

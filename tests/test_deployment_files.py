@@ -30,7 +30,7 @@ def test_dockerfile_api_image_has_no_torch() -> None:
     stages = {line.split()[-1]: i for i, line in enumerate(text.splitlines()) if line.startswith("FROM ")}
     assert {"base", "api", "worker"} <= set(stages)
     api_stage = text.split("FROM base AS api", 1)[1].split("FROM base AS worker", 1)[0]
-    assert 'pip install .\n' in api_stage and "[worker]" not in api_stage
+    assert "pip install .\n" in api_stage and "[worker]" not in api_stage
     assert 'pip install ".[worker]"' in text
 
 

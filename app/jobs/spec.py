@@ -134,7 +134,11 @@ class StructuredTargets(StrictModel):
 
     layers: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of decoder layers to drop")
     heads: float | None = Field(
-        default=None, gt=0.0, lt=1.0, description="fraction of attention heads to drop (whole GQA groups)"
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of attention heads to drop: whole GQA groups, or the same number of query heads "
+        "from every group, whichever is nearer",
     )
     mlp: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of MLP intermediate channels to drop")
 
