@@ -123,6 +123,7 @@ class JobRunner:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
             shutil.rmtree(work.parent, ignore_errors=True)
+            self._drop_checkpoints_if_ended()
 
     def _defer_if_waiting(self, session: Session) -> None:
         """A refused claim of a job still queued means its tenant runs as many jobs as its quota allows: ring
@@ -301,6 +302,17 @@ class JobRunner:
         self._progress(0.99, "uploading artifacts", force=True)
         manifest_key, files = self._upload_artifacts(out)
         return manifest_key, summary_from_report(report), files
+
+    def _drop_checkpoints_if_ended(self) -> None:
+        """Training checkpoints serve only a re-delivery of this job: delete them once the job is over
+        (whoever ended it), keep them while it may still run again (lost lease, re-queued)."""
+        try:
+            with session_scope() as session:
+                status = session.execute(select(Job.status).where(Job.id == self.job_id)).scalar_one()
+            if status in ("succeeded", "failed", "cancelled"):
+                self.storage.delete_prefix(f"checkpoints/{self.tenant_id}/{self.job_id}/")
+        except StorageError:
+            log.warning("job %s: could not delete its checkpoints", self.job_id, exc_info=True)
 
     def _checkpoint_prefix(self, index: int) -> str:
         return f"checkpoints/{self.tenant_id}/{self.job_id}/step-{index}/"

@@ -225,9 +225,12 @@ def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> Non
     assert events[-1] == "job.cancelled" and "job.cancelling" in events and "job.succeeded" not in events
 
 
-def test_structured_prune_then_distill_then_quantize(tenant: str, tmp_path: Path) -> None:
+def test_structured_prune_then_distill_then_quantize(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The issue's composition: prune(structured) → distill(student = pruned model) → quantize, one job."""
     from app.storage import get_storage
+    from workers.runner import JobRunner
 
     model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
     text = _upload(tenant, {"train.txt": sample_text(40).encode()})
@@ -250,6 +253,14 @@ def test_structured_prune_then_distill_then_quantize(tenant: str, tmp_path: Path
         ],
     }
     job_id = _submit(tenant, spec)
+    saved: list[int] = []
+    save = JobRunner._save_checkpoint
+
+    def spy(runner: JobRunner, index: int, path: Path) -> None:
+        saved.append(index)
+        save(runner, index, path)
+
+    monkeypatch.setattr(JobRunner, "_save_checkpoint", spy)
     _run(job_id)
     job = _job(job_id)
     assert job.status == "succeeded", job.error_message
@@ -258,5 +269,6 @@ def test_structured_prune_then_distill_then_quantize(tenant: str, tmp_path: Path
     distilled = report["steps"][1]["details"]
     assert distilled["steps"] == 4 and distilled["student_params"] < distilled["teacher_params"]
     assert report["result"]["parameters"] < report["baseline"]["parameters"]
-    # the distill step uploaded its checkpoints to storage as it went
-    assert get_storage().list(f"checkpoints/{tenant}/{job_id}/step-1/")
+    # the distill step uploaded its checkpoints to storage as it went, and they went with the job's end
+    assert saved and all(index == 1 for index in saved)
+    assert not get_storage().list(f"checkpoints/{tenant}/{job_id}/")
