@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,18 @@ def _run_step(
         eval_ids=stream[cut:] if stream.numel() - cut >= step.seq_len else None,
         pad_token_id=tokenizer.pad_token_id,
         checkpoint_dir=inputs.checkpoint_dirs.get(index),
-        on_checkpoint=(lambda path: inputs.on_checkpoint(index, path)) if inputs.on_checkpoint else None,
+        on_checkpoint=partial(inputs.on_checkpoint, index) if inputs.on_checkpoint is not None else None,
         world_size=max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1,
         callbacks=callbacks,
     )
+
+
+def _labelled_progress(callbacks: Callbacks, label: str, fraction: float, message: str) -> None:
+    callbacks.progress(fraction, f"{label}: {message}")
+
+
+def _step_metrics(callbacks: Callbacks, index: int, data: dict[str, Any]) -> None:
+    callbacks.metrics({"step": index, **data})
 
 
 def run_pipeline(
@@ -181,9 +190,9 @@ def run_pipeline(
         label = f"step {index + 1}/{len(recipe.steps)} ({step.method})"
         step_callbacks = callbacks.scaled(0.1 + index * span, 0.1 + (index + 1) * span)
         labelled = Callbacks(
-            progress=lambda f, m, cb=step_callbacks, label=label: cb.progress(f, f"{label}: {m}"),
+            progress=partial(_labelled_progress, step_callbacks, label),
             should_stop=callbacks.should_stop,
-            metrics=lambda data, index=index: callbacks.metrics({"step": index, **data}),
+            metrics=partial(_step_metrics, callbacks, index),
         )
         try:
             outcome = _run_step(index, step, model, tokenizer, texts, inputs, labelled)

@@ -29,7 +29,7 @@ from app.uploads.service import require_complete
 from app.webhooks import service as webhooks
 
 
-def _scoped(tenant_id: str) -> Select[tuple[Job]]:
+def _scoped(tenant_id: str) -> Select[Job]:
     return select(Job).where(Job.tenant_id == tenant_id)
 
 

@@ -88,12 +88,13 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not hasattr(model, "save_pretrained"):
         raise EngineError(f"cannot save {type(model).__name__}: not a transformers model")
+    hf_model: Any = model
     if is_quantized(model):
         state, compressor = compressed_state_dict(model)
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        hf_model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         compressor.update_config(str(out_dir))
     else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        hf_model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

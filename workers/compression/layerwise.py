@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -104,7 +105,7 @@ def layerwise(
         original_out: list[torch.Tensor] | None = None
         if not propagate:
             original_out = run_layer(layer, batches)
-        process(index, f"model.layers.{index}", layer, lambda layer=layer: run_layer(layer, batches))
+        process(index, f"model.layers.{index}", layer, partial(run_layer, layer, batches))
         outputs = run_layer(layer, batches) if original_out is None else original_out
         for batch, out in zip(batches, outputs, strict=True):
             batch.hidden = out

@@ -190,7 +190,7 @@ def prepare_quantization(model: nn.Module, config: QuantizeStep, calibration: to
     apply_quantization_config(model, build_quantization_config(config), show_progress=False)
     # Until a module's qparams are set its scale parameters hold garbage: keep it in float.
     for module in targets.values():
-        module.quantization_enabled = False
+        setattr(module, "quantization_enabled", False)  # noqa: B010 - compressed-tensors' runtime flag
     return _Run(config, weight_args(config), input_args(config), targets)
 
 
@@ -219,7 +219,7 @@ class _Run:
     def enable_all(self) -> None:
         """Switch on the quantized forward of every target (after the last layer)."""
         for module in self.targets.values():
-            module.quantization_enabled = True
+            setattr(module, "quantization_enabled", True)  # noqa: B010
 
     def quantize_uncalibrated(self, prefix: str) -> None:
         """RTN every targeted Linear under ``prefix`` (``model.layers.3.``); no data needed."""
@@ -340,7 +340,8 @@ class _Run:
             delta = (quantized.to(torch.float32) - weight.to(torch.float32)).pow(2).sum()
             self.weight_errors[name] = float(delta / weight.to(torch.float32).pow(2).sum().clamp(min=1e-30))
             weight.copy_(quantized)
-            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            weight_scale: torch.Tensor = getattr(module, "weight_scale")  # noqa: B009 - added by compressed-tensors
+            weight_scale.data.copy_(scale.reshape(weight_scale.shape))
             zp_param = getattr(module, "weight_zero_point", None)
             if zp_param is not None:
                 zp_param.data.copy_(zero_point.reshape(zp_param.shape))
@@ -349,14 +350,15 @@ class _Run:
                     raise EngineError(f"{name}: no calibration activations reached this layer for static scales")
                 peak = act_absmax.max().reshape(1).to(torch.float32)
                 a_scale, a_zp = calculate_qparams(-peak, peak, self.a_args)
-                module.input_scale.data.copy_(a_scale.reshape(module.input_scale.shape))
+                input_scale: torch.Tensor = getattr(module, "input_scale")  # noqa: B009
+                input_scale.data.copy_(a_scale.reshape(input_scale.shape))
                 a_zp_param = getattr(module, "input_zero_point", None)
                 if a_zp_param is not None:
                     a_zp_param.data.copy_(a_zp.reshape(a_zp_param.shape))
         # Weight-only: the weight already holds its grid values, so the fake-quantizing forward would
         # give the very same outputs at the cost of re-quantizing it on every calibration batch;
         # switch it on at the end (enable_all). Quantized activations must act on later layers now.
-        module.quantization_enabled = self.a_args is not None
+        setattr(module, "quantization_enabled", self.a_args is not None)  # noqa: B010
 
 
 class _HessianCache:
@@ -410,7 +412,7 @@ def _norm_mappings(layer: nn.Module) -> list[tuple[nn.Module, list[tuple[str, nn
 
 def _linear_mappings(layer: nn.Module) -> list[tuple[nn.Module, list[tuple[str, nn.Linear]]]]:
     """(producer Linear, consumer Linear) pairs AWQ may balance: v→o (only without GQA), up→down."""
-    mappings = []
+    mappings: list[tuple[nn.Module, list[tuple[str, nn.Linear]]]] = []
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
     if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and v.out_features == o.in_features:

@@ -31,6 +31,7 @@ def apply_input_scaling(previous: nn.Module, linears: list[nn.Linear], scales: t
     gate, which commutes with a per-channel scale).
     """
     weight = previous.weight
+    assert isinstance(weight, torch.Tensor)
     s = scales.to(weight.device)
     if weight.ndim == 1:
         weight.div_(s.to(weight.dtype))

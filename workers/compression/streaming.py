@@ -92,7 +92,7 @@ class CheckpointReader:
         return out
 
 
-def meta_model(model_dir: Path) -> nn.Module:
+def meta_model(model_dir: Path) -> Any:
     """The model's skeleton on the meta device (no weights read), in float32; no remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
