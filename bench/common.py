@@ -142,6 +142,14 @@ def ids_digest(ids: Any) -> str:
     return hashlib.sha256(ids.to("cpu").contiguous().numpy().tobytes()).hexdigest()[:12]
 
 
+def eval_windows(stream: Any, seq_len: int = EVAL_SEQ_LEN, max_tokens: int = EVAL_MAX_TOKENS) -> Any:
+    """The non-overlapping ``[n, seq_len]`` windows of the first ``max_tokens`` tokens that are scored."""
+    n_windows = min(stream.numel(), max_tokens) // seq_len
+    if n_windows == 0:
+        raise RuntimeError(f"evaluation text too short for one window of {seq_len}")
+    return stream[: n_windows * seq_len].view(n_windows, seq_len)
+
+
 def perplexity(
     model: Any,
     stream: Any,
@@ -158,10 +166,8 @@ def perplexity(
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    n_windows = min(stream.numel(), max_tokens) // seq_len
-    if n_windows == 0:
-        raise RuntimeError(f"evaluation text too short for one window of {seq_len}")
-    windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
+    windows = eval_windows(stream, seq_len, max_tokens)
+    n_windows = windows.shape[0]
     total_nll = 0.0
     total = 0
     start = time.perf_counter()

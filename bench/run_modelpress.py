@@ -215,8 +215,7 @@ def _run_streaming(name: str) -> None:
     tokenizer = common.load_tokenizer()
     stream = common.eval_ids(tokenizer)
     ids = calibration_blocks(tokenizer, [common.CALIB_TXT], common.CALIB_SEQ_LEN, common.CALIB_SAMPLES)
-    n_windows = min(stream.numel(), common.EVAL_MAX_TOKENS) // common.EVAL_SEQ_LEN
-    windows = stream[: n_windows * common.EVAL_SEQ_LEN].view(n_windows, common.EVAL_SEQ_LEN)
+    windows = common.eval_windows(stream)
     step = _step("quant", spec)
     with tempfile.TemporaryDirectory() as out, common.measure() as timing:
         outcome, result = quantize_streaming(common.MODEL_DIR, step, Path(out), calibration=ids, eval_ids=windows)
@@ -231,7 +230,7 @@ def _run_streaming(name: str) -> None:
         "ppl": result.perplexity_after,
         "ppl_before": result.perplexity_before,
         "eval_tokens": int(windows.numel()),
-        "eval_windows": n_windows,
+        "eval_windows": int(windows.shape[0]),
     }
     common.write_result(RESULT_FILE, record)
 

@@ -52,6 +52,14 @@ class _Texts:
     eval_ids: torch.Tensor | None
     eval_source: str
 
+    def evaluation_info(self) -> dict[str, Any]:
+        """What the perplexity was measured on (report.json ``evaluation``)."""
+        return {
+            "source": self.eval_source,
+            "seq_len": int(self.eval_ids.shape[1]) if self.eval_ids is not None else None,
+            "tokens": int(self.eval_ids.numel()) if self.eval_ids is not None else 0,
+        }
+
 
 def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _Texts:
     """Tokenise the job's texts; hold out a slice for perplexity when no evaluation text was given."""
@@ -233,11 +241,7 @@ def run_pipeline(
         result,
         step_records,
         duration_s=round(time.perf_counter() - started, 3),
-        evaluation_info={
-            "source": texts.eval_source,
-            "seq_len": int(texts.eval_ids.shape[1]) if texts.eval_ids is not None else None,
-            "tokens": int(texts.eval_ids.numel()) if texts.eval_ids is not None else 0,
-        },
+        evaluation_info=texts.evaluation_info(),
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")
@@ -346,11 +350,7 @@ def _run_low_memory(
             }
         ],
         duration_s=round(time.perf_counter() - started, 3),
-        evaluation_info={
-            "source": texts.eval_source,
-            "seq_len": int(texts.eval_ids.shape[1]) if texts.eval_ids is not None else None,
-            "tokens": int(texts.eval_ids.numel()) if texts.eval_ids is not None else 0,
-        },
+        evaluation_info=texts.evaluation_info(),
         notes=[LOW_MEMORY_NOTE],
     )
     write_report_files(report, out_dir)

@@ -86,13 +86,26 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of ``targets`` ``[n]`` under ``logits`` ``[n, vocab]``.
+
+    float32 log-softmax whatever the model dtype: bf16 logits would round the NLL visibly.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def perplexity_from(total_nll: float, tokens: int) -> float:
+    """``exp(mean NLL)``; ``inf`` where exp would overflow (past ~709)."""
+    mean = total_nll / tokens
+    return math.exp(mean) if mean < 700 else math.inf
+
+
 def _window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token NLLs over one window (float64) and how many tokens it predicted."""
     ids = window.unsqueeze(0).to(_device_of(model))
     logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-    # float32 log-softmax whatever the model dtype: bf16 logits would round the NLL visibly.
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    nll = token_nll(logits, ids[0, 1:])
     return float(nll.double().sum().item()), int(nll.numel())
 
 
@@ -118,8 +131,7 @@ def perplexity(
             total_nll += nll
             total_tokens += tokens
             callbacks.progress((index + 1) / eval_ids.shape[0], f"perplexity window {index + 1}/{eval_ids.shape[0]}")
-    mean = total_nll / total_tokens
-    return math.exp(mean) if mean < 700 else math.inf  # exp overflows past ~709
+    return perplexity_from(total_nll, total_tokens)
 
 
 @contextmanager

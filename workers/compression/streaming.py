@@ -33,6 +33,7 @@ from torch import nn
 
 from app.jobs.spec import QuantizeStep
 from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.evaluate import perplexity_from, token_nll
 from workers.compression.export import check_model_dir, checkpoint_compressor, compressed_tensors_of
 from workers.compression.layerwise import LayerBatch, capture_layer_inputs, decoder_layers, run_layer
 from workers.compression.quantize import CALIBRATION_BATCH, prepare_quantization
@@ -269,18 +270,13 @@ class _WindowNLL:
         positions = hidden.shape[1] - 1  # the last position predicts nothing inside the window
         for start in range(0, positions, self.CHUNK):
             stop = min(start + self.CHUNK, positions)
-            logits = lm_head(norm(hidden[:, start:stop]))[0]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            pieces.append(-logprobs.gather(-1, targets[start:stop].unsqueeze(-1)).squeeze(-1))
+            pieces.append(token_nll(lm_head(norm(hidden[:, start:stop]))[0], targets[start:stop]))
         nll = torch.cat(pieces)
         self.nll += float(nll.double().sum().item())
         self.tokens += int(nll.numel())
 
     def perplexity(self) -> float | None:
-        if not self.tokens:
-            return None
-        mean = self.nll / self.tokens
-        return math.exp(mean) if mean < 700 else math.inf
+        return perplexity_from(self.nll, self.tokens) if self.tokens else None
 
 
 def quantize_streaming(
