@@ -3,10 +3,11 @@
 Counts the floating-point work the layer-by-layer GPTQ pass cannot avoid, per decoder layer
 (T calibration tokens, n sequences of S tokens, hidden d, MLP width f, KV width d_kv):
 
-* calibration forwards: ``passes x (2 * P_layer * T + 4 * T * S * d)``: matmuls over the layer's
-  Linear weights plus the two attention products (causal attention computed densely, as SDPA does
-  on CPU). ModelPress runs 2 passes per layer (one observation with hooks, one propagation of the
-  quantized layer's outputs); the floor counts the same 2.
+* calibration forwards: one observation pass per layer that ends as soon as the last Linear
+  (``down_proj``) has seen its input (``2 * (P_layer - P_down) * T + 4 * T * S * d``: matmuls over
+  the layer's other Linear weights plus the two attention products, causal attention computed
+  densely as SDPA does on CPU), and one propagation pass of the quantized layer over everything
+  (``2 * P_layer * T + 4 * T * S * d``).
 * Hessian accumulation: ``2 * T * d_in^2 * b(b+1)/2 / b^2`` per *distinct* input (q/k/v share one,
   gate/up share one, so 4 per layer: attn-in d, o-in d, mlp-in d, down-in f), where ``b`` is the
   number of column blocks ModelPress splits ``XᵀX`` into to compute only the upper blocks of the
@@ -36,8 +37,6 @@ if __package__ in (None, ""):
 
 from bench import common
 
-FORWARD_PASSES = 2
-
 
 def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     """Sustained fp32 GFLOP/s of ``torch.mm(n x n, n x n)`` on this machine (best of 3 bursts)."""
@@ -64,7 +63,7 @@ def _upper_share(d: int) -> float:
     return count * (count + 1) / 2 / count**2
 
 
-def gptq_flops(config: dict[str, Any], samples: int, seq_len: int, passes: int = FORWARD_PASSES) -> dict[str, float]:
+def gptq_flops(config: dict[str, Any], samples: int, seq_len: int) -> dict[str, float]:
     """FLOPs of layer-wise GPTQ over every Linear of every decoder layer, by phase."""
     d = config["hidden_size"]
     f = config["intermediate_size"]
@@ -76,7 +75,10 @@ def gptq_flops(config: dict[str, Any], samples: int, seq_len: int, passes: int =
     linears = {"q": (d, d), "k": (d, d_kv), "v": (d, d_kv), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
     params_layer = sum(i * o for i, o in linears.values())
     distinct_inputs = [d, d, d, f]  # attn-in (q/k/v), o-in, mlp-in (gate/up), down-in
-    forward = passes * (2 * params_layer * tokens + 4 * tokens * seq_len * d)
+    attention = 4 * tokens * seq_len * d
+    observe = 2 * (params_layer - f * d) * tokens + attention
+    propagate_pass = 2 * params_layer * tokens + attention
+    forward = observe + propagate_pass
     hessian = sum(2 * tokens * n**2 * _upper_share(n) for n in distinct_inputs)
     inverse = sum(4 / 3 * n**3 for n in distinct_inputs)
     propagate = sum(o * i**2 for i, o in linears.values())
@@ -93,7 +95,7 @@ def main() -> None:
     record = {
         "recipe": "w4a16_gptq_g64",
         "calib": f"{common.CALIB_SAMPLES}x{common.CALIB_SEQ_LEN}",
-        "forward_passes": FORWARD_PASSES,
+        "forward_passes": "1 observation (stops before down_proj) + 1 propagation",
         "gflop": {k: round(v / 1e9, 2) for k, v in flops.items()},
         "matmul_gflops": round(rate, 1),
         "floor_s": round(flops["total"] / (rate * 1e9), 2),

@@ -205,7 +205,7 @@ def flop_table(floor: dict[str, Any] | None, by_tool: dict[str, dict[str, dict[s
     lines = [
         "| phase | GFLOP |",
         "|---|---|",
-        f"| calibration forwards ({floor['forward_passes']} passes per layer) | {g['forward']:.0f} |",
+        f"| calibration forwards ({floor['forward_passes']} per layer) | {g['forward']:.0f} |",
         f"| Hessian accumulation (4 distinct inputs per layer) | {g['hessian']:.0f} |",
         f"| Hessian inverse / Cholesky | {g['inverse']:.0f} |",
         f"| column-wise error propagation | {g['propagate']:.0f} |",

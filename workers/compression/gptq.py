@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 
-from workers.compression.base import EngineError
+from workers.compression.hessian import inverse_cholesky
 from workers.compression.weight_quant import ColumnQuantizer, group_size_of, weight_qparams
 
 
@@ -24,35 +24,15 @@ class GPTQResult:
     weight: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
-    loss: float = 0.0
-    """GPTQ's own error estimate ``Σ e²/2`` (``e`` = rounding error / Cholesky diagonal): the output
-    error ``tr(Δ H Δᵀ)/2`` against the damped Hessian, at no extra cost."""
+    row_loss: torch.Tensor
+    """GPTQ's own error estimate per output row, ``Σ e²/2`` (``e`` = rounding error / Cholesky diagonal):
+    the output error ``tr(Δ H Δᵀ)/2`` of that row against the damped Hessian, at no extra cost. Rows are
+    independent, so the rows of several Linears quantized together split it exactly."""
 
-
-def _inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of the damped ``H⁻¹``; retries with stronger dampening if not PD.
-
-    ``h`` is the caller's scratch copy and is damped in place. At most two other ``[in, in]``
-    matrices are alive at a time: on a wide MLP (in = 14336) each is 0.8 GB.
-    """
-    n = h.shape[0]
-    diag = torch.arange(n, device=h.device)
-    damp = dampening_frac * torch.mean(torch.diag(h))
-    added = torch.zeros((), device=h.device)
-    for _ in range(4):
-        h[diag, diag] += damp - added
-        added = damp
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            h_inv = torch.cholesky_inverse(chol)
-            del chol
-            upper, info = torch.linalg.cholesky_ex(h_inv, upper=True)
-            if int(info) == 0:
-                return upper
-        # Numerically singular (too few tokens for the width): dampen harder, as llm-compressor's
-        # users do by hand.
-        damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=h.device)
-    raise EngineError(f"{name}: Hessian is not positive definite even with strong dampening; add calibration data")
+    @property
+    def loss(self) -> float:
+        """The whole matrix's ``tr(Δ H Δᵀ)/2``."""
+        return float(self.row_loss.sum())
 
 
 def gptq_quantize(
@@ -77,7 +57,7 @@ def gptq_quantize(
     clipping search of :func:`weight_qparams` instead of plain min/max.
     """
     out_features, in_features = weight.shape
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32)  # not written in place: no copy needed
     h = hessian.to(device=w.device, dtype=torch.float32).clone()
     group = group_size_of(args)
     keep = (w != 0) if preserve_zeros else None
@@ -86,7 +66,7 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+        w = w.masked_fill(dead, 0.0)
 
     # Qparams known before the loop: per channel always (from the whole row, like RTN), and per
     # group under act_order (static groups).
@@ -105,7 +85,7 @@ def gptq_quantize(
         if keep is not None:
             keep = keep[:, perm]
 
-    h_inv = _inverse_cholesky(h, dampening_frac, name)
+    h_inv = inverse_cholesky(h, dampening_frac, name)
     del h
     quantize_column = ColumnQuantizer(args, w.device)
     # Work on Wᵀ: each input column of W is then a contiguous row, and the per-column rank-1 update
@@ -114,52 +94,55 @@ def gptq_quantize(
     wt = w.T.contiguous()
     del w
     keep_t = keep.T.contiguous() if keep is not None else None
-    qt = torch.zeros_like(wt)
+    qt = torch.empty_like(wt)
     n_groups = in_features // group if group else 1
     scale_out = torch.zeros(out_features, n_groups, dtype=torch.float32, device=wt.device)
     zp_out = torch.zeros(out_features, n_groups, dtype=torch.float32, device=wt.device)
-    static_scale_t = static_scale.T.contiguous() if static_scale is not None else None
-    static_zp_t = static_zp.T.contiguous() if static_zp is not None else None
+    # Per (permuted) input column, the row of qparams it is quantized with, when known up front.
+    column_scale = column_zp = None
+    if static_scale is not None and static_zp is not None:
+        if group is None:
+            column_scale = static_scale.T.expand(in_features, out_features)
+            column_zp = static_zp.T.expand(in_features, out_features)
+        else:
+            source = (perm if perm is not None else torch.arange(in_features, device=wt.device)) // group
+            column_scale = static_scale.T[source].contiguous()
+            column_zp = static_zp.T[source].contiguous()
     cur_scale = cur_zp = None
-    if group is None:
-        assert static_scale_t is not None and static_zp_t is not None
-        cur_scale, cur_zp = static_scale_t[0], static_zp_t[0]
-    loss = torch.zeros((), dtype=torch.float64, device=wt.device)
+    row_loss = torch.zeros(out_features, dtype=torch.float64, device=wt.device)
 
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         w1 = wt[i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        err1 = torch.empty_like(w1)
         h_inv1 = h_inv[i1:i2, i1:i2]
+        diagonal = torch.diagonal(h_inv1).tolist()
         keep1 = keep_t[i1:i2] if keep_t is not None else None
         for i in range(i2 - i1):
             col = i1 + i
-            if group is not None:
-                if act_order:
-                    assert perm is not None and static_scale_t is not None and static_zp_t is not None
-                    g = int(perm[col]) // group
-                    cur_scale, cur_zp = static_scale_t[g], static_zp_t[g]
-                elif col % group == 0:
-                    # Lazy group qparams from the *updated* weights (within-block updates live in w1).
-                    rows = w1[i : i + group]
-                    if rows.shape[0] < group:
-                        rows = torch.cat([rows, wt[i2 : i2 + group - rows.shape[0]]])
-                    s, z = weight_qparams(rows.T, args.model_copy(update={"strategy": "channel", "group_size": None}))
-                    cur_scale, cur_zp = s[:, 0].to(torch.float32), z[:, 0].to(torch.float32)
-                    scale_out[:, col // group], zp_out[:, col // group] = cur_scale, cur_zp
+            if column_scale is not None and column_zp is not None:
+                cur_scale, cur_zp = column_scale[col], column_zp[col]
+            elif group is not None and col % group == 0:
+                # Lazy group qparams from the *updated* weights (within-block updates live in w1).
+                rows = w1[i : i + group]
+                if rows.shape[0] < group:
+                    rows = torch.cat([rows, wt[i2 : i2 + group - rows.shape[0]]])
+                s, z = weight_qparams(rows.T, args.model_copy(update={"strategy": "channel", "group_size": None}))
+                cur_scale, cur_zp = s[:, 0].to(torch.float32), z[:, 0].to(torch.float32)
+                scale_out[:, col // group], zp_out[:, col // group] = cur_scale, cur_zp
             assert cur_scale is not None and cur_zp is not None
             column = w1[i]
-            d = h_inv1[i, i]
-            qc = quantize_column(column, cur_scale, cur_zp)
+            qc = quantize_column(column, cur_scale, cur_zp, out=qt[col])
             if keep1 is not None:
-                qc = qc * keep1[i]
-            qt[col] = qc
-            e = (column - qc) / d
-            w1[i:].addr_(h_inv1[i, i:], e, alpha=-1)  # rank-1 update of the rest of the block, in place
+                qc.mul_(keep1[i])
+            # e = (w - q) / d, with the division by d applied to the whole block afterwards: here it
+            # rides on the rank-1 update of the rest of the block (in place).
+            e = torch.sub(column, qc, out=err1[i])
+            w1[i:].addr_(h_inv1[i, i:], e, alpha=-1.0 / diagonal[i])
             if keep1 is not None:
                 w1[i:] *= keep1[i:]
-            err1[i] = e
-        loss += err1.double().square().sum()
+        err1.div_(torch.diagonal(h_inv1).unsqueeze(1))
+        row_loss += err1.square().sum(dim=0, dtype=torch.float64)
         # Lazy batch update of every later column: one matmul per block.
         wt[i2:].addmm_(h_inv[i1:i2, i2:].T, err1, alpha=-1)
         if keep_t is not None:
@@ -174,5 +157,5 @@ def gptq_quantize(
     scale_param = scale_out.to(weight.dtype)
     zp_param = zp_out.round().to(args.zp_dtype or torch.int8) if not args.symmetric else torch.zeros_like(zp_out)
     return GPTQResult(
-        weight=q.to(weight.dtype).contiguous(), scale=scale_param, zero_point=zp_param, loss=float(loss) / 2
+        weight=q.to(weight.dtype).contiguous(), scale=scale_param, zero_point=zp_param, row_loss=row_loss / 2
     )

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.compression.base import EngineError
+from workers.compression.layerwise import StopLayer
+
 
 @dataclass
 class InputStats:
@@ -38,10 +41,13 @@ class InputStats:
         self.tokens += x.shape[0]
 
     def finish(self) -> None:
-        """Mirror the accumulated upper blocks into the lower triangle (once, after the last batch)."""
+        """Mirror the accumulated upper blocks into the lower ones (once, after the last batch)."""
         if not self.diag_only:
-            upper = torch.triu(self.xtx)
-            self.xtx.copy_(upper + torch.triu(upper, 1).T)
+            edges = _block_edges(self.xtx.shape[0])
+            for i in range(len(edges) - 1):
+                for j in range(i + 1, len(edges) - 1):
+                    rows, cols = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
+                    self.xtx[cols, rows] = self.xtx[rows, cols].T
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -57,16 +63,20 @@ class InputStats:
         return torch.sqrt(torch.clamp(diagonal, min=0.0))
 
 
+def _block_edges(d: int) -> list[int]:
+    """Column blocks of ``XᵀX`` for :func:`_accumulate_upper`: 4 x 4 for d >= 512, fewer below."""
+    count = 4 if d >= 512 else (2 if d >= 128 else 1)
+    return [d * i // count for i in range(count + 1)]
+
+
 def _accumulate_upper(xtx: torch.Tensor, x: torch.Tensor) -> None:
     """``xtx += xᵀx`` on the diagonal and upper blocks only (a symmetric rank-k update: BLAS has
     ``syrk``, torch does not). With 4 x 4 blocks that is 10 of 16 block products, ~35 % less work;
     :meth:`InputStats.finish` mirrors the result."""
-    d = x.shape[1]
-    count = 4 if d >= 512 else (2 if d >= 128 else 1)
-    edges = [d * i // count for i in range(count + 1)]
-    for i in range(count):
+    edges = _block_edges(x.shape[1])
+    for i in range(len(edges) - 1):
         a0, a1 = edges[i], edges[i + 1]
-        for j in range(i, count):
+        for j in range(i, len(edges) - 1):
             b0, b1 = edges[j], edges[j + 1]
             # addmm_ on transposed views: no temporary for the product.
             xtx[a0:a1, b0:b1].addmm_(x[:, a0:a1].T, x[:, b0:b1])
@@ -77,23 +87,31 @@ def collect_input_stats(
     replay: Callable[[], Any],
     select: Callable[[str, nn.Linear], bool] = lambda _n, _m: True,
     diag_only: bool = False,
+    stop_early: bool = True,
 ) -> dict[str, InputStats]:
     """Run ``replay()`` once with hooks and return ``{linear name: stats}`` for the selected Linears.
 
     Names sharing an input map to the same :class:`InputStats` object (see ``stats.modules``).
-    ``diag_only`` keeps per-channel sums of squares instead of the full ``Xᵀ X``.
+    ``diag_only`` keeps per-channel sums of squares instead of the full ``Xᵀ X``. With
+    ``stop_early`` each call of the layer ends (:class:`StopLayer`) as soon as every selected Linear
+    has seen its input: the rest of the layer (e.g. the down projection's matmul when it is the
+    last one, the whole MLP when only ``o_proj`` is selected) is never computed. Pass ``False``
+    when other hooks must see the whole forward.
     """
     by_name: dict[str, InputStats] = {}
+    selected = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and select(n, m)}
     # Within one call of the layer, inputs are identified by storage pointer. The map holds a
     # reference to each tensor so its address cannot be reused by a later activation during the
     # call, and is cleared at every layer call.
     current: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, InputStats]] = {}
+    seen: set[str] = set()
 
     def reset(_m: nn.Module, _args: Any) -> None:
         current.clear()
+        seen.clear()
 
     def make_hook(name: str, in_features: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape))
             hit = current.get(key)
@@ -102,22 +120,27 @@ def collect_input_stats(
                 if name not in by_name:
                     by_name[name] = shared
                     shared.modules.append(name)
-                return
-            stats = by_name.get(name)
-            if stats is None:
-                shape = (in_features,) if diag_only else (in_features, in_features)
-                stats = InputStats(xtx=torch.zeros(shape, dtype=torch.float32, device=x.device), diag_only=diag_only)
-                stats.modules.append(name)
-                by_name[name] = stats
-            stats.add(x)
-            current[key] = (x, stats)
+            else:
+                stats = by_name.get(name)
+                if stats is None:
+                    shape = (in_features,) if diag_only else (in_features, in_features)
+                    stats = InputStats(
+                        xtx=torch.zeros(shape, dtype=torch.float32, device=x.device), diag_only=diag_only
+                    )
+                    stats.modules.append(name)
+                    by_name[name] = stats
+                stats.add(x)
+                current[key] = (x, stats)
+            seen.add(name)
+            if stop_early and seen == selected:
+                raise StopLayer
 
         return hook
 
     handles = [layer.register_forward_pre_hook(reset)]
     for name, module in layer.named_modules():
-        if isinstance(module, nn.Linear) and select(name, module):
-            handles.append(module.register_forward_hook(make_hook(name, module.in_features)))
+        if name in selected:
+            handles.append(module.register_forward_pre_hook(make_hook(name, module.in_features)))
     try:
         with torch.no_grad():
             replay()
@@ -127,3 +150,30 @@ def collect_input_stats(
     for stats in {id(s): s for s in by_name.values()}.values():
         stats.finish()
     return by_name
+
+
+def inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of the damped ``H⁻¹`` (``H⁻¹ = UᵀU``: what GPTQ's and SparseGPT's
+    column updates read); retries with ten times the dampening while ``H`` is numerically singular.
+
+    One factorisation and one triangular inverse: with ``J`` the reversal permutation and
+    ``JHJ = MMᵀ``, ``R = JMJ`` is upper triangular with ``H = RRᵀ``, so ``H⁻¹ = R⁻ᵀR⁻¹`` and
+    ``U = R⁻¹``; a third of the work of inverting ``H`` and factorising the inverse.
+    ``h`` is the caller's scratch copy and is damped in place.
+    """
+    n = h.shape[0]
+    diag = torch.arange(n, device=h.device)
+    damp = dampening_frac * torch.mean(torch.diag(h))
+    added = torch.zeros((), device=h.device)
+    for _ in range(5):
+        h[diag, diag] += damp - added
+        added = damp
+        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        if int(info) == 0:
+            upper = lower.flip(0, 1)
+            del lower
+            eye = torch.eye(n, dtype=h.dtype, device=h.device)
+            return torch.linalg.solve_triangular(upper, eye, upper=True)
+        # Too few tokens for the width: dampen harder, as llm-compressor's users do by hand.
+        damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=h.device)
+    raise EngineError(f"{name}: Hessian is not positive definite even with strong dampening; add calibration data")

@@ -66,12 +66,21 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     return batches
 
 
+class StopLayer(Exception):  # noqa: N818 - control flow
+    """Raised by an observing hook that has seen all it needs of this call of the layer: the rest of
+    the layer's forward is skipped and that batch gives no output."""
+
+
 def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[torch.Tensor]:
-    """Forward every batch through one decoder layer and return the output hidden states."""
+    """Forward every batch through one decoder layer and return the output hidden states (of the
+    batches whose forward no hook stopped)."""
     outputs = []
     with torch.no_grad():
         for batch in batches:
-            out = layer(batch.hidden, **batch.kwargs)
+            try:
+                out = layer(batch.hidden, **batch.kwargs)
+            except StopLayer:
+                continue
             outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 

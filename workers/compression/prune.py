@@ -125,6 +125,7 @@ def _prune_unstructured(
                         nm=nm,
                         block_size=config.block_size,
                         dampening_frac=config.dampening_frac,
+                        name=f"{prefix}.{name}",
                     )
                     with torch.no_grad():
                         module.weight.copy_(new.to(module.weight.dtype))

@@ -224,11 +224,11 @@ class _Run:
     def quantize_uncalibrated(self, prefix: str) -> None:
         """RTN every targeted Linear under ``prefix`` (``model.layers.3.``); no data needed."""
         for name in self.names_under(prefix):
-            self.quantize_module(name, None, None)
+            self.quantize_modules([name], None, {})
 
     def quantize_outside(self, name: str, act_absmax: torch.Tensor | None) -> None:
         """A Linear outside the decoder stack (e.g. lm_head): RTN, recorded as a fallback for calibrated algorithms."""
-        self.quantize_module(name, None, act_absmax)
+        self.quantize_modules([name], None, {name: act_absmax} if act_absmax is not None else {})
         if self.config.algorithm != "rtn":
             self.rtn_fallback.append(name)
 
@@ -271,7 +271,8 @@ class _Run:
         stats: dict[str, InputStats] = {}
         with _record_absmax(layer, absmax, enabled=need_absmax):
             if need_hessian:
-                stats = collect_input_stats(layer, replay, select=lambda n, _m: n in local)
+                # The absmax hooks need the whole forward; the Hessians alone do not.
+                stats = collect_input_stats(layer, replay, select=lambda n, _m: n in local, stop_early=not need_absmax)
             else:
                 with torch.no_grad():
                     replay()
@@ -302,63 +303,120 @@ class _Run:
                     apply_input_scaling(previous, [m for _, m in consumers], search.scales)
                     hessians.rescale([n for n, _ in consumers], search.scales)
 
+        absmax_of = {name: absmax[short] for short, name in local.items() if short in absmax}
+        for shorts in self._solve_groups(local, stats):
+            self.quantize_modules([local[n] for n in shorts], hessians.get(shorts[0]), absmax_of)
+
+    def _solve_groups(self, local: dict[str, str], stats: dict[str, InputStats]) -> list[list[str]]:
+        """The layer's Linears (short names) in groups quantized together: under GPTQ, those reading one
+        input (q/k/v, gate/up) whose masks are handled alike; otherwise one by one."""
+        if self.config.algorithm != "gptq":
+            return [[short] for short in local]
+        groups: dict[tuple[int, bool], list[str]] = {}
         for short, name in local.items():
-            self.quantize_module(name, hessians.get(short), absmax.get(short))
+            key = (id(stats.get(short)), _is_sparse(self.targets[name].weight))
+            groups.setdefault(key, []).append(short)
+        return list(groups.values())
 
-    # -------------------------------------------------------- one Linear
+    # -------------------------------------------------------- Linears
 
-    def quantize_module(self, name: str, hessian: torch.Tensor | None, act_absmax: torch.Tensor | None) -> None:
-        """Quantize one Linear's weight (GPTQ when a Hessian is given, else RTN) and switch it on."""
-        module = self.targets[name]
+    def quantize_modules(
+        self, names: list[str], hessian: torch.Tensor | None, act_absmax: dict[str, torch.Tensor]
+    ) -> None:
+        """Quantize the weights of Linears that read one input (GPTQ when a Hessian is given, else RTN)
+        and switch them on.
+
+        GPTQ treats every output row on its own given ``H``, so the stacked rows of q/k/v (or gate/up)
+        are solved at once: the same result as one solve per module, with one Cholesky factorisation
+        and one column loop instead of three.
+        """
         config = self.config
+        modules = [self.targets[name] for name in names]
         with torch.no_grad():
-            weight = module.weight.data
-            preserve = bool((weight == 0).float().mean() >= SPARSE_ZERO_FRACTION)
+            weights = [module.weight.data for module in modules]
+            preserve = _is_sparse(weights[0])
             if preserve:
-                self.sparse_modules.append(name)
-            gptq_loss: float | None = None
+                self.sparse_modules.extend(names)
+            stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+            row_loss: torch.Tensor | None = None
             if config.algorithm == "gptq" and hessian is not None:
                 result = gptq_quantize(
-                    weight,
+                    stacked,
                     hessian,
                     self.w_args,
                     block_size=config.block_size,
                     dampening_frac=config.dampening_frac,
                     act_order=config.act_order,
                     preserve_zeros=preserve,
-                    name=name,
+                    name=", ".join(names),
                 )
                 quantized, scale, zero_point = result.weight, result.scale, result.zero_point
                 # GPTQ tracks tr(ΔHΔᵀ)/2 itself (exact against its damped H unless a mask bends the updates).
-                gptq_loss = None if preserve else result.loss
+                row_loss = None if preserve else result.row_loss
             else:
-                quantized, scale, zero_point = rtn(weight, self.w_args)
-            if hessian is not None:
-                self.output_errors[name] = relative_output_error(
-                    weight, quantized, hessian, error=2 * gptq_loss if gptq_loss is not None else None
-                )
-            delta = (quantized.to(torch.float32) - weight.to(torch.float32)).pow(2).sum()
-            self.weight_errors[name] = float(delta / weight.to(torch.float32).pow(2).sum().clamp(min=1e-30))
-            weight.copy_(quantized)
-            weight_scale: torch.Tensor = getattr(module, "weight_scale")  # noqa: B009 - added by compressed-tensors
-            weight_scale.data.copy_(scale.reshape(weight_scale.shape))
-            zp_param = getattr(module, "weight_zero_point", None)
-            if zp_param is not None:
-                zp_param.data.copy_(zero_point.reshape(zp_param.shape))
-            if self.a_args is not None and not self.a_args.dynamic:
-                if act_absmax is None:
-                    raise EngineError(f"{name}: no calibration activations reached this layer for static scales")
-                peak = act_absmax.max().reshape(1).to(torch.float32)
-                a_scale, a_zp = calculate_qparams(-peak, peak, self.a_args)
-                input_scale: torch.Tensor = getattr(module, "input_scale")  # noqa: B009
-                input_scale.data.copy_(a_scale.reshape(input_scale.shape))
-                a_zp_param = getattr(module, "input_zero_point", None)
-                if a_zp_param is not None:
-                    a_zp_param.data.copy_(a_zp.reshape(a_zp_param.shape))
-        # Weight-only: the weight already holds its grid values, so the fake-quantizing forward would
-        # give the very same outputs at the cost of re-quantizing it on every calibration batch;
-        # switch it on at the end (enable_all). Quantized activations must act on later layers now.
-        setattr(module, "quantization_enabled", self.a_args is not None)  # noqa: B010
+                quantized, scale, zero_point = rtn(stacked, self.w_args)
+            rows = [weight.shape[0] for weight in weights]
+            parts = zip(
+                names,
+                modules,
+                weights,
+                quantized.split(rows),
+                scale.split(rows),
+                zero_point.split(rows),
+                row_loss.split(rows) if row_loss is not None else [None] * len(rows),
+                strict=True,
+            )
+            for name, module, weight, q, s, z, loss in parts:
+                self._record_errors(name, weight, q, hessian, loss)
+                weight.copy_(q)
+                _set_param(module, "weight_scale", s)
+                if getattr(module, "weight_zero_point", None) is not None:
+                    _set_param(module, "weight_zero_point", z)
+                if self.a_args is not None and not self.a_args.dynamic:
+                    self._set_static_input_scale(name, module, act_absmax.get(name))
+                # Weight-only: the weight already holds its grid values, so the fake-quantizing forward
+                # would give the very same outputs at the cost of re-quantizing it on every calibration
+                # batch; switch it on at the end (enable_all). Quantized activations must act on later
+                # layers now.
+                setattr(module, "quantization_enabled", self.a_args is not None)  # noqa: B010
+
+    def _record_errors(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        quantized: torch.Tensor,
+        hessian: torch.Tensor | None,
+        row_loss: torch.Tensor | None,
+    ) -> None:
+        """Relative output error (from ``H``) and relative weight error of one Linear, for the report."""
+        if hessian is not None:
+            error = 2 * float(row_loss.sum()) if row_loss is not None else None
+            self.output_errors[name] = relative_output_error(weight, quantized, hessian, error=error)
+        w = weight.to(torch.float32)
+        delta = (quantized.to(torch.float32) - w).pow(2).sum()
+        self.weight_errors[name] = float(delta / w.pow(2).sum().clamp(min=1e-30))
+
+    def _set_static_input_scale(self, name: str, module: nn.Linear, act_absmax: torch.Tensor | None) -> None:
+        """Static per-tensor activation qparams from the calibration maximum of the module's input."""
+        assert self.a_args is not None
+        if act_absmax is None:
+            raise EngineError(f"{name}: no calibration activations reached this layer for static scales")
+        peak = act_absmax.max().reshape(1).to(torch.float32)
+        a_scale, a_zp = calculate_qparams(-peak, peak, self.a_args)
+        _set_param(module, "input_scale", a_scale)
+        if getattr(module, "input_zero_point", None) is not None:
+            _set_param(module, "input_zero_point", a_zp)
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Copy ``value`` into a qparam that compressed-tensors attached to ``module`` (its shape and dtype)."""
+    param: torch.Tensor = getattr(module, name)
+    param.data.copy_(value.reshape(param.shape))
+
+
+def _is_sparse(weight: torch.Tensor) -> bool:
+    """Whether a weight looks pruned (its mask is then preserved)."""
+    return weight.numel() - int(torch.count_nonzero(weight)) >= SPARSE_ZERO_FRACTION * weight.numel()
 
 
 class _HessianCache:

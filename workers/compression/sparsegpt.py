@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from workers.compression.base import EngineError
+from workers.compression.hessian import inverse_cholesky
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -46,21 +47,6 @@ def matrix_prune_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-def _upper_cholesky_of_inverse(hessian: torch.Tensor, dampening_frac: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``; λ grows if H is too ill-conditioned for the first try."""
-    diag_mean = torch.mean(torch.diagonal(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    frac = dampening_frac
-    for _ in range(6):
-        try:
-            lower = torch.linalg.cholesky(hessian + frac * diag_mean * eye)
-            inverse = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inverse, upper=True)
-        except torch.linalg.LinAlgError:
-            frac *= 10  # more dampening: a worse but valid OBS step beats failing the job
-    raise EngineError("Hessian is not positive definite even with heavy dampening (degenerate calibration data?)")
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -69,6 +55,7 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
+    name: str = "layer",
 ) -> tuple[torch.Tensor, float]:
     """Prune ``weight`` to ``sparsity`` (or the N:M pattern ``nm``) with SparseGPT's OBS updates.
 
@@ -91,7 +78,7 @@ def sparsegpt_prune(
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hinv = _upper_cholesky_of_inverse(h, dampening_frac)
+    hinv = inverse_cholesky(h, dampening_frac, name)
     del h
 
     loss = torch.zeros((), dtype=torch.float64)

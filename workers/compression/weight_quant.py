@@ -52,13 +52,21 @@ def _search_clip(
     q_min, q_max = (float(v) for v in calculate_range(args, grouped.device))
     best_err = torch.full(lo.shape, float("inf"), device=grouped.device)
     best_lo, best_hi = lo.clone(), hi.clone()
+    buffer = torch.empty_like(grouped)
+    negated = grouped.neg()
     for factor in CLIP_GRID:
         cand_lo, cand_hi = lo * factor, hi * factor
         scale, zero_point = calculate_qparams(cand_lo, cand_hi, args)
         scale = scale.to(torch.float32).unsqueeze(-1)
-        zp = zero_point.to(torch.float32).unsqueeze(-1)
-        q = (torch.clamp(torch.round(grouped / scale + zp), q_min, q_max) - zp) * scale
-        err = ((q - grouped).square() * importance).sum(dim=2)
+        # Σ importance · (q(w) - w)², in one reused buffer.
+        q = torch.div(grouped, scale, out=buffer)
+        if args.symmetric:
+            q.round_().clamp_(q_min, q_max)
+        else:
+            zp = zero_point.to(torch.float32).unsqueeze(-1)
+            q.add_(zp).round_().clamp_(q_min, q_max).sub_(zp)
+        delta = torch.addcmul(negated, q, scale, out=buffer)
+        err = delta.square_().mul_(importance).sum(dim=2)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, cand_lo, best_lo)
@@ -96,12 +104,15 @@ class ColumnQuantizer:
         self.q_max = float(q_max)
         self.symmetric = bool(args.symmetric)
 
-    def __call__(self, column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize ``column`` ``[out]`` with ``scale``/``zero_point`` ``[out]`` (zp float)."""
+    def __call__(
+        self, column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Quantize-dequantize ``column`` ``[out]`` with ``scale``/``zero_point`` ``[out]`` (zp float),
+        into ``out`` when given (no temporaries)."""
+        q = torch.div(column, scale, out=out) if out is not None else column / scale
         if self.symmetric:
-            return torch.clamp(torch.round(column / scale), self.q_min, self.q_max) * scale
-        q = torch.clamp(torch.round(column / scale + zero_point), self.q_min, self.q_max)
-        return (q - zero_point) * scale
+            return q.round_().clamp_(self.q_min, self.q_max).mul_(scale)
+        return q.add_(zero_point).round_().clamp_(self.q_min, self.q_max).sub_(zero_point).mul_(scale)
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:

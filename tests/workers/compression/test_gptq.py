@@ -50,6 +50,30 @@ def test_gptq_error_below_rtn(args: QuantizationArgs, act_order: bool) -> None:
     torch.testing.assert_close(again, result.weight, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("args", ARGS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_stacked_rows_equals_one_solve_per_module(args: QuantizationArgs, act_order: bool) -> None:
+    """Linears sharing an input (q/k/v) are solved together; rows are independent given H, so each
+    module's slice of the stacked result is its own solve, and the per-row loss splits exactly."""
+    x = correlated_inputs()
+    hessian = 2 / x.shape[0] * x.T @ x
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(rows, 64, generator=gen) for rows in (48, 16, 16)]
+    stacked = gptq_quantize(torch.cat(weights), hessian, args, block_size=16, act_order=act_order)
+    alone = [gptq_quantize(w, hessian, args, block_size=16, act_order=act_order) for w in weights]
+    sizes = [w.shape[0] for w in weights]
+    for part, single in zip(stacked.weight.split(sizes), alone, strict=True):
+        torch.testing.assert_close(part, single.weight, rtol=0, atol=1e-5)
+    for part, single in zip(stacked.scale.split(sizes), alone, strict=True):
+        torch.testing.assert_close(part, single.scale, rtol=0, atol=0)
+    for loss, single in zip(stacked.row_loss.split(sizes), alone, strict=True):
+        assert float(loss.sum()) == pytest.approx(single.loss, rel=1e-4)
+    # The loss GPTQ tracks is the output error tr(ΔHΔᵀ)/2 against the damped Hessian.
+    delta = (alone[0].weight - weights[0]).double()
+    damped = hessian.double() + 0.01 * torch.diag(hessian).mean().double() * torch.eye(64, dtype=torch.float64)
+    assert alone[0].loss == pytest.approx(float(((delta @ damped) * delta).sum()) / 2, rel=1e-3)
+
+
 def test_gptq_preserves_zeros_and_handles_dead_inputs() -> None:
     gen = torch.Generator().manual_seed(5)
     # Nearly low-rank inputs: strongly correlated channels, so GPTQ's updates are large.

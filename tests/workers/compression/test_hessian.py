@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.tiny import tiny_model
-from workers.compression.hessian import collect_input_stats
+from workers.compression.hessian import InputStats, collect_input_stats
 from workers.compression.layerwise import capture_layer_inputs, decoder_layers, run_layer
 
 
@@ -26,3 +26,42 @@ def test_full_and_diagonal_statistics_agree_and_inputs_are_shared() -> None:
         torch.testing.assert_close(diag[name].channel_norms, stats.channel_norms, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="diag_only"):
         _ = diag["mlp.down_proj"].hessian
+
+
+@pytest.mark.parametrize("width", [64, 200, 600])
+def test_upper_block_accumulation_mirrors_to_the_full_gram_matrix(width: int) -> None:
+    """Only the upper blocks of XᵀX are accumulated (widths >= 128 are split into blocks); after
+    finish() the matrix is the full symmetric product of every batch added."""
+    gen = torch.Generator().manual_seed(width)
+    batches = [torch.randn(2, 37, width, generator=gen) for _ in range(3)]
+    stats = InputStats(xtx=torch.zeros(width, width))
+    for x in batches:
+        stats.add(x)
+    stats.finish()
+    flat = torch.cat([x.reshape(-1, width) for x in batches]).double()
+    torch.testing.assert_close(stats.xtx.double(), flat.T @ flat, rtol=1e-5, atol=1e-3)
+    assert stats.tokens == 3 * 2 * 37
+
+
+def test_stop_early_skips_the_rest_of_the_layer_with_the_same_statistics() -> None:
+    """Once every selected Linear has seen its input the layer call ends: selecting o_proj alone never
+    runs the MLP, selecting all never completes the down projection; the statistics do not change."""
+    model = tiny_model()
+    batches = capture_layer_inputs(model, torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1)), 2)
+    layer = decoder_layers(model)[0]
+    finished: list[str] = []
+    for name in ("mlp.up_proj", "mlp.down_proj"):
+        layer.get_submodule(name).register_forward_hook(lambda *_a, name=name: finished.append(name))
+
+    only_o = collect_input_stats(layer, lambda: run_layer(layer, batches), lambda n, _m: n == "self_attn.o_proj")
+    assert list(only_o) == ["self_attn.o_proj"] and finished == []
+
+    early = collect_input_stats(layer, lambda: run_layer(layer, batches))
+    assert finished == ["mlp.up_proj"] * len(batches)
+    finished.clear()
+    full = collect_input_stats(layer, lambda: run_layer(layer, batches), stop_early=False)
+    assert finished == ["mlp.up_proj", "mlp.down_proj"] * len(batches)
+    assert set(early) == set(full)
+    for name in full:
+        torch.testing.assert_close(early[name].xtx, full[name].xtx, rtol=0, atol=0)
+    torch.testing.assert_close(only_o["self_attn.o_proj"].xtx, full["self_attn.o_proj"].xtx, rtol=0, atol=0)
