@@ -126,6 +126,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
             key, clear = service.create_key(session, args.tenant, args.name, args.scopes.split(","))
             print(json.dumps({"id": key.id, "key": clear, "scopes": key.scopes}))
             print("store this key now: it is not shown again", file=sys.stderr)
+        elif args.admin_command == "rotate-encryption-key":
+            from app.webhooks.service import reencrypt_secrets
+
+            print(json.dumps({"reencrypted_endpoints": reencrypt_secrets(session)}))
         elif args.admin_command == "revoke-key":
             if not service.revoke_key(session, args.key_id):
                 print(f"no active key {args.key_id}", file=sys.stderr)
@@ -174,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("admin", help="tenants and API keys")
+    p = sub.add_parser("admin", help="tenants, API keys, encryption keys")
     admin = p.add_subparsers(dest="admin_command", required=True)
     a = admin.add_parser("create-tenant")
     a.add_argument("name")
@@ -184,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--scopes", default="jobs:read,jobs:write,webhooks:manage")
     a = admin.add_parser("revoke-key")
     a.add_argument("key_id")
+    admin.add_parser(
+        "rotate-encryption-key",
+        help="re-encrypt stored webhook secrets under the first of MODELPRESS_ENCRYPTION_KEYS",
+    )
     p.set_defaults(func=cmd_admin)
     return parser
 

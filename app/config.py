@@ -6,7 +6,10 @@ The defaults are the embedded mode: SQLite, a local artifact directory and a fil
 
 from __future__ import annotations
 
+import base64
+import os
 import secrets
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -44,6 +47,12 @@ class Settings(BaseSettings):
     signing_secret: str = Field(default="", description="HMAC secret for local signed URLs; default a file in data_dir")
     presign_ttl_s: int = Field(default=900, ge=10, le=7 * 24 * 3600)
 
+    # Encryption at rest of secrets the service reads back (webhook signing secrets) — shared too.
+    encryption_keys: str = Field(
+        default="",
+        description="comma-separated Fernet keys; the first encrypts, all decrypt; default a key file in data_dir",
+    )
+
     # Limits
     max_model_bytes: int = 50 * 1024**3
     max_upload_bytes: int = 100 * 1024**3
@@ -79,6 +88,9 @@ class Settings(BaseSettings):
     webhook_secret_overlap_s: int = Field(default=24 * 3600, ge=0, description="old secret still signs after rotation")
     webhook_progress_interval_s: float = Field(default=5.0, ge=0, description="at most one job.progress per job per …")
     webhook_relay_interval_s: float = Field(default=2.0, gt=0, description="period of the relay's beat task")
+    webhook_delivery_retention_days: float = Field(
+        default=30, gt=0, description="finished deliveries and their attempt log are deleted after this"
+    )
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"
@@ -96,14 +108,27 @@ class Settings(BaseSettings):
         return (self.work_dir or self.data_dir / "work").resolve()
 
     def resolved_signing_secret(self) -> str:
-        if self.signing_secret:
-            return self.signing_secret
-        # Embedded mode: one secret per data directory, shared by the API and worker processes.
-        path = self.data_dir / "signing.key"
+        return self.signing_secret or self._data_dir_key("signing.key", lambda: secrets.token_urlsafe(32))
+
+    def resolved_encryption_keys(self) -> list[str]:
+        keys = [key.strip() for key in self.encryption_keys.split(",") if key.strip()]
+        if keys:
+            return keys
+        # 32 random bytes, urlsafe base64: the Fernet key format.
+        return [self._data_dir_key("encryption.key", lambda: base64.urlsafe_b64encode(os.urandom(32)).decode())]
+
+    def _data_dir_key(self, name: str, make: Callable[[], str]) -> str:
+        """Embedded mode: one key file per data directory, shared by the API and worker processes."""
+        path = self.data_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(32))
-            path.chmod(0o600)
+            try:  # exclusive create, owner-only: two processes starting together agree on one key
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(make())
         return path.read_text().strip()
 
 

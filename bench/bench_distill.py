@@ -191,7 +191,9 @@ def render(all_results: dict[str, dict[str, Any]]) -> str:
         "and initialised from its weights (evenly spaced, or ranked by ShortGPT block influence on the first 8 "
         "training blocks, as a job with calibration text does). Within a run the three variants share steps, batch, "
         "data order, learning rate, warmup + cosine schedule (to 10 %), temperature and seed; only the loss weights "
-        "differ (CE only: kl 0 / ce 1; KD only: kl 1 / ce 0; KD + CE: kl 1 / ce 0.5). Eval text is never trained "
+        "differ (CE only: kl 0 / ce 1; KD only: kl 1 / ce 0; KD + CE: kl 1 / ce 0.5; with `--hidden-weight W` the two "
+        "KD variants also match hidden states, MSE x W, student layer i against the teacher's output just before the "
+        "next layer the student kept). Eval text is never trained "
         "on. Wall seconds include each variant's teacher / untrained / final evaluations. "
         "Raw numbers: `bench/results/distill.json`.",
         "",
@@ -249,6 +251,12 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, help="eval text windows of seq_len tokens")
     parser.add_argument("--cut", choices=["even", "shortgpt"], help="which half of the layers the student keeps")
     parser.add_argument(
+        "--hidden-weight",
+        type=float,
+        help="KD variants also match hidden states (MSE, this weight): student layer i's output against the "
+        "teacher's output just before the next layer the student kept",
+    )
+    parser.add_argument(
         "--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")), help="1 suits a shared machine"
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -272,7 +280,7 @@ def main() -> None:
     from bench.common import limit_threads
     from workers.compression.base import Callbacks
     from workers.compression.data import tokenize_stream
-    from workers.compression.distill import build_student, distill
+    from workers.compression.distill import build_student, distill, teacher_layers_kept
 
     limit_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(setup.model_dir)
@@ -287,6 +295,14 @@ def main() -> None:
     # ShortGPT ranks layers on the first training blocks (never the eval text), as a job with calibration does
     calibration = train_ids[: 8 * seq_len].view(8, seq_len) if cut == "shortgpt" else None
 
+    hidden = None
+    if args.hidden_weight:
+        kept = teacher_layers_kept(teacher, spec.from_teacher, calibration=calibration)  # type: ignore[arg-type]
+        assert kept is not None
+        # the student's layer i stands in for teacher layers kept[i] .. kept[i + 1] - 1
+        ends = [nxt - 1 for nxt in kept[1:]] + [len(teacher.model.layers) - 1]
+        hidden = {"layer_map": [[i, end] for i, end in enumerate(ends)], "weight": args.hidden_weight}
+
     results: list[dict[str, Any]] = []
     for name, (kl, ce) in VARIANTS.items():
         config = DistillStep(
@@ -298,6 +314,7 @@ def main() -> None:
             batch_size=batch_size,
             seq_len=seq_len,
             learning_rate=lr,
+            hidden_states=hidden if kl > 0 else None,
             warmup_steps=max(1, steps // 20),
             eval_every=10**6,
             checkpoint_every=10**6,
@@ -343,6 +360,7 @@ def main() -> None:
         "lr": lr,
         "temperature": args.temperature,
         "cut": cut,
+        "hidden_weight": args.hidden_weight,
         "eval_tokens": int(eval_ids.numel()),
         "kd_gain_vs_labels": gain,
     }

@@ -325,15 +325,16 @@ def render() -> str:
         speed_table(speed) if speed else "_not measured_",
         "",
         speed_verdict(speed)
-        + "Where decode time goes (torch.profiler and timing, dense, 1 thread, `torch.inference_mode`): 53 ms per "
-        "token, of which the Linear layers take 43.6 ms (82 %: 538 MB of weights at ~12 GB/s; lm_head alone "
-        "9.4 ms) and the rest (~9.5 ms: KV-cache `cat`, RMSNorm, RoPE, SDPA, Python dispatch of ~40 ops per layer) "
-        "hardly shrinks with narrower layers, so heads/MLP pruning lands under its ideal while dropping layers, "
-        "which removes that per-layer cost too, can beat the weight-bytes ratio (prefill can beat its FLOP ratio "
-        "when the smaller matmuls run more efficiently). The tied 49152 x 576 lm_head (21 % of the bytes) is not "
-        "pruned, so removing exactly 25 % of every decoder weight would give an ideal decode speed-up of "
-        "1/(1 - 0.25 x 0.79) = 1.246x on this shape; the 33 % head layout gives 1.272x, and with the fixed "
-        "18 % the expected decode speed-up is 1/(0.82/1.272 + 0.18) = 1.21x. "
+        + "Where decode time goes (torch.profiler and timing, dense, 1 thread, `torch.inference_mode`, measured "
+        "once on the AMD EPYC machine of 2026-11-29): 53 ms per token, of which the Linear layers took 43.6 ms "
+        "(82 %: 538 MB of weights at ~12 GB/s; lm_head alone 9.4 ms) and the rest (~9.5 ms: KV-cache `cat`, "
+        "RMSNorm, RoPE, SDPA, Python dispatch of ~40 ops per layer) hardly shrinks with narrower layers, so "
+        "heads/MLP pruning lands under its ideal while dropping layers, which removes that per-layer cost too, can "
+        "beat the weight-bytes ratio (prefill can beat its FLOP ratio when the smaller matmuls run more "
+        "efficiently). The tied 49152 x 576 lm_head (21 % of the bytes) is not pruned, so removing exactly 25 % of "
+        "every decoder weight would give an ideal decode speed-up of 1/(1 - 0.25 x 0.79) = 1.246x on this shape; "
+        "the 33 % head layout gives 1.272x, and with ~18 % of the step fixed the expected decode speed-up is "
+        "1/(0.82/1.272 + 0.18) = 1.21x. "
         "At 2 threads on this shared 2-core machine a decode step waited out a scheduler slice at each OpenMP "
         "barrier whenever another tenant held a core (250 ms/token instead of 58 ms); the earlier 2-thread runs "
         "on a hidden-768 model (ideal 1.20x) measured 1.06x mostly for that reason. `BENCH_SPEED_THREADS` "
@@ -345,23 +346,47 @@ def render() -> str:
         "",
         flop_table(floor, by_tool),
         "",
-        "An earlier note timed llm-compressor GPTQ W4A16 g64 (32 x 256 calibration) at 95 s on this CPU. This "
-        "harness reproduces it within the machine's noise only when the machine is quiet (re-run at 1-minute "
-        "load ~1.8: see the table; the first run at load ~5 took 563 s wall / 534 CPU s, same perplexity). "
+        "The issue timed llm-compressor GPTQ W4A16 g64 (32 x 256 calibration) at 95 s on this CPU; this harness "
+        "measured 48-118 s for it depending on the machine's load (563 s once at load ~5), with the same "
+        "perplexity every time. The matmul rate moves with the load as well (106-371 GFLOP/s measured on "
+        "2026-11-29), so compare a floor only with wall times measured beside it. "
         "Earlier lines stay in `bench/results/*.jsonl`; the table shows the latest per tool.",
         "",
     ]
     return "\n".join(parts)
 
 
+def benchmarks_page(quant_prune: str, distill: str | None) -> str:
+    """``docs/BENCHMARKS.md``: this report (headings one level down) followed by the distillation report."""
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in quant_prune.splitlines())
+    parts = [
+        "# ModelPress benchmarks",
+        "",
+        f"Measured on this project's development machine: {machine()}, no GPU, {dt.date.today().isoformat()}. "
+        "Other work shared the machine at times; every result line in `bench/results/*.jsonl` records the load "
+        "average. Reproduce with `make bench` (or `bash bench/run_all.sh`); the distillation section with "
+        "`python -m bench.bench_distill`. This page is assembled by `python -m bench.report`.",
+        "",
+        body.strip(),
+        "",
+    ]
+    if distill:
+        parts += [distill.strip(), ""]
+    return "\n".join(parts)
+
+
 def main() -> None:
-    """Write the markdown report."""
+    """Write the markdown report and the benchmarks page that includes it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "quant_prune.md")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(), encoding="utf-8")
-    print(f"wrote {args.out}")
+    text = render()
+    args.out.write_text(text, encoding="utf-8")
+    distill = ROOT / "docs" / "bench" / "distill.md"
+    args.page.write_text(benchmarks_page(text, distill.read_text() if distill.is_file() else None), encoding="utf-8")
+    print(f"wrote {args.out} and {args.page}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import app.webhooks.service  # noqa: F401 - registers the webhook outbox listene
 from app.broker import REAP_TASK, make_celery
 from app.config import get_settings
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
+from app.webhooks.service import PRUNE_DELIVERIES_TASK
 
 settings = get_settings()
 celery_app = make_celery(settings)
@@ -34,6 +35,11 @@ celery_app.conf.update(
             "task": WEBHOOK_RELAY_TASK,
             "schedule": settings.webhook_relay_interval_s,
             "options": {"queue": "cpu", "expires": max(settings.webhook_relay_interval_s * 5, 10.0)},
+        },
+        "prune-webhook-deliveries": {
+            "task": PRUNE_DELIVERIES_TASK,
+            "schedule": 3600.0,
+            "options": {"queue": "cpu", "expires": 600.0},
         },
     },
     imports=["workers.tasks"],

@@ -6,6 +6,7 @@ import logging
 
 from app.broker import REAP_TASK, RUN_JOB_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
+from app.webhooks.service import PRUNE_DELIVERIES_TASK
 from workers.celery_app import celery_app
 
 log = logging.getLogger("modelpress.worker")
@@ -34,3 +35,17 @@ def deliver_webhooks() -> dict[str, int]:
 
     stats = run_once(budget_s=30.0)
     return {"claimed": stats.claimed, "delivered": stats.delivered, "retrying": stats.retrying, "failed": stats.failed}
+
+
+@celery_app.task(name=PRUNE_DELIVERIES_TASK)
+def prune_webhook_deliveries() -> dict[str, int]:
+    """Delete finished webhook deliveries older than ``MODELPRESS_WEBHOOK_DELIVERY_RETENTION_DAYS``."""
+    from datetime import timedelta
+
+    from app.config import get_settings
+    from app.db import session_scope
+    from app.webhooks.service import prune_deliveries
+
+    with session_scope() as session:
+        days = get_settings().webhook_delivery_retention_days
+        return {"deleted": prune_deliveries(session, timedelta(days=days))}

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.crypto import EncryptedText
 from app.db import Base, utcnow
 from app.ids import new_id
 
@@ -15,8 +16,9 @@ from app.ids import new_id
 class WebhookEndpoint(Base):
     """A tenant's receiver URL. ``job_id`` set: the hidden endpoint of one job's one-off ``webhook_url``.
 
-    Secrets are kept in the clear because signing (HMAC) needs them; ``previous_secret`` still signs
-    until ``previous_secret_expires_at`` so receivers can roll over without dropping a message.
+    Signing (HMAC) needs the secrets themselves, so they are stored encrypted (:mod:`app.crypto`), not
+    hashed; ``previous_secret`` still signs until ``previous_secret_expires_at`` so receivers can roll
+    over without dropping a message.
     """
 
     __tablename__ = "webhook_endpoints"
@@ -31,8 +33,9 @@ class WebhookEndpoint(Base):
     events: Mapped[list[Any] | None]
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     disabled_reason: Mapped[str | None] = mapped_column(String(500))
-    secret: Mapped[str] = mapped_column(String(100))
-    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    # Deferred: decrypted only where a secret is used (signing, the create/rotate answers).
+    secret: Mapped[str] = mapped_column(EncryptedText(), deferred=True)
+    previous_secret: Mapped[str | None] = mapped_column(EncryptedText(), deferred=True)
     previous_secret_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

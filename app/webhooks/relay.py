@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import CursorResult, exists, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import aliased, undefer
 from standardwebhooks import Webhook
 
 from app.config import Settings, get_settings
@@ -167,6 +167,7 @@ class Relay:
             rows = session.execute(
                 select(WebhookDelivery, WebhookEndpoint)
                 .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+                .options(undefer(WebhookEndpoint.secret), undefer(WebhookEndpoint.previous_secret))
                 .where(
                     WebhookDelivery.status == "pending",
                     WebhookDelivery.next_attempt_at <= now,

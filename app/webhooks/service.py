@@ -13,11 +13,12 @@ import base64
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import CursorResult, Select, delete, func, or_, select, update
+from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm.attributes import flag_modified
 
 from app.config import Settings, get_settings
 from app.db import utcnow
@@ -139,6 +140,21 @@ def rotate_secret(
     endpoint.updated_at = now
     session.commit()
     return endpoint
+
+
+def reencrypt_secrets(session: Session) -> int:
+    """Re-encrypt every endpoint's secrets under the first of ``MODELPRESS_ENCRYPTION_KEYS`` (after a key
+    rotation, before the old key is dropped from the list); returns how many endpoints were rewritten."""
+    secrets_loaded = select(WebhookEndpoint).options(
+        undefer(WebhookEndpoint.secret), undefer(WebhookEndpoint.previous_secret)
+    )
+    endpoints = list(session.execute(secrets_loaded).scalars())
+    for endpoint in endpoints:
+        flag_modified(endpoint, "secret")  # decrypted with whichever key matched, written with the first
+        if endpoint.previous_secret is not None:
+            flag_modified(endpoint, "previous_secret")
+    session.commit()
+    return len(endpoints)
 
 
 def create_job_endpoint(session: Session, tenant_id: str, job_id: str, url: str) -> str:
@@ -320,3 +336,19 @@ def redeliver(session: Session, tenant_id: str, endpoint_id: str, delivery_id: s
     session.commit()
     session.refresh(delivery)
     return delivery
+
+
+PRUNE_DELIVERIES_TASK = "modelpress.prune_webhook_deliveries"
+
+
+def prune_deliveries(session: Session, older_than: timedelta, now: datetime | None = None) -> int:
+    """Delete finished deliveries (delivered or failed) created before ``now - older_than``, with their
+    attempt log; pending ones are never pruned. Returns how many deliveries went."""
+    cutoff = (now or utcnow()) - older_than
+    finished = select(WebhookDelivery.id).where(
+        WebhookDelivery.status.in_(("delivered", "failed")), WebhookDelivery.created_at < cutoff
+    )
+    session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(finished)))
+    result = session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(finished)))
+    session.commit()
+    return int(result.rowcount) if isinstance(result, CursorResult) else 0

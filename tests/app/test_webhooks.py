@@ -570,3 +570,109 @@ def test_relay_on_sqlite(embedded_stack: dict[str, str], monkeypatch: pytest.Mon
     finally:
         server.stop()
         get_settings.cache_clear()
+
+
+def _stored_secrets(endpoint_id: str) -> tuple[str, str | None]:
+    from sqlalchemy import text
+
+    from app.db import get_engine
+
+    with get_engine().connect() as conn:
+        row = conn.execute(
+            text("SELECT secret, previous_secret FROM webhook_endpoints WHERE id = :id"), {"id": endpoint_id}
+        ).one()
+    return row[0], row[1]
+
+
+def test_secrets_are_encrypted_at_rest_and_survive_a_key_rotation(
+    client: TestClient, receiver: Receiver, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.fernet import Fernet
+
+    from app.cli import main as cli
+    from app.config import get_settings
+    from app.crypto import SecretDecryptionError
+
+    endpoint = create_endpoint(client, alice, receiver.url, events=["job.queued"])
+    rotated = client.post(f"/v1/webhooks/{endpoint['id']}/rotate-secret", headers=alice.headers).json()
+    stored, stored_previous = _stored_secrets(endpoint["id"])
+    # The database holds Fernet tokens under the data directory's key, never the secrets.
+    assert "whsec_" not in stored and stored_previous is not None and "whsec_" not in stored_previous
+    old_key = get_settings().resolved_encryption_keys()[0]
+    assert Fernet(old_key.encode()).decrypt(stored.encode()).decode() == rotated["secret"]
+    assert Fernet(old_key.encode()).decrypt(stored_previous.encode()).decode() == endpoint["secret"]
+
+    # Rotate the key: new first, old still listed; re-encrypt; then drop the old key.
+    new_key = Fernet.generate_key().decode()
+    monkeypatch.setenv("MODELPRESS_ENCRYPTION_KEYS", f"{new_key},{old_key}")
+    get_settings.cache_clear()
+    assert cli(["admin", "rotate-encryption-key"]) == 0
+    monkeypatch.setenv("MODELPRESS_ENCRYPTION_KEYS", new_key)
+    get_settings.cache_clear()
+    restored, _ = _stored_secrets(endpoint["id"])
+    assert Fernet(new_key.encode()).decrypt(restored.encode()).decode() == rotated["secret"]
+    submit(client, alice, new_upload(client, alice))
+    relay_once()
+    verify(receiver.requests[-1], rotated["secret"])
+    verify(receiver.requests[-1], endpoint["secret"])  # the overlap secret survived too
+
+    # A key that never encrypted them: a clear error, not a garbage signature.
+    monkeypatch.setenv("MODELPRESS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+    get_settings.cache_clear()
+    submit(client, alice, new_upload(client, alice))
+    with pytest.raises(SecretDecryptionError, match="MODELPRESS_ENCRYPTION_KEYS"):
+        relay_once()
+
+
+def test_the_encryption_migration_round_trips_existing_secrets(
+    client: TestClient, receiver: Receiver, alice: Caller
+) -> None:
+    """Downgrading decrypts the stored secrets back to the clear; upgrading encrypts them again."""
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+
+    import app
+
+    endpoint = create_endpoint(client, alice, receiver.url)
+    config = Config(str(Path(app.__file__).resolve().parent.parent / "alembic.ini"))
+    command.downgrade(config, "08c8e55424ba")
+    try:
+        assert _stored_secrets(endpoint["id"])[0] == endpoint["secret"]
+    finally:
+        command.upgrade(config, "head")
+    stored, _ = _stored_secrets(endpoint["id"])
+    assert stored != endpoint["secret"] and "whsec_" not in stored
+    fetched = client.get(f"/v1/webhooks/{endpoint['id']}", headers=alice.headers)
+    assert fetched.status_code == 200
+
+
+def test_finished_deliveries_past_retention_are_pruned_pending_ones_kept(
+    client: TestClient, receiver: Receiver, alice: Caller
+) -> None:
+    from app.db import session_scope, utcnow
+    from app.webhooks.models import WebhookAttempt, WebhookDelivery
+    from workers.tasks import prune_webhook_deliveries
+
+    create_endpoint(client, alice, receiver.url, events=["job.queued"])
+    upload = new_upload(client, alice)
+    submit(client, alice, upload)
+    submit(client, alice, upload)
+    relay_once()
+    receiver.plan = [(500, {})]
+    submit(client, alice, upload)
+    relay_once()
+    with session_scope() as session:
+        rows = list(session.execute(select(WebhookDelivery).order_by(WebhookDelivery.seq)).scalars())
+        assert [row.status for row in rows] == ["delivered", "delivered", "pending"]
+        ids = [row.id for row in rows]
+        old = utcnow() - timedelta(days=31)  # the default retention is 30 days
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id.in_([ids[0], ids[2]])).values(created_at=old))
+
+    assert prune_webhook_deliveries() == {"deleted": 1}
+    with session_scope() as session:
+        left = list(session.execute(select(WebhookDelivery.id).order_by(WebhookDelivery.seq)).scalars())
+        assert left == ids[1:]  # the old pending one waits for its retry
+        orphans = session.execute(select(WebhookAttempt).where(WebhookAttempt.delivery_id == ids[0])).all()
+        assert orphans == []

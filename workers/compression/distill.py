@@ -100,10 +100,12 @@ def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
     return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
 
 
-def cut_from_teacher(teacher: nn.Module, spec: FromTeacher, *, calibration: torch.Tensor | None = None) -> nn.Module:
-    """Deep-copy the teacher and shrink the copy with the structured-pruning engine."""
-    from workers.compression import structured  # imported late: a sibling engine, heavy only when used
-
+def teacher_layers_kept(
+    teacher: nn.Module, spec: FromTeacher, *, calibration: torch.Tensor | None = None
+) -> list[int] | None:
+    """The teacher's decoder layers a ``from_teacher`` student keeps (``None``: all of them): the named
+    ``layers``, or for ``keep_ratio`` the most important ones by ShortGPT block influence on the
+    calibration blocks (evenly spaced without calibration)."""
     num_layers = len(decoder_layers(teacher))
     keep_layers: list[int] | None = None
     if spec.layers is not None:
@@ -113,26 +115,26 @@ def cut_from_teacher(teacher: nn.Module, spec: FromTeacher, *, calibration: torc
         keep_layers = sorted(spec.layers)
     elif spec.keep_ratio is not None:
         keep = max(1, round(spec.keep_ratio * num_layers))
-        keep_layers = _layers_by_importance(teacher, keep, calibration) if calibration is not None else None
-        keep_layers = keep_layers or evenly_spaced_layers(num_layers, keep)
-    if keep_layers == list(range(num_layers)):
-        keep_layers = None  # nothing to drop
+        if calibration is not None:
+            from workers.compression.structured import layer_importance  # a sibling engine, heavy only when used
+
+            scores = layer_importance(teacher, calibration)
+            keep_layers = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
+        else:
+            keep_layers = evenly_spaced_layers(num_layers, keep)
+    return None if keep_layers == list(range(num_layers)) else keep_layers
+
+
+def cut_from_teacher(teacher: nn.Module, spec: FromTeacher, *, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Deep-copy the teacher and shrink the copy with the structured-pruning engine."""
+    from workers.compression import structured  # imported late: a sibling engine, heavy only when used
+
+    keep_layers = teacher_layers_kept(teacher, spec, calibration=calibration)
     if keep_layers is None and spec.heads is None and spec.mlp is None:
         raise EngineError("from_teacher keeps the whole teacher: name layers, keep_ratio < 1, heads or mlp")
     student = copy.deepcopy(teacher)
     structured.shrink(student, keep_layers=keep_layers, heads=spec.heads, mlp=spec.mlp, calibration=calibration)
     return student
-
-
-def _layers_by_importance(teacher: nn.Module, keep: int, calibration: torch.Tensor) -> list[int] | None:
-    """Layer ranking from the structured-pruning engine, if it exposes one (else evenly spaced)."""
-    from workers.compression import structured
-
-    rank = getattr(structured, "layer_importance", None)
-    if rank is None:
-        return None
-    scores = [float(s) for s in rank(teacher, calibration)]
-    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep])
 
 
 def fresh_from_config(teacher: nn.Module, config: dict[str, Any], *, seed: int = 0) -> nn.Module:

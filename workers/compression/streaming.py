@@ -5,8 +5,8 @@
 that layer's tensors from the safetensors shards, calibrates and quantizes it with the very code
 the in-memory engine uses (:class:`workers.compression.quantize._Run`), pushes the calibration
 activations through the quantized layer, writes the layer's compressed tensors to the output
-shards and frees it. Peak memory is one float32 layer, its Hessians, the activations and one
-output shard buffer: independent of depth, so a model larger than RAM still completes.
+shards and frees it. Peak memory is one float32 layer, its Hessians and the activations:
+independent of depth, so a model larger than RAM still completes.
 
 Perplexity before and after comes out of the same walk: the evaluation windows travel beside the
 calibration batches, once through each original layer and once through each quantized one, and
@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from app.jobs.spec import QuantizeStep
@@ -38,7 +37,7 @@ from workers.compression.export import check_model_dir, checkpoint_compressor, c
 from workers.compression.layerwise import LayerBatch, capture_layer_inputs, decoder_layers, run_layer
 from workers.compression.quantize import CALIBRATION_BATCH, prepare_quantization
 
-# Output shards are flushed when their buffered tensors pass this size (bounded extra memory).
+# Output shards are closed when their data pass this size (their bytes go to disk as they come).
 DEFAULT_SHARD_BYTES = 256 * 2**20
 # Side files copied from the input directory as they are (the tokenizer is copied, not re-saved).
 SIDE_FILES = (
@@ -193,32 +192,76 @@ def _map_large_blocks() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
+# safetensors' names of the dtypes a compressed checkpoint holds.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 class ShardWriter:
-    """Writes tensors to ``model-0000i-of-0000n.safetensors`` shards as they come, plus the index."""
+    """Streams tensors into ``model-0000i-of-0000n.safetensors`` shards as they come, plus the index.
+
+    A tensor's bytes go straight to the open shard's data file, so memory never holds more than the
+    tensor being written. safetensors puts a header with every tensor's offsets in front of the
+    data, so a shard's file is assembled when it is complete: header, then its data file copied
+    behind it (one sequential disk copy per shard).
+    """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.written = 0
+        self.data: Any = None  # the open shard's data file
         self.shards: list[tuple[Path, list[str]]] = []
         self.total = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, tensor in tensors.items():
-            self.buffer[key] = tensor.detach().contiguous()
-            self.buffered += tensor.numel() * tensor.element_size()
-        if self.buffered >= self.max_shard_bytes:
+            value = tensor.detach().to("cpu").contiguous()
+            dtype = _SAFETENSORS_DTYPES.get(value.dtype)
+            if dtype is None:
+                raise EngineError(f"cannot write {key}: dtype {value.dtype} has no safetensors name here")
+            if self.data is None:
+                self.data = open(self.out_dir / f".shard-{len(self.shards):05d}.data", "w+b")  # noqa: SIM115
+            size = value.numel() * value.element_size()
+            self.entries[key] = {
+                "dtype": dtype,
+                "shape": list(value.shape),
+                "data_offsets": [self.written, self.written + size],
+            }
+            self.data.write(value.reshape(-1).view(torch.uint8).numpy().data)
+            self.written += size
+        if self.written >= self.max_shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
+        if self.data is None:
             return
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data start 8-byte aligned
         path = self.out_dir / f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.buffer)))
-        self.total += self.buffered
-        self.buffer, self.buffered = {}, 0
+        with path.open("wb") as out:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            self.data.seek(0)
+            shutil.copyfileobj(self.data, out, 16 * 2**20)
+        self.data.close()
+        Path(self.data.name).unlink()
+        self.shards.append((path, list(self.entries)))
+        self.total += self.written
+        self.entries, self.written, self.data = {}, 0, None
 
     def finish(self) -> None:
         """Name the shards the transformers way; an index when there are several."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from app.jobs.spec import QuantizeStep, Recipe
@@ -24,7 +24,7 @@ from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.evaluate import perplexity
 from workers.compression.export import load_model, save_model
 from workers.compression.quantize import quantize
-from workers.compression.streaming import quantize_streaming
+from workers.compression.streaming import ShardWriter, quantize_streaming
 
 CASES = [
     ("llama", {"scheme": "w4a16", "group_size": 32, "algorithm": "gptq", "act_order": True}),
@@ -89,6 +89,44 @@ def test_streaming_refuses_a_tied_lm_head_target(tmp_path: Path) -> None:
     step = QuantizeStep(method="quantize", scheme="w8a16", ignore=[])
     with pytest.raises(EngineError, match="tied"):
         quantize_streaming(model_dir, step, tmp_path / "out")
+
+
+def test_shard_writer_streams_every_dtype_into_valid_safetensors(tmp_path: Path) -> None:
+    """Tensors go to disk as they come; the shards safetensors reads back hold them bit for bit, with
+    the index transformers reads when there are several."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight_packed": torch.randint(-(2**31), 2**31 - 1, (64, 8), dtype=torch.int32, generator=gen),
+        "a.weight_scale": torch.randn(64, 2, generator=gen).to(torch.bfloat16),
+        "a.weight_zero_point": torch.randint(-8, 8, (64, 2), dtype=torch.int8, generator=gen),
+        "a.weight_shape": torch.tensor([64, 64], dtype=torch.int64),
+        "b.weight": torch.randn(32, 16, generator=gen).to(torch.float8_e4m3fn),
+        "b.mask": torch.rand(3, 5, generator=gen) > 0.5,
+        "c.scalar": torch.tensor(1.5),
+        "c.empty": torch.zeros(0, 4, dtype=torch.float16),
+        "d.weight": torch.randn(8, 8, generator=gen).T,  # non-contiguous input
+    }
+    writer = ShardWriter(tmp_path, max_shard_bytes=2048)
+    for key, value in tensors.items():
+        writer.add({key: value})
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors) and len(set(index["weight_map"].values())) > 1
+    assert not list(tmp_path.glob(".shard-*"))
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        loaded.update(load_file(str(tmp_path / shard)))
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
+        assert torch.equal(loaded[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), key
+
+    single = tmp_path / "single"
+    single.mkdir()
+    writer = ShardWriter(single)
+    writer.add(tensors)
+    writer.finish()
+    assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
+    assert set(load_file(str(single / "model.safetensors"))) == set(tensors)
 
 
 def test_low_memory_is_only_for_one_quantize_step() -> None:
