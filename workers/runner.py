@@ -70,13 +70,17 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat failed for %s", self.job_id, exc_info=True)
 
 
+# At most one per-step training metrics event a second (milestones always).
+METRICS_INTERVAL_S = 1.0
+
+
 class JobRunner:
     def __init__(self, job_id: str, settings: Settings | None = None, storage: Storage | None = None) -> None:
         self.job_id = job_id
         self.settings = settings or get_settings()
         self.storage = storage or get_storage()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self._last_progress = 0.0
+        self._last_progress = self._last_metrics = 0.0
         self._fraction, self._message = 0.0, ""
         self._steps: list[dict[str, Any]] = []
 
@@ -181,6 +185,20 @@ class JobRunner:
         self._last_progress = now
         with session_scope() as session:
             lifecycle.set_progress(session, self.job_id, self.worker_id, fraction, message, data)
+
+    def _metrics(self, data: dict[str, Any]) -> None:
+        """An engine's numbers, recorded as a ``job.progress`` event with the current message.
+
+        Training loops report every step; those events are kept to one a second (steps on a GPU are
+        much faster), except milestones: an evaluation, the first step after a resume. One-off
+        numbers (no ``step``, e.g. a quantize step's summary) are always kept.
+        """
+        milestone = "step" not in data or "eval_perplexity" in data or "resumed_from_step" in data
+        now = time.monotonic()
+        if not milestone and now - self._last_metrics < METRICS_INTERVAL_S:
+            return
+        self._last_metrics = now
+        self._progress(self._fraction, self._message, data, force=True)
 
     def _on_step(self, index: int, status: str, extra: dict[str, Any]) -> None:
         step = dict(self._steps[index])
@@ -294,7 +312,7 @@ class JobRunner:
         callbacks = Callbacks(
             progress=lambda f, m: self._progress(f, m),
             should_stop=self._should_stop,
-            metrics=lambda data: self._progress(self._fraction, self._message, data, force=True),
+            metrics=self._metrics,
         )
         out = work / "output"
         report = run_pipeline(spec.recipe(), inputs, out, callbacks, self._on_step)

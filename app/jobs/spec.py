@@ -92,6 +92,11 @@ class QuantizeStep(StrictModel):
         "original weight (static groups: no g_idx, no runtime cost; llm-compressor's default too)",
     )
     block_size: int = Field(default=128, ge=1, le=4096, description="gptq: columns per lazy update block")
+    clip_search: bool = Field(
+        default=True,
+        description="gptq: scales fixed up front (per channel, or static groups with act_order) come from an "
+        "activation-weighted search over shrunk ranges instead of plain min/max (false: llm-compressor's min/max)",
+    )
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],
         description="module names or `re:` regexes left in full precision",

@@ -272,3 +272,27 @@ def test_structured_prune_then_distill_then_quantize(
     # the distill step uploaded its checkpoints to storage as it went, and they went with the job's end
     assert saved and all(index == 1 for index in saved)
     assert not get_storage().list(f"checkpoints/{tenant}/{job_id}/")
+
+
+def test_training_metrics_events_are_kept_to_one_a_second_milestones_always(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A training loop reports every step; the runner records one such event a second, but every
+    evaluation, the first step after a resume and every one-off summary."""
+    from workers import runner as runner_module
+
+    clock = [100.0]
+    monkeypatch.setattr(runner_module.time, "monotonic", lambda: clock[0])
+    written: list[dict[str, object]] = []
+    job = runner_module.JobRunner("job_x", settings=object(), storage=object())  # type: ignore[arg-type]
+    monkeypatch.setattr(job, "_progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
+
+    for step in range(1, 11):  # ten steps in 0.45 s
+        clock[0] += 0.05
+        job._metrics({"step": step, "train_loss": 1.0})
+    job._metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
+    job._metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
+    job._metrics({"quantize_seconds": 1.5})
+    clock[0] += 1.0
+    job._metrics({"step": 13, "train_loss": 1.0})
+    assert [event.get("step") for event in written] == [1, 11, 12, None, 13]

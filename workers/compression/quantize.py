@@ -249,6 +249,7 @@ class _Run:
             else ("dynamic" if config.scheme == "fp8" else None),
             "smoothquant_alpha": config.smoothquant.alpha if config.smoothquant else None,
             "act_order": config.act_order if config.algorithm == "gptq" else None,
+            "clip_search": config.clip_search if config.algorithm == "gptq" else None,
             "quantized_modules": len(self.targets),
             "ignored_modules": [n for n in all_linears if n not in self.targets],
             "output_errors": errors,
@@ -348,6 +349,7 @@ class _Run:
                     dampening_frac=config.dampening_frac,
                     act_order=config.act_order,
                     preserve_zeros=preserve,
+                    clip_search=config.clip_search,
                     name=", ".join(names),
                 )
                 quantized, scale, zero_point = result.weight, result.scale, result.zero_point

@@ -128,6 +128,26 @@ def test_gptq_beats_rtn_on_the_model(calibration: torch.Tensor) -> None:
     assert 0 < facts["mean_output_error"] < 0.05
 
 
+def test_clip_search_is_a_step_option(calibration: torch.Tensor) -> None:
+    """clip_search=False fixes the static group scales by plain min/max of the original weight (what
+    llm-compressor does); the default searches shrunk ranges; the facts say which ran."""
+    from workers.compression.quantize import weight_args
+    from workers.compression.weight_quant import weight_qparams
+
+    name = "model.layers.0.self_attn.q_proj"
+    scales, facts = {}, {}
+    for clip in (True, False):
+        model = tiny_model("llama")
+        step = QuantizeStep(scheme="w4a16", group_size=32, algorithm="gptq", clip_search=clip)
+        facts[clip] = quantize(model, step, calibration=calibration).facts
+        scales[clip] = model.get_submodule(name).weight_scale.detach()
+    assert facts[True]["clip_search"] is True and facts[False]["clip_search"] is False
+    original = tiny_model("llama").get_submodule(name).weight.detach()
+    min_max, _ = weight_qparams(original, weight_args(step))
+    torch.testing.assert_close(scales[False], min_max.reshape(scales[False].shape), rtol=0, atol=0)
+    assert bool((scales[True] <= scales[False]).all()) and not torch.equal(scales[True], scales[False])
+
+
 def test_awq_beats_rtn_with_salient_channels(calibration: torch.Tensor) -> None:
     def salient() -> nn.Module:
         model = tiny_model("llama", seed=1)
