@@ -28,6 +28,7 @@ QUANT = (
     "w4a16_rtn_g64",
     "w4a16_gptq_g64",
     "w4a16_gptq_g64_lazy",
+    "w4a16_gptq_g64_minmax",
     "w4a16_gptq_g64_lowmem",
     "w8a8_sq",
     "fp8_dynamic",

@@ -61,6 +61,18 @@ RECIPES: dict[str, tuple[str, dict[str, Any] | None, str]] = {
         },
         "as w4a16_gptq_g64 without act-order: columns in order, group scales from the updated weights",
     ),
+    "w4a16_gptq_g64_minmax": (
+        "quant",
+        {
+            "scheme": "w4a16",
+            "group_size": 64,
+            "algorithm": "gptq",
+            "dampening_frac": 0.01,
+            "block_size": 128,
+            "clip_search": False,
+        },
+        "as w4a16_gptq_g64 with plain min/max static group scales (clip_search off, llm-compressor's way)",
+    ),
     "w4a16_gptq_g64_lowmem": (
         "quant_stream",
         {

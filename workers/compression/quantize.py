@@ -313,9 +313,10 @@ class _Run:
         input (q/k/v, gate/up) whose masks are handled alike; otherwise one by one."""
         if self.config.algorithm != "gptq":
             return [[short] for short in local]
-        groups: dict[tuple[int, bool], list[str]] = {}
+        groups: dict[tuple[object, bool], list[str]] = {}
         for short, name in local.items():
-            key = (id(stats.get(short)), _is_sparse(self.targets[name].weight))
+            stat = stats.get(short)  # None: the module never ran, so it goes alone (RTN)
+            key = (id(stat) if stat is not None else short, _is_sparse(self.targets[name].weight))
             groups.setdefault(key, []).append(short)
         return list(groups.values())
 
