@@ -110,10 +110,14 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
     step_events = [(i, e["data"]) for i, e in enumerate(events) if e["type"] == "job.progress" and "step" in e["data"]]
     first_steps = [d["step"] for i, d in step_events if i < second_start]
     second = [d for i, d in step_events if i > second_start]
-    # attempt 1 got past the checkpoint it uploaded; attempt 2 says it resumed there and trains only the rest
-    assert first_steps and max(first_steps) >= resume_step
+    # Per-step events are kept to one a second (milestones always): attempt 1 reported its first step;
+    # attempt 2's first event says it resumed at the checkpoint, it trains only the rest, in order,
+    # and its last event is the final step (with the final evaluation).
+    assert first_steps and first_steps[0] == 1
     assert second[0].get("resumed_from_step") == resume_step, second[0]
-    assert [d["step"] for d in second] == list(range(resume_step + 1, MAX_STEPS + 1))
+    steps = [d["step"] for d in second]
+    assert steps[0] == resume_step + 1 and steps[-1] == MAX_STEPS and steps == sorted(set(steps))
+    assert "eval_perplexity" in second[-1]
     assert all("resumed_from_step" not in d for d in second[1:])
 
     report = json.loads((tmp_path / "artifact" / "report.json").read_text())
