@@ -122,13 +122,17 @@ class Settings(BaseSettings):
         path = self.data_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            try:  # exclusive create, owner-only: two processes starting together agree on one key
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Written whole to a private file, then linked into place: os.link never replaces, so two
+            # processes starting together agree on one key, and nobody reads a half-written one.
+            draft = path.with_name(f".{name}.{os.getpid()}.draft")
+            with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+                handle.write(make())
+            try:
+                os.link(draft, path)
             except FileExistsError:
                 pass
-            else:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(make())
+            finally:
+                draft.unlink(missing_ok=True)
         return path.read_text().strip()
 
 
