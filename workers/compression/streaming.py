@@ -368,7 +368,6 @@ def quantize_streaming(
     eval_before = capture_layer_inputs(model, eval_ids, 1) if eval_ids is not None else []
     eval_after = [LayerBatch(hidden=b.hidden.clone(), kwargs=b.kwargs) for b in eval_before]
     writer.add({"model.embed_tokens." + k: v for k, v in inner.embed_tokens.state_dict().items()})
-    writer.flush()  # the embedding is often the largest tensor: write it now rather than hold it
     release(inner.embed_tokens)
 
     total = len(layers)
@@ -389,7 +388,6 @@ def quantize_streaming(
 
     # Final norm and lm_head: score both evaluation streams; quantize lm_head if it is a target.
     callbacks.check()
-    writer.flush()
     materialize(inner.norm, "model.norm.", reader)
     materialize(lm_head, "lm_head.", reader, source_prefix="model.embed_tokens." if tied else None)
     with torch.no_grad():
