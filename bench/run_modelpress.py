@@ -33,6 +33,15 @@ from bench import common
 RESULT_FILE = "modelpress.jsonl"
 SPEED_FILE = "speed.jsonl"
 
+# The GPTQ W4A16 g64 recipe both tools run; variants below change one option of it.
+GPTQ_G64: dict[str, Any] = {
+    "scheme": "w4a16",
+    "group_size": 64,
+    "algorithm": "gptq",
+    "dampening_frac": 0.01,
+    "block_size": 128,
+}
+
 # name -> (kind, step as dict, description); names match bench/run_llmcompressor.py.
 RECIPES: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "baseline": ("none", None, "float32 reference (dequantized Q4_1 GGUF)"),
@@ -40,49 +49,28 @@ RECIPES: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "w4a16_rtn_g64": ("quant", {"scheme": "w4a16", "group_size": 64}, "int4 weights, groups of 64, symmetric, RTN"),
     "w4a16_gptq_g64": (
         "quant",
-        {"scheme": "w4a16", "group_size": 64, "algorithm": "gptq", "dampening_frac": 0.01, "block_size": 128},
+        GPTQ_G64,
         "int4 weights, groups of 64, symmetric, GPTQ (damp 0.01, block 128, act-order with static groups: "
         "the default of both tools)",
     ),
     "w4a16_gptq_g64_10m": (
         "quant",
-        {"scheme": "w4a16", "group_size": 64, "algorithm": "gptq", "dampening_frac": 0.01, "block_size": 128},
+        GPTQ_G64,
         "w4a16_gptq_g64 on a 10M-parameter 4-layer Llama (random weights: time only)",
     ),
     "w4a16_gptq_g64_lazy": (
         "quant",
-        {
-            "scheme": "w4a16",
-            "group_size": 64,
-            "algorithm": "gptq",
-            "dampening_frac": 0.01,
-            "block_size": 128,
-            "act_order": False,
-        },
+        {**GPTQ_G64, "act_order": False},
         "as w4a16_gptq_g64 without act-order: columns in order, group scales from the updated weights",
     ),
     "w4a16_gptq_g64_minmax": (
         "quant",
-        {
-            "scheme": "w4a16",
-            "group_size": 64,
-            "algorithm": "gptq",
-            "dampening_frac": 0.01,
-            "block_size": 128,
-            "clip_search": False,
-        },
+        {**GPTQ_G64, "clip_search": False},
         "as w4a16_gptq_g64 with plain min/max static group scales (clip_search off, llm-compressor's way)",
     ),
     "w4a16_gptq_g64_lowmem": (
         "quant_stream",
-        {
-            "scheme": "w4a16",
-            "group_size": 64,
-            "algorithm": "gptq",
-            "dampening_frac": 0.01,
-            "block_size": 128,
-            "act_order": True,
-        },
+        {**GPTQ_G64, "act_order": True},
         "w4a16_gptq_g64 in low-memory mode: layers streamed from the shards, never the whole model "
         "in memory; wall/RSS include writing the checkpoint, ppl is scored in the same pass",
     ),
