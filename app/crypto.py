@@ -25,13 +25,15 @@ class SecretDecryptionError(RuntimeError):
 
 
 @lru_cache
-def _fernet(keys: tuple[str, ...]) -> MultiFernet:
-    return MultiFernet([Fernet(key.encode()) for key in keys])
+def _fernet(configured: str, data_dir: str) -> MultiFernet:
+    # The two settings decide the keys; caching on them spares a key-file read per secret.
+    return MultiFernet([Fernet(key.encode()) for key in get_settings().resolved_encryption_keys()])
 
 
 def fernet() -> MultiFernet:
     """The configured keys (first encrypts, all decrypt)."""
-    return _fernet(tuple(get_settings().resolved_encryption_keys()))
+    settings = get_settings()
+    return _fernet(settings.encryption_keys, str(settings.data_dir.resolve()))
 
 
 def encrypt(plaintext: str) -> str:
