@@ -12,7 +12,8 @@ Counts the floating-point work the layer-by-layer GPTQ pass cannot avoid, per de
   gate/up share one, so 4 per layer: attn-in d, o-in d, mlp-in d, down-in f), where ``b`` is the
   number of column blocks ModelPress splits ``XᵀX`` into to compute only the upper blocks of the
   symmetric product (``workers.compression.hessian``: 4 for d >= 512).
-* GPTQ solve: ``(4/3) d_in^3`` per distinct Hessian (Cholesky + inverse + Cholesky of the inverse),
+* GPTQ solve: ``(2/3) d_in^3`` per distinct Hessian (one Cholesky and one triangular inverse,
+  ``workers.compression.hessian.inverse_cholesky``),
   plus ``2 * d_out * d_in^2 / 2 = d_out * d_in^2`` per module for the column-by-column error
   propagation (each column's error updates all later columns of all rows).
 
@@ -80,7 +81,7 @@ def gptq_flops(config: dict[str, Any], samples: int, seq_len: int) -> dict[str, 
     propagate_pass = 2 * params_layer * tokens + attention
     forward = observe + propagate_pass
     hessian = sum(2 * tokens * n**2 * _upper_share(n) for n in distinct_inputs)
-    inverse = sum(4 / 3 * n**3 for n in distinct_inputs)
+    inverse = sum(2 / 3 * n**3 for n in distinct_inputs)
     propagate = sum(o * i**2 for i, o in linears.values())
     per_layer = {"forward": forward, "hessian": hessian, "inverse": inverse, "propagate": propagate}
     return {k: v * layers for k, v in per_layer.items()} | {"total": sum(per_layer.values()) * layers}

@@ -14,6 +14,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 
 from workers.compression.hessian import inverse_cholesky
+from workers.compression.kernels import gptq_columns
 from workers.compression.weight_quant import ColumnQuantizer, group_size_of, weight_qparams
 
 
@@ -115,32 +116,33 @@ def gptq_quantize(
         i2 = min(i1 + block_size, in_features)
         w1 = wt[i1:i2].clone()
         err1 = torch.empty_like(w1)
-        h_inv1 = h_inv[i1:i2, i1:i2]
-        diagonal = torch.diagonal(h_inv1).tolist()
+        h_inv1 = h_inv[i1:i2, i1:i2].contiguous()
         keep1 = keep_t[i1:i2] if keep_t is not None else None
-        for i in range(i2 - i1):
-            col = i1 + i
-            if column_scale is not None and column_zp is not None:
-                cur_scale, cur_zp = column_scale[col], column_zp[col]
-            elif group is not None and col % group == 0:
-                # Lazy group qparams from the *updated* weights (within-block updates live in w1).
-                rows = w1[i : i + group]
-                if rows.shape[0] < group:
-                    rows = torch.cat([rows, wt[i2 : i2 + group - rows.shape[0]]])
-                s, z = weight_qparams(rows.T, args.model_copy(update={"strategy": "channel", "group_size": None}))
-                cur_scale, cur_zp = s[:, 0].to(torch.float32), z[:, 0].to(torch.float32)
-                scale_out[:, col // group], zp_out[:, col // group] = cur_scale, cur_zp
-            assert cur_scale is not None and cur_zp is not None
-            column = w1[i]
-            qc = quantize_column(column, cur_scale, cur_zp, out=qt[col])
-            if keep1 is not None:
-                qc.mul_(keep1[i])
-            # e = (w - q) / d, with the division by d applied to the whole block afterwards: here it
-            # rides on the rank-1 update of the rest of the block (in place).
-            e = torch.sub(column, qc, out=err1[i])
-            w1[i:].addr_(h_inv1[i, i:], e, alpha=-1.0 / diagonal[i])
-            if keep1 is not None:
-                w1[i:] *= keep1[i:]
+        if column_scale is not None and column_zp is not None:
+            # Every column's qparams are known: the whole block in one call.
+            scale1, zp1 = column_scale[i1:i2].contiguous(), column_zp[i1:i2].contiguous()
+            _quantize_columns(w1, h_inv1, 0, i2 - i1, scale1, zp1, quantize_column, keep1, qt[i1:i2], err1)
+        else:
+            assert group is not None
+            scale1, zp1 = torch.empty_like(w1), torch.empty_like(w1)
+            # Runs of columns that share one group; a group's qparams come from the *updated* weights
+            # when the loop reaches its first column (within-block updates live in w1).
+            a = 0
+            while a < i2 - i1:
+                col = i1 + a
+                b = min(i2 - i1, a + group - col % group)
+                if col % group == 0:
+                    rows = w1[a : a + group]
+                    if rows.shape[0] < group:
+                        rows = torch.cat([rows, wt[i2 : i2 + group - rows.shape[0]]])
+                    per_channel = args.model_copy(update={"strategy": "channel", "group_size": None})
+                    s, z = weight_qparams(rows.T, per_channel)
+                    cur_scale, cur_zp = s[:, 0].to(torch.float32), z[:, 0].to(torch.float32)
+                    scale_out[:, col // group], zp_out[:, col // group] = cur_scale, cur_zp
+                assert cur_scale is not None and cur_zp is not None
+                scale1[a:b], zp1[a:b] = cur_scale, cur_zp
+                _quantize_columns(w1, h_inv1, a, b, scale1, zp1, quantize_column, keep1, qt[i1:i2], err1)
+                a = b
         err1.div_(torch.diagonal(h_inv1).unsqueeze(1))
         row_loss += err1.square().sum(dim=0, dtype=torch.float64)
         # Lazy batch update of every later column: one matmul per block.
@@ -159,3 +161,50 @@ def gptq_quantize(
     return GPTQResult(
         weight=q.to(weight.dtype).contiguous(), scale=scale_param, zero_point=zp_param, row_loss=row_loss / 2
     )
+
+
+def _quantize_columns(
+    w1: torch.Tensor,
+    h_inv1: torch.Tensor,
+    start: int,
+    stop: int,
+    scale1: torch.Tensor,
+    zp1: torch.Tensor,
+    quantize_column: ColumnQuantizer,
+    keep1: torch.Tensor | None,
+    q1: torch.Tensor,
+    err1: torch.Tensor,
+) -> None:
+    """GPTQ's loop over columns ``start:stop`` of one block (see :func:`kernels.gptq_columns` for the
+    arguments): compiled on the CPU, torch ops one column at a time on other devices."""
+    if w1.device.type == "cpu":
+        q_range = (quantize_column.q_min, quantize_column.q_max)
+        gptq_columns(w1, h_inv1, start, stop, scale1, zp1, q_range, keep1, q1, err1)
+    else:
+        _quantize_columns_torch(w1, h_inv1, start, stop, scale1, zp1, quantize_column, keep1, q1, err1)
+
+
+def _quantize_columns_torch(
+    w1: torch.Tensor,
+    h_inv1: torch.Tensor,
+    start: int,
+    stop: int,
+    scale1: torch.Tensor,
+    zp1: torch.Tensor,
+    quantize_column: ColumnQuantizer,
+    keep1: torch.Tensor | None,
+    q1: torch.Tensor,
+    err1: torch.Tensor,
+) -> None:
+    """The column loop as torch ops (~7 per column), for any device."""
+    diagonal = torch.diagonal(h_inv1).tolist()
+    for i in range(start, stop):
+        column = w1[i]
+        qc = quantize_column(column, scale1[i], zp1[i], out=q1[i])
+        if keep1 is not None:
+            qc.mul_(keep1[i])
+        # e = w - q; its division by d rides on the rank-1 update of the rest of the block (in place).
+        e = torch.sub(column, qc, out=err1[i])
+        w1[i + 1 :].addr_(h_inv1[i, i + 1 :], e, alpha=-1.0 / diagonal[i])
+        if keep1 is not None:
+            w1[i + 1 :] *= keep1[i + 1 :]

@@ -12,6 +12,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
+from workers.compression.kernels import best_clip
+
 
 def group_size_of(args: QuantizationArgs) -> int | None:
     """Columns per scale for grouped strategies; ``None`` for one scale per output channel."""
@@ -48,7 +50,25 @@ CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
 def _search_clip(
     grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, importance: torch.Tensor, args: QuantizationArgs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``(lo, hi)`` shrunk by the grid factor with the least importance-weighted error."""
+    """Per-group ``(lo, hi)`` shrunk by the grid factor with the least importance-weighted error:
+    compiled on the CPU (one pass, no temporaries the size of the weight), torch ops elsewhere."""
+    if grouped.device.type != "cpu":
+        return _search_clip_torch(grouped, lo, hi, importance, args)
+    q_min, q_max = (float(v) for v in calculate_range(args, grouped.device))
+    factors = torch.tensor(CLIP_GRID, dtype=torch.float32).view(-1, 1, 1)
+    cand_lo, cand_hi = lo * factors, hi * factors
+    scale, zero_point = calculate_qparams(cand_lo, cand_hi, args)
+    choice = best_clip(
+        grouped, importance.reshape(grouped.shape[1:]), scale.to(torch.float32),
+        zero_point.to(torch.float32), (q_min, q_max),
+    ).unsqueeze(0)  # fmt: skip
+    return cand_lo.gather(0, choice).squeeze(0), cand_hi.gather(0, choice).squeeze(0)
+
+
+def _search_clip_torch(
+    grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, importance: torch.Tensor, args: QuantizationArgs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_search_clip` as torch ops: one pass over the weight per grid factor."""
     q_min, q_max = (float(v) for v in calculate_range(args, grouped.device))
     best_err = torch.full(lo.shape, float("inf"), device=grouped.device)
     best_lo, best_hi = lo.clone(), hi.clone()

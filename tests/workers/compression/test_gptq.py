@@ -137,3 +137,59 @@ def test_clip_search_lowers_the_output_error(args: QuantizationArgs, factor: flo
     plain_error = relative_output_error(weight, plain.weight, hessian)
     searched_error = relative_output_error(weight, searched.weight, hessian)
     assert searched_error < factor * plain_error, (searched_error, plain_error)
+
+
+@pytest.mark.parametrize("args", ARGS[:2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiled_column_loop_matches_torch_ops(args: QuantizationArgs, masked: bool) -> None:
+    """The numba column loop (CPU) and the torch-op loop (other devices) do the same arithmetic."""
+    from workers.compression.gptq import _quantize_columns_torch
+    from workers.compression.hessian import inverse_cholesky
+    from workers.compression.kernels import gptq_columns
+    from workers.compression.weight_quant import ColumnQuantizer, weight_qparams
+
+    gen = torch.Generator().manual_seed(5)
+    x = correlated_inputs(width=32)
+    h_inv = inverse_cholesky(2 / x.shape[0] * x.T @ x, 0.01, "test")
+    wt = torch.randn(32, 40, generator=gen)  # Wᵀ: 32 input columns of 40 rows
+    keep = torch.rand(32, 40, generator=gen) > 0.5 if masked else None
+    if keep is not None:
+        wt *= keep
+    scale, zp = weight_qparams(wt.T, args)  # [40, 2] groups of 16
+    scale1 = scale.T.repeat_interleave(16, dim=0).contiguous()
+    zp1 = zp.T.to(torch.float32).repeat_interleave(16, dim=0).contiguous()
+    quantizer = ColumnQuantizer(args, wt.device)
+    outputs = []
+    for loop in ("compiled", "torch"):
+        w1, q1, err1 = wt.clone(), torch.empty_like(wt), torch.empty_like(wt)
+        if loop == "compiled":
+            gptq_columns(w1, h_inv, 3, 29, scale1, zp1, (quantizer.q_min, quantizer.q_max), keep, q1, err1)
+        else:
+            _quantize_columns_torch(w1, h_inv, 3, 29, scale1, zp1, quantizer, keep, q1, err1)
+        outputs.append((w1, q1[3:29], err1[3:29]))
+    (w_c, q_c, e_c), (w_t, q_t, e_t) = outputs
+    # Rounding can flip only where float sums of a different order straddle a .5 boundary.
+    assert float((q_c != q_t).float().mean()) < 0.01
+    torch.testing.assert_close(w_c[29:], w_t[29:], rtol=1e-4, atol=1e-4)  # later columns got the same updates
+    torch.testing.assert_close(e_c, e_t, rtol=1e-4, atol=1e-4)
+    assert not bool((q_c == 0).all())
+    if keep is not None:
+        assert bool((q_c[~keep[3:29]] == 0).all()) and bool((w_c[29:][~keep[29:]] == 0).all())
+
+
+@pytest.mark.parametrize("args", ARGS[:3])
+def test_compiled_clip_search_matches_torch_ops(args: QuantizationArgs) -> None:
+    from workers.compression.weight_quant import _search_clip, _search_clip_torch
+
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(64, 128, generator=gen)
+    weight[:, :2] *= 6
+    group = args.group_size if args.strategy == "group" else 128
+    grouped = weight.reshape(64, -1, group)
+    lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    importance = torch.rand(1, *grouped.shape[1:], generator=gen)
+    compiled = _search_clip(grouped, lo, hi, importance, args)
+    reference = _search_clip_torch(grouped, lo, hi, importance, args)
+    same = (compiled[0] == reference[0]) & (compiled[1] == reference[1])
+    assert float(same.float().mean()) > 0.99
+    assert bool((compiled[1] < hi).any()), "the search should clip some ranges of outlier-heavy weights"
