@@ -21,4 +21,4 @@ FROM base AS worker
 # torch==2.13.0 from PyPI is the CUDA build on Linux: the same image serves GPU and CPU workers.
 RUN pip install ".[worker]"
 USER modelpress
-CMD ["modelpress", "worker", "--queues", "cpu", "--beat"]
+CMD ["modelpress", "worker", "--queues", "cpu"]

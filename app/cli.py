@@ -1,4 +1,4 @@
-"""The ``modelpress`` command: serve, worker, migrate, dev, compress, admin.
+"""The ``modelpress`` command: serve, worker, maintenance, migrate, dev, compress, admin.
 
 The API side never imports torch; ``worker`` and ``compress`` load the workers package, which does.
 """
@@ -41,57 +41,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(
-    queues: str, concurrency: int = 1, beat: bool = False, *, hostname: str | None = None, schedule: Path | None = None
-) -> list[str]:
-    """The Celery worker command line (also used by the end-to-end tests to start real workers)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app",
-        "worker",
-        "--queues",
-        queues,
-        "--loglevel",
-        "INFO",
-        "--concurrency",
-        str(concurrency),
-        "--hostname",
-        hostname or f"modelpress-{queues.replace(',', '-')}@%h",
-    ]
-    if beat:
-        if schedule is None:
-            data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", "var"))
-            data_dir.mkdir(parents=True, exist_ok=True)
-            schedule = data_dir / "celerybeat-schedule"
-        argv += ["--beat", "--schedule", str(schedule)]
-    return argv
+def _celery_worker_argv(queues: str, concurrency: int, hostname: str | None, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "--queues", queues, "--loglevel", "INFO", "--concurrency", str(concurrency),
+        "--hostname", hostname or f"modelpress-{queues.replace(',', '-')}@%h", *extra,
+    ]  # fmt: skip
+
+
+def worker_argv(queues: str, concurrency: int = 1, *, hostname: str | None = None) -> list[str]:
+    """A job worker's command line (also used by the end-to-end tests to start real workers)."""
+    return _celery_worker_argv(queues, concurrency, hostname)
+
+
+def maintenance_argv(*, hostname: str | None = None, schedule: Path | None = None) -> list[str]:
+    """The maintenance worker's command line: the beat schedule (reaper, webhook relay, delivery
+    pruning) and a two-thread worker on the ``maintenance`` queue that runs it. Threads, not
+    processes: the tasks are short and mostly wait on the database and the network, and the reaper
+    never waits behind a slow webhook round. Run exactly one per deployment (one beat)."""
+    from app.broker import MAINTENANCE_QUEUE
+
+    if schedule is None:
+        data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", "var"))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        schedule = data_dir / "celerybeat-schedule"
+    return _celery_worker_argv(
+        MAINTENANCE_QUEUE, 2, hostname, "--pool", "threads", "--beat", "--schedule", str(schedule)
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, worker_argv(args.queues, args.concurrency, args.beat))
+    os.execv(sys.executable, worker_argv(args.queues, args.concurrency))
+    return 0  # not reached
+
+
+def cmd_maintenance(_args: argparse.Namespace) -> int:
+    os.execv(sys.executable, maintenance_argv())
     return 0  # not reached
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded mode: migrate, then run a worker (with the reaper schedule) and the API, no servers needed."""
+    """Embedded mode: migrate, then run a job worker, the maintenance worker and the API, no servers needed."""
     os.environ.setdefault("MODELPRESS_BOOTSTRAP_API_KEY", DEV_KEY)
     port = args.port or _port()
     os.environ.setdefault("MODELPRESS_PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     cmd_migrate(args)
-    worker = subprocess.Popen(worker_argv("cpu,gpu", beat=True))
+    workers = [subprocess.Popen(worker_argv("cpu,gpu")), subprocess.Popen(maintenance_argv())]
     print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs")
     print(f"  API key: {os.environ['MODELPRESS_BOOTSTRAP_API_KEY']}\n", flush=True)
     try:
         cmd_serve(argparse.Namespace(host=args.host, port=port))
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
     return 0
 
 
@@ -147,11 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="run a Celery worker")
+    p = sub.add_parser("worker", help="run a job worker (Celery)")
     p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--beat", action="store_true", help="also run the periodic reaper schedule")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "maintenance", help="run the periodic tasks (lease reaper, webhook relay, delivery pruning); one per deployment"
+    )
+    p.set_defaults(func=cmd_maintenance)
 
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=cmd_migrate)

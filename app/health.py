@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
@@ -12,6 +14,7 @@ from app.db import get_engine
 from app.errors import PROBLEM_JSON
 from app.storage import get_storage
 
+log = logging.getLogger("modelpress.health")
 router = APIRouter(tags=["health"])
 
 
@@ -35,8 +38,10 @@ async def readyz() -> JSONResponse:
         try:
             await run_in_threadpool(check)
             results[name] = "ok"
-        except Exception as exc:
-            results[name] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        except Exception:
+            # The probe is unauthenticated: name the dependency, keep hosts and credentials in the log.
+            log.warning("readiness check %s failed", name, exc_info=True)
+            results[name] = "unavailable"
     if all(v == "ok" for v in results.values()):
         return JSONResponse({"status": "ready", "checks": results})
     failed = ", ".join(k for k, v in results.items() if v != "ok")

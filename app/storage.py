@@ -290,7 +290,9 @@ class S3Storage:
 
     def finish_multipart(self, key: str, multipart_id: str) -> None:
         # The server lists the parts itself, so clients need not echo ETags back.
-        parts = self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=multipart_id).get("Parts", [])
+        # list_parts returns at most 1000 parts a page; a 10,000-part upload needs the paginator.
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+        parts = [part for page in pages for part in page.get("Parts", [])]
         if not parts:
             raise StorageError(f"no parts uploaded for {key}")
         self.client.complete_multipart_upload(

@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_compose_file_wires_the_full_stack() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "worker-gpu"} <= set(services)
-    for name in ("api", "worker", "worker-gpu", "migrate"):
+    assert {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "worker-gpu", "maintenance"} <= set(
+        services
+    )
+    for name in ("api", "worker", "worker-gpu", "migrate", "maintenance"):
         env = services[name]["environment"]
         assert env["MODELPRESS_DATABASE_URL"].startswith("postgresql+psycopg://"), name
         assert env["MODELPRESS_BROKER_URL"].startswith("redis://"), name
@@ -23,6 +25,11 @@ def test_compose_file_wires_the_full_stack() -> None:
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
     assert "mc mb" in services["minio-init"]["command"][0]
+    # One beat, in the maintenance service; job workers only take jobs.
+    assert services["maintenance"]["command"] == ["modelpress", "maintenance"]
+    assert not any("--beat" in services[name]["command"] for name in ("worker", "worker-gpu"))
+    # The routing decision is the API's: the GPU switch must reach it, not only the GPU worker.
+    assert "MODELPRESS_GPU_QUEUE" in services["api"]["environment"]
 
 
 def test_dockerfile_api_image_has_no_torch() -> None:
@@ -38,6 +45,10 @@ def test_api_process_never_loads_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, app.main, app.cli; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
+    # The maintenance worker runs from the API image too: its tasks must not need torch either.
+    code = (
+        "import sys, app.main, app.cli, workers.tasks, workers.reaper, app.webhooks.relay; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,8 +1,9 @@
 """Celery configuration for ModelPress workers, in one place.
 
 Late acknowledgement and a prefetch of one: a job message is acked only once the job has finished,
-and a worker never hoards messages it cannot start. ``cpu`` and ``gpu`` queues are separate; a
-worker consumes the ones named by ``modelpress worker --queues``.
+and a worker never hoards messages it cannot start. Jobs go to the ``cpu`` or ``gpu`` queue; the
+periodic tasks (with ``--beat``) to ``maintenance``, which a separate small worker consumes so they
+never wait behind a job. A worker consumes the queues named by ``modelpress worker --queues``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from kombu import Queue
 
 import app.webhooks.service  # noqa: F401 - registers the webhook outbox listener: workers record job events too
-from app.broker import REAP_TASK, make_celery
+from app.broker import MAINTENANCE_QUEUE, REAP_TASK, make_celery
 from app.config import get_settings
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from app.webhooks.service import PRUNE_DELIVERIES_TASK
@@ -21,7 +22,7 @@ celery_app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    task_queues=[Queue("cpu"), Queue("gpu")],
+    task_queues=[Queue("cpu"), Queue("gpu"), Queue(MAINTENANCE_QUEUE)],
     task_time_limit=settings.job_time_limit_s,
     task_soft_time_limit=max(settings.job_time_limit_s - 60, 1),
     # Model work fragments memory; recycle worker processes now and then.
@@ -29,17 +30,21 @@ celery_app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,
     beat_schedule={
-        "reap-expired-leases": {"task": REAP_TASK, "schedule": settings.reaper_interval_s, "options": {"queue": "cpu"}},
-        # Expires: runs that waited behind a long job are dropped rather than piling up (the next one catches up).
+        "reap-expired-leases": {
+            "task": REAP_TASK,
+            "schedule": settings.reaper_interval_s,
+            "options": {"queue": MAINTENANCE_QUEUE},
+        },
+        # Expires: runs that waited (a slow round, a restart) are dropped rather than piling up; the next catches up.
         "deliver-webhooks": {
             "task": WEBHOOK_RELAY_TASK,
             "schedule": settings.webhook_relay_interval_s,
-            "options": {"queue": "cpu", "expires": max(settings.webhook_relay_interval_s * 5, 10.0)},
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": max(settings.webhook_relay_interval_s * 5, 10.0)},
         },
         "prune-webhook-deliveries": {
             "task": PRUNE_DELIVERIES_TASK,
             "schedule": 3600.0,
-            "options": {"queue": "cpu", "expires": 600.0},
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
         },
     },
     imports=["workers.tasks"],

@@ -3,6 +3,7 @@ upload artifacts with the manifest last, finish — and turns every exception in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,8 +15,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.auth import quotas
@@ -34,6 +37,14 @@ from workers.compression.base import Callbacks, EngineError, StepCancelled
 log = logging.getLogger("modelpress.runner")
 
 MANIFEST_VERSION = 1
+
+
+def internal_reason(exc: BaseException) -> str:
+    """What a tenant reads of an unexpected error: its type and message, except for database and
+    storage-client errors, whose text can hold SQL, hosts or bucket names (those stay in the log)."""
+    if isinstance(exc, SQLAlchemyError | BotoCoreError | ClientError):
+        return f"{type(exc).__name__}: an internal service error; the operators' worker log has the details"
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 class InputError(Exception):
@@ -122,11 +133,14 @@ class JobRunner:
             )
         except Exception as exc:
             log.error("job %s failed:\n%s", self.job_id, traceback.format_exc())
-            self._fail("internal_error", f"{type(exc).__name__}: {exc}")
+            self._fail("internal_error", internal_reason(exc))
         finally:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
-            shutil.rmtree(work.parent, ignore_errors=True)
+            # This attempt's directory only: a newer attempt of the job may be running on this host.
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work.parent.rmdir()  # when no other attempt is left in it
             self._drop_checkpoints_if_ended()
 
     def _defer_if_waiting(self, session: Session) -> None:
@@ -211,9 +225,11 @@ class JobRunner:
             step.update(extra)
         self._steps[index] = step
         with session_scope() as session:
-            lifecycle.set_steps(session, self.job_id, self.worker_id, self._steps)
-            tenant = self.tenant_id
-            lifecycle.record_event(session, self.job_id, tenant, f"job.step.{status}", {"step": index, **extra})
+            # A worker that lost the job (lease taken over, job ended) records nothing more about it.
+            if lifecycle.set_steps(session, self.job_id, self.worker_id, self._steps):
+                lifecycle.record_event(
+                    session, self.job_id, self.tenant_id, f"job.step.{status}", {"step": index, **extra}
+                )
 
     # ------------------------------------------------------------------ inputs and outputs
 

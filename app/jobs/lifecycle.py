@@ -8,6 +8,7 @@ Each transition writes its event in the same transaction (the outbox rule).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,8 +31,20 @@ def on_event(listener: EventListener) -> EventListener:
     return listener
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/±inf float replaced by ``None``: JSON has no such numbers, Postgres
+    rejects them in JSON columns, and an engine's numbers (a diverged loss) can be non-finite."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def record_event(session: Session, job_id: str, tenant_id: str, type_: str, data: dict[str, Any]) -> JobEvent:
-    event = JobEvent(job_id=job_id, tenant_id=tenant_id, type=type_, data=data)
+    event = JobEvent(job_id=job_id, tenant_id=tenant_id, type=type_, data=json_safe(data))
     session.add(event)
     session.flush()
     for listener in _listeners:
@@ -114,7 +127,9 @@ def set_progress(
 
 
 def set_steps(session: Session, job_id: str, worker_id: str, steps: list[dict[str, Any]]) -> bool:
-    return _guarded_update(session, job_id, ("running", "cancelling"), Job.worker_id == worker_id, steps=steps)
+    return _guarded_update(
+        session, job_id, ("running", "cancelling"), Job.worker_id == worker_id, steps=json_safe(steps)
+    )
 
 
 def succeed(
@@ -129,7 +144,7 @@ def succeed(
         progress=1.0,
         progress_message="done",
         manifest_key=manifest_key,
-        summary=summary,
+        summary=json_safe(summary),
         finished_at=utcnow(),
         lease_expires_at=None,
     )

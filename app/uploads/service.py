@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import timedelta
 from pathlib import PurePosixPath
@@ -14,9 +15,11 @@ from app.auth.service import Principal
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Problem, conflict, not_found, unprocessable
-from app.storage import Storage, StorageError, sha256_of
+from app.storage import Storage, sha256_of
 from app.uploads.models import Upload
 from app.uploads.schemas import FileIn, UploadCreate
+
+log = logging.getLogger("modelpress.uploads")
 
 
 def upload_key(tenant_id: str, upload_id: str, path: str = "") -> str:
@@ -102,8 +105,9 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
         if record.get("multipart_id") and storage.size(key) is None:
             try:
                 storage.finish_multipart(key, record["multipart_id"])
-            except (StorageError, Exception) as exc:
-                problems.append({"field": record["path"], "message": f"multipart upload incomplete: {exc}"})
+            except Exception:
+                log.warning("upload %s: finishing the multipart upload of %s failed", upload.id, key, exc_info=True)
+                problems.append({"field": record["path"], "message": "multipart upload incomplete: parts are missing"})
                 continue
         size = storage.size(key)
         if size is None:

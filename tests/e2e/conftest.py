@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import worker_argv
+from app.cli import maintenance_argv, worker_argv
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ class Stack:
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
         n = len(self.workers)
-        argv = worker_argv("cpu", beat=True, hostname=f"w{n}@%h", schedule=self.tmp / f"beat-{n}")
+        argv = worker_argv("cpu", hostname=f"w{n}@%h")
         proc = subprocess.Popen(
             argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -58,7 +58,8 @@ class Stack:
                 if job["status"] in statuses:
                     return job  # type: ignore[no-any-return]
                 time.sleep(0.3)
-        logs = "\n".join((self.tmp / f"worker-{i}.log").read_text()[-3000:] for i in range(len(self.workers)))
+        names = [f"worker-{i}.log" for i in range(len(self.workers))] + ["maintenance.log"]
+        logs = "\n".join((self.tmp / name).read_text()[-3000:] for name in names if (self.tmp / name).exists())
         raise AssertionError(f"job {job_id} did not reach {statuses}: {job}\n{logs}")
 
 
@@ -72,6 +73,9 @@ def _start_stack(tmp: Path, env_overrides: dict[str, str]) -> Iterator[Stack]:
         **env_overrides,
         "MODELPRESS_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "PYTHONUNBUFFERED": "1",
+        # Webhook receivers in these tests listen on loopback over plain http.
+        "MODELPRESS_ALLOW_HTTP_URLS": "true",
+        "MODELPRESS_URL_ALLOWLIST": '["127.0.0.1"]',
     }
     mp = pytest.MonkeyPatch()
     apply_env(mp, {k: v for k, v in env.items() if k.startswith("MODELPRESS_")})
@@ -96,10 +100,19 @@ def _start_stack(tmp: Path, env_overrides: dict[str, str]) -> Iterator[Stack]:
     else:
         raise AssertionError((tmp / "api.log").read_text())
     stack = Stack(env=env, base_url=base, key=caller.key, tmp=tmp)
+    # The periodic tasks (reaper, webhook relay) run in their own worker, as in a deployment.
+    maintenance = subprocess.Popen(
+        maintenance_argv(hostname="maintenance@%h", schedule=tmp / "beat-schedule"),
+        cwd=ROOT,
+        env=env,
+        stdout=(tmp / "maintenance.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield stack
     finally:
-        for proc in [api, *stack.workers]:
+        for proc in [api, maintenance, *stack.workers]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:

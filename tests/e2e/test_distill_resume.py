@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.app.test_webhooks import Receiver, verify
+from tests.conftest import free_port
 from tests.e2e.conftest import Stack
 from tests.e2e.test_stack import _download_artifacts, _model_files, _upload_dir
 from tests.tiny import sample_text, write_model_dir
@@ -67,7 +69,11 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
     stack = production_stack
     teacher_dir = write_model_dir(tmp_path / "teacher", num_hidden_layers=4)
     worker = stack.start_worker()
+    receiver = Receiver(port=free_port())
+    receiver.start()
     with stack.client() as client:
+        endpoint = client.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.progress"]})
+        assert endpoint.status_code == 201, endpoint.text
         model_upload = _upload_dir(client, _model_files(teacher_dir))
         text_upload = _upload_dir(client, {"train.txt": sample_text(60).encode()})
         spec = {
@@ -92,12 +98,21 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
         job_id = created.json()["id"]
 
         latest_key = _wait_for_checkpoint(stack, client, job_id)
+        # Webhooks flow while the job runs: the relay has a worker of its own, not the busy job worker.
+        deadline = time.monotonic() + 30
+        while not receiver.accepted() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert receiver.accepted(), "no job.progress webhook arrived while the job was running"
         stack.kill_worker(worker)
-        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # killed mid-training
+        receiver.stop()
+        first = verify(receiver.accepted()[0], endpoint.json()["secret"])
+        assert first["type"] == "job.progress" and first["data"]["job_id"] == job_id
+        # Killed mid-training (and so the webhook above was delivered while the job ran).
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         resume_step = _checkpoint_step(latest_key)  # nobody writes checkpoints now: this is what attempt 2 finds
         assert 0 < resume_step < MAX_STEPS and resume_step % CHECKPOINT_EVERY == 0
 
-        stack.start_worker()  # its reaper re-queues the job once the lease expires, then it runs it
+        stack.start_worker()  # the maintenance worker's reaper re-queues the job once the lease expires; this worker runs it
         done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2

@@ -123,7 +123,7 @@ def test_killed_worker_job_is_retried_and_no_partial_artifact(production_stack: 
         keys = [o.key for o in get_storage().list("artifacts/") if job_id in o.key]
         assert not any(k.endswith("manifest.json") for k in keys), keys
 
-        production_stack.start_worker()  # its reaper re-queues once the lease expires, then it runs the job
+        production_stack.start_worker()  # the maintenance worker's reaper re-queues the job once the lease expires; this worker runs it
         done = production_stack.wait_for(job_id, {"succeeded", "failed"}, timeout=300)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2

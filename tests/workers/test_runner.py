@@ -296,3 +296,19 @@ def test_training_metrics_events_are_kept_to_one_a_second_milestones_always(
     clock[0] += 1.0
     job._metrics({"step": 13, "train_loss": 1.0})
     assert [event.get("step") for event in written] == [1, 11, 12, None, 13]
+
+
+def test_internal_failure_reasons_keep_sql_and_hosts_out() -> None:
+    """A tenant reads why its job failed; database and storage-client errors carry SQL, hosts and
+    bucket names, which stay in the worker log."""
+    from botocore.exceptions import EndpointConnectionError
+    from sqlalchemy.exc import DataError
+
+    from workers.runner import internal_reason
+
+    db = DataError("INSERT INTO job_events (data) VALUES (%(data)s)", {"data": "NaN"}, Exception("invalid json"))
+    s3 = EndpointConnectionError(endpoint_url="http://minio.internal:9000/modelpress")
+    for exc in (db, s3):
+        reason = internal_reason(exc)
+        assert reason.startswith(type(exc).__name__) and "INSERT" not in reason and "minio" not in reason
+    assert internal_reason(ValueError("shape mismatch in layer 3")) == "ValueError: shape mismatch in layer 3"
