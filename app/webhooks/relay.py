@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -222,12 +222,15 @@ class Relay:
             body = claim.body.encode()
             response = pinned_request(self.client, vetted, "POST", headers=headers, content=body, timeout=self.timeout)
             try:
-                # Read a bounded excerpt only: a receiver cannot make the relay buffer a large answer.
+                # Read a bounded excerpt only: a receiver cannot make the relay buffer a large answer,
+                # nor hold it by trickling one byte per read timeout (the attempt has a deadline).
                 excerpt = b""
                 for chunk in response.iter_bytes():
                     excerpt += chunk
                     if len(excerpt) >= RESPONSE_EXCERPT_BYTES:
                         break
+                    if time.monotonic() - started > self.settings.webhook_timeout_s:
+                        raise httpx.ReadTimeout("the answer did not arrive within the attempt's deadline")
             finally:
                 response.close()
         except httpx.TimeoutException:
@@ -308,12 +311,20 @@ class Relay:
         stats.claimed = len(claims)
         if not claims:
             return stats
-        if len(claims) == 1 or self.concurrency <= 1:
-            outcomes = [self.send(c) for c in claims]
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(claims))) as pool:
-                outcomes = list(pool.map(self.send, claims))
-        for claim, outcome in zip(claims, outcomes, strict=True):
+        # httpx's timeout bounds each read, not a whole attempt, and name resolution has none: a
+        # receiver that trickles its status line, or a hanging DNS server, must not hold up the other
+        # endpoints' deliveries. Attempts still running at the round's deadline count as timed out
+        # (their threads are abandoned and end with their sockets), well before the claims' lease ends.
+        limit = self.settings.webhook_timeout_s
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(claims))))
+        futures = [pool.submit(self.send, claim) for claim in claims]
+        wait(futures, timeout=2 * limit + 1)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for claim, future in zip(claims, futures, strict=True):
+            if future.done() and not future.cancelled():
+                outcome = future.result()
+            else:
+                outcome = Outcome(None, int((2 * limit + 1) * 1000), error=f"timed out after {limit:g} s")
             self.record(claim, outcome, now or self.clock(), stats)
         return stats
 

@@ -47,6 +47,9 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     plan: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     delay_s: float = 0.0
+    trickle: str | None = None
+    """``"body"``: headers at once, then the body a byte every 0.2 s; ``"headers"``: the status line
+    and headers a byte every 0.2 s (each read beats the read timeout; the whole answer never comes)."""
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,6 +63,11 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if receiver.trickle is not None:
+                    with receiver._lock:
+                        receiver.requests.append(Received({k.lower(): v for k, v in self.headers.items()}, body, 200))
+                    self._trickle(receiver.trickle)
+                    return
                 if receiver.delay_s:
                     threading.Event().wait(receiver.delay_s)
                 with receiver._lock:
@@ -71,6 +79,20 @@ class Receiver:
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+
+            def _trickle(self, mode: str) -> None:
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
+                if mode == "body":
+                    self.wfile.write(head + b"\r\n")
+                    self.wfile.flush()
+                    head = b""
+                for byte in [head[i : i + 1] for i in range(len(head))] + [b"x"] * 100:
+                    try:
+                        self.wfile.write(byte)
+                        self.wfile.flush()
+                    except OSError:  # the relay gave up and closed the connection
+                        return
+                    threading.Event().wait(0.2)
 
             def log_message(self, *_args: object) -> None:
                 pass
@@ -443,6 +465,28 @@ def test_timeouts_are_bounded(
     assert relay_once().retrying == 1
     [pending] = deliveries(client, alice, endpoint["id"])
     assert "timed out" in pending["last_error"] and pending["attempts"][0]["latency_ms"] < 900
+
+
+@pytest.mark.parametrize("trickle", ["body", "headers"])
+def test_a_trickling_receiver_cannot_hold_the_relay(
+    client: TestClient, receiver: Receiver, alice: Caller, monkeypatch: pytest.MonkeyPatch, trickle: str
+) -> None:
+    """Every read beats the 0.5 s read timeout, but the attempt as a whole has a deadline: the round
+    ends within it and the delivery is retried later, instead of the relay waiting ~20 s."""
+    import time
+
+    from app.config import get_settings
+
+    monkeypatch.setenv("MODELPRESS_WEBHOOK_TIMEOUT_S", "0.5")
+    get_settings.cache_clear()
+    endpoint = create_endpoint(client, alice, receiver.url, events=["job.queued"])
+    receiver.trickle = trickle
+    submit(client, alice, new_upload(client, alice))
+    started = time.monotonic()
+    assert relay_once().retrying == 1
+    assert time.monotonic() - started < 4
+    [pending] = deliveries(client, alice, endpoint["id"])
+    assert "timed out" in pending["last_error"]
 
 
 def test_one_off_job_webhook_url_with_its_own_secret(client: TestClient, receiver: Receiver, alice: Caller) -> None:
