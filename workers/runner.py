@@ -151,6 +151,7 @@ class JobRunner:
             log.info("job %s not claimable (already taken, cancelled or finished)", self.job_id)
             return
         queue, priority = deferred
+        lifecycle.mark_rung(session, self.job_id)
         log.info(
             "job %s waits for a running slot of its tenant; retrying in %s s",
             self.job_id,

@@ -126,6 +126,13 @@ def set_progress(
     return ok
 
 
+def mark_rung(session: Session, job_id: str) -> bool:
+    """A doorbell for this queued job is on its way (a refused claim re-rings it after a delay): the job
+    counts as fresh, so the reaper, which re-sends only jobs nobody rang for a while, adds no second
+    doorbell loop. Not a transition, and no event."""
+    return _guarded_update(session, job_id, ("queued",))
+
+
 def set_steps(session: Session, job_id: str, worker_id: str, steps: list[dict[str, Any]]) -> bool:
     return _guarded_update(
         session, job_id, ("running", "cancelling"), Job.worker_id == worker_id, steps=json_safe(steps)

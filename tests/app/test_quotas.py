@@ -221,8 +221,21 @@ def test_runner_rings_a_held_back_job_again_later(
         "enqueue_job",
         lambda job_id, queue, priority=None, countdown=None: rung.append((job_id, queue, priority, countdown)),
     )
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import utcnow
+    from app.jobs.models import Job
+    from workers.reaper import reap_once
+
+    with session_scope() as session:  # queued for an hour: the reaper would take its doorbell for lost
+        session.execute(update(Job).where(Job.id == second).values(updated_at=utcnow() - timedelta(hours=1)))
     runner_module.JobRunner(second).run()  # refused: returns at once, the job stays queued
     assert rung == [(second, "cpu", 8, 15)]
+    # The refused claim's own re-ring is the job's one doorbell loop: the reaper does not start another.
+    monkeypatch.setattr("workers.reaper.enqueue_job", lambda job_id, queue: rung.append((job_id, queue, None, None)))
+    assert reap_once()["resent"] == 0 and len(rung) == 1
     runner_module.JobRunner(first).run()  # running elsewhere: not claimable, not rung again
     assert len(rung) == 1
     assert client.get(f"/v1/jobs/{second}", headers=alice.headers).json()["status"] == "queued"
