@@ -45,9 +45,11 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[ObjectInfo]: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def url_for_get(self, key: str, ttl_s: int, filename: str | None = None) -> str: ...
-    def url_for_put(self, key: str, ttl_s: int) -> str: ...
+    def url_for_put(self, key: str, ttl_s: int, size: int | None = None) -> str: ...
     def start_multipart(self, key: str) -> str: ...
-    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int) -> str: ...
+    def url_for_part(
+        self, key: str, multipart_id: str, part_number: int, ttl_s: int, size: int | None = None
+    ) -> str: ...
     def finish_multipart(self, key: str, multipart_id: str) -> None: ...
     def abort_multipart(self, key: str, multipart_id: str) -> None: ...
     def check(self) -> None: ...
@@ -73,6 +75,30 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     rest = uri.removeprefix("s3://")
     bucket, _, prefix = rest.partition("/")
     return bucket, prefix
+
+
+class PartialFile:
+    """A file written under a temporary name and renamed into place by :meth:`commit` (atomic: readers
+    never see half a file); :meth:`discard` removes whatever was not committed."""
+
+    def __init__(self, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.dest = dest
+        self.tmp = dest.with_name(dest.name + ".part")
+        self.handle = self.tmp.open("wb")
+        self.written = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.handle.write(chunk)
+        self.written += len(chunk)
+
+    def commit(self) -> None:
+        self.handle.close()
+        os.replace(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class LocalStorage:
@@ -107,17 +133,19 @@ class LocalStorage:
         tmp.write_bytes(data)
         os.replace(tmp, dest)
 
+    def open_write(self, key: str) -> PartialFile:
+        """A file for ``key`` written piece by piece, visible only once committed."""
+        return PartialFile(self._path(key))
+
     def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        written = 0
-        with tmp.open("wb") as handle:
+        sink = self.open_write(key)
+        try:
             for chunk in chunks:
-                handle.write(chunk)
-                written += len(chunk)
-        os.replace(tmp, dest)
-        return written
+                sink.write(chunk)
+            sink.commit()
+        finally:
+            sink.discard()
+        return sink.written
 
     def get_file(self, key: str, dest: Path) -> None:
         source = self._path(key)
@@ -164,14 +192,15 @@ class LocalStorage:
     def url_for_get(self, key: str, ttl_s: int, filename: str | None = None) -> str:
         return self._url("get", key, ttl_s)
 
-    def url_for_put(self, key: str, ttl_s: int) -> str:
-        return self._url("put", key, ttl_s)
+    def url_for_put(self, key: str, ttl_s: int, size: int | None = None) -> str:
+        # The declared size travels in the signed token: the PUT route refuses a longer body.
+        return self._url("put", key, ttl_s, **({"size": size} if size is not None else {}))
 
     def start_multipart(self, key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int) -> str:
-        return self._url("put", f"{key}.parts/{part_number:05d}", ttl_s)
+    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int, size: int | None = None) -> str:
+        return self.url_for_put(f"{key}.parts/{part_number:05d}", ttl_s, size)
 
     def finish_multipart(self, key: str, multipart_id: str) -> None:
         parts_dir = self._path(f"{key}.parts")
@@ -269,7 +298,9 @@ class S3Storage:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
         return str(self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s))
 
-    def url_for_put(self, key: str, ttl_s: int) -> str:
+    def url_for_put(self, key: str, ttl_s: int, size: int | None = None) -> str:
+        # A presigned PUT cannot bound the body's length (a presigned POST policy could); the size and
+        # sha256 are verified when the upload is completed, and failed uploads expire and are deleted.
         return str(
             self.presign_client.generate_presigned_url(
                 "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
@@ -279,7 +310,7 @@ class S3Storage:
     def start_multipart(self, key: str) -> str:
         return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
 
-    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int) -> str:
+    def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int, size: int | None = None) -> str:
         return str(
             self.presign_client.generate_presigned_url(
                 "upload_part",

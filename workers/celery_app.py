@@ -13,6 +13,7 @@ from kombu import Queue
 import app.webhooks.service  # noqa: F401 - registers the webhook outbox listener: workers record job events too
 from app.broker import MAINTENANCE_QUEUE, REAP_TASK, make_celery
 from app.config import get_settings
+from app.uploads.service import EXPIRE_UPLOADS_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from app.webhooks.service import PRUNE_DELIVERIES_TASK
 
@@ -40,6 +41,11 @@ celery_app.conf.update(
             "task": WEBHOOK_RELAY_TASK,
             "schedule": settings.webhook_relay_interval_s,
             "options": {"queue": MAINTENANCE_QUEUE, "expires": max(settings.webhook_relay_interval_s * 5, 10.0)},
+        },
+        "expire-uploads": {
+            "task": EXPIRE_UPLOADS_TASK,
+            "schedule": 600.0,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
         },
         "prune-webhook-deliveries": {
             "task": PRUNE_DELIVERIES_TASK,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from app.broker import REAP_TASK, RUN_JOB_TASK
+from app.uploads.service import EXPIRE_UPLOADS_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from app.webhooks.service import PRUNE_DELIVERIES_TASK
 from workers.celery_app import celery_app
@@ -49,3 +50,14 @@ def prune_webhook_deliveries() -> dict[str, int]:
     with session_scope() as session:
         days = get_settings().webhook_delivery_retention_days
         return {"deleted": prune_deliveries(session, timedelta(days=days))}
+
+
+@celery_app.task(name=EXPIRE_UPLOADS_TASK)
+def expire_uploads() -> dict[str, int]:
+    """Delete what was PUT for uploads that expired before they were completed."""
+    from app.db import session_scope
+    from app.storage import get_storage
+    from app.uploads.service import expire_uploads as expire
+
+    with session_scope() as session:
+        return {"expired": expire(session, get_storage())}

@@ -6,7 +6,7 @@ expiry under an HMAC; nothing else about the caller is trusted.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
@@ -20,7 +20,7 @@ from app.storage import LocalStorage, StorageError
 router = APIRouter(prefix="/v1/storage", tags=["storage"], include_in_schema=False)
 
 
-def _payload(token: str, op: str, settings: SettingsDep, storage: StorageDep) -> tuple[LocalStorage, str]:
+def _payload(token: str, op: str, settings: SettingsDep, storage: StorageDep) -> tuple[LocalStorage, dict[str, Any]]:
     if not isinstance(storage, LocalStorage):
         raise Problem(404, "Not Found", "signed storage URLs are served only by the local storage backend")
     try:
@@ -29,14 +29,14 @@ def _payload(token: str, op: str, settings: SettingsDep, storage: StorageDep) ->
         raise Problem(403, "Forbidden", f"invalid storage URL: {exc}") from exc
     if payload.get("op") != op:
         raise Problem(403, "Forbidden", f"this URL does not allow {op.upper()}")
-    return storage, str(payload["key"])
+    return storage, payload
 
 
 @router.get("/{token}")
 def download(token: str, settings: SettingsDep, storage: StorageDep) -> FileResponse:
-    local, key = _payload(token, "get", settings, storage)
+    local, payload = _payload(token, "get", settings, storage)
     try:
-        path = local.path_of(key)
+        path = local.path_of(str(payload["key"]))
     except StorageError:
         path = None
     if path is None or not path.is_file():
@@ -46,17 +46,17 @@ def download(token: str, settings: SettingsDep, storage: StorageDep) -> FileResp
 
 @router.put("/{token}", status_code=200)
 async def upload(token: str, request: Request, settings: SettingsDep, storage: StorageDep) -> Response:
-    local, key = _payload(token, "put", settings, storage)
-    limit = settings.max_upload_bytes
-
-    async def body() -> AsyncIterator[bytes]:
-        seen = 0
+    local, payload = _payload(token, "put", settings, storage)
+    # The size declared when the URL was made (signed into it); a body longer than that is refused
+    # as it arrives, so nothing past it is stored or held in memory.
+    limit = min(int(payload.get("size", settings.max_upload_bytes)), settings.max_upload_bytes)
+    sink = await run_in_threadpool(local.open_write, str(payload["key"]))
+    try:
         async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                raise Problem(413, "Content Too Large", f"object exceeds {limit} bytes")
-            yield chunk
-
-    chunks = [c async for c in body()]  # bounded by max_upload_bytes; written atomically below
-    await run_in_threadpool(local.put_stream, key, iter(chunks))
+            if sink.written + len(chunk) > limit:
+                raise Problem(413, "Content Too Large", f"this URL accepts at most {limit} bytes")
+            await run_in_threadpool(sink.write, chunk)
+        await run_in_threadpool(sink.commit)
+    finally:
+        sink.discard()
     return Response(status_code=200)

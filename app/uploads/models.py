@@ -17,7 +17,7 @@ class Upload(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("upl"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | complete
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | complete | expired
     # [{"path", "size", "sha256", "multipart_id"?}]
     files: Mapped[list[Any]]
     total_bytes: Mapped[int] = mapped_column(BigInteger)

@@ -35,7 +35,9 @@ class FileTarget(BaseModel):
 class UploadOut(BaseModel):
     id: str
     object: Literal["upload"] = "upload"
-    status: Literal["pending", "complete"]
+    status: Literal["pending", "complete", "expired"] = Field(
+        description="expired: not completed in time; whatever was PUT has been deleted"
+    )
     total_bytes: int
     files: list[FileIn]
     created_at: datetime

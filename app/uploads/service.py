@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 
 from sqlalchemy import select
@@ -71,11 +71,16 @@ def create_upload(
             record["multipart_id"] = mp_id
             target["part_size"] = part
             target["parts"] = [
-                {"part_number": n, "url": storage.url_for_part(key, mp_id, n, settings.presign_ttl_s)}
+                {
+                    "part_number": n,
+                    "url": storage.url_for_part(
+                        key, mp_id, n, settings.presign_ttl_s, size=min(part, f.size - (n - 1) * part)
+                    ),
+                }
                 for n in range(1, math.ceil(f.size / part) + 1)
             ]
         else:
-            target["url"] = storage.url_for_put(key, settings.presign_ttl_s)
+            target["url"] = storage.url_for_put(key, settings.presign_ttl_s, size=f.size)
         records.append(record)
         targets.append(target)
     upload.files = records
@@ -90,6 +95,37 @@ def get_upload(session: Session, tenant_id: str, upload_id: str) -> Upload:
     if upload is None:
         raise not_found("upload", upload_id)
     return upload
+
+
+EXPIRE_UPLOADS_TASK = "modelpress.expire_uploads"
+
+
+def expire_uploads(session: Session, storage: Storage, now: datetime | None = None, limit: int = 100) -> int:
+    """Pending uploads past their expiry become ``expired``: their multipart uploads are aborted and
+    whatever was PUT is deleted, so abandoned or failed uploads do not hold storage. Returns how many."""
+    now = now or utcnow()
+    stale = (
+        session.execute(
+            select(Upload)
+            .where(Upload.status == "pending", Upload.expires_at < now)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    for upload in stale:
+        for record in upload.files:
+            if record.get("multipart_id"):
+                key = upload_key(upload.tenant_id, upload.id, record["path"])
+                try:
+                    storage.abort_multipart(key, record["multipart_id"])
+                except Exception:  # already completed or aborted: nothing is left to abort
+                    log.info("upload %s: no multipart upload to abort for %s", upload.id, key, exc_info=True)
+        storage.delete_prefix(upload_key(upload.tenant_id, upload.id))
+        upload.status = "expired"
+    session.commit()
+    return len(stale)
 
 
 def complete_upload(session: Session, principal: Principal, upload_id: str, storage: Storage) -> Upload:

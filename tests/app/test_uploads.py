@@ -90,3 +90,63 @@ def test_local_signed_urls_expire_and_resist_tampering(embedded_client: TestClie
     assert embedded_client.get(f"/v1/storage/{fresh}").content == data
     escape = sign(secret, {"op": "get", "key": "../../etc/passwd"}, ttl_s=60)
     assert embedded_client.get(f"/v1/storage/{escape}").status_code == 404
+
+
+def test_local_put_refuses_more_than_the_declared_size(embedded_client: TestClient) -> None:
+    """The declared size is signed into the URL: a longer body is refused as it streams in (nothing is
+    stored, nothing buffered), so a 1-byte slot cannot take gigabytes past the tenant's byte quota."""
+    from app.storage import get_storage
+
+    caller = make_caller("dave")
+    data = b"safetensors"
+    body = {"files": [{"path": "m.safetensors", "size": len(data), "sha256": sha256_bytes(data)}]}
+    created = embedded_client.post("/v1/uploads", json=body, headers=caller.headers).json()
+    path = created["targets"][0]["url"].split("127.0.0.1:8000", 1)[1]
+    too_long = embedded_client.put(path, content=data + b"x" * 1_000_000)
+    assert too_long.status_code == 413 and "at most 11 bytes" in too_long.json()["detail"]
+    key = f"uploads/{caller.tenant_id}/{created['id']}/m.safetensors"
+    storage = get_storage()
+    assert storage.size(key) is None and not list(storage.path_of(key).parent.glob("*.part"))
+    assert embedded_client.put(path, content=data).status_code == 200
+    assert embedded_client.post(f"/v1/uploads/{created['id']}/complete", headers=caller.headers).status_code == 200
+
+
+def test_expired_uploads_are_deleted_and_their_multipart_uploads_aborted(
+    client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from app.config import get_settings
+    from app.db import session_scope, utcnow
+    from app.storage import get_storage
+    from app.uploads.models import Upload
+    from app.uploads.service import expire_uploads, upload_key
+    from workers.celery_app import celery_app
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "s3_multipart_threshold_bytes", 5 * 1024 * 1024)
+    monkeypatch.setattr(settings, "s3_multipart_part_bytes", 5 * 1024 * 1024)
+    big, small = b"\x01" * (6 * 1024 * 1024), b"config"
+    files = [
+        {"path": "model.safetensors", "size": len(big), "sha256": sha256_bytes(big)},
+        {"path": "config.json", "size": len(small), "sha256": sha256_bytes(small)},
+    ]
+    created = client.post("/v1/uploads", json={"files": files}, headers=alice.headers).json()
+    big_target, small_target = created["targets"]
+    httpx.put(big_target["parts"][0]["url"], content=big[: 5 * 1024 * 1024], timeout=30).raise_for_status()
+    httpx.put(small_target["url"], content=small, timeout=30).raise_for_status()
+    storage = get_storage()
+    prefix = upload_key(alice.tenant_id, created["id"])
+    assert [o.key for o in storage.list(prefix)] == [prefix + "config.json"]
+    assert storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=prefix).get("Uploads")  # type: ignore[attr-defined]
+
+    with session_scope() as session:
+        assert expire_uploads(session, storage) == 0  # not expired yet: untouched
+        session.get(Upload, created["id"]).expires_at = utcnow() - timedelta(seconds=1)  # type: ignore[union-attr]
+    with session_scope() as session:
+        assert expire_uploads(session, storage) == 1
+    assert storage.list(prefix) == []
+    assert not storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=prefix).get("Uploads")  # type: ignore[attr-defined]
+    assert client.get(f"/v1/uploads/{created['id']}", headers=alice.headers).json()["status"] == "expired"
+    assert client.post(f"/v1/uploads/{created['id']}/complete", headers=alice.headers).status_code == 409
+    assert celery_app.conf.beat_schedule["expire-uploads"]["options"]["queue"] == "maintenance"
