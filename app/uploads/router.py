@@ -39,6 +39,16 @@ def get_upload(upload_id: str, principal: JobsReader, session: SessionDep) -> Up
     return _out(service.get_upload(session, principal.tenant_id, upload_id))
 
 
+@router.post("/{upload_id}/urls", response_model=UploadOut)
+def renew_urls(
+    upload_id: str, principal: JobsWriter, session: SessionDep, settings: SettingsDep, storage: StorageDep
+) -> UploadOut:
+    """Fresh PUT URLs for a pending upload (the first ones last ``PRESIGN_TTL_S``), and its completion
+    deadline moved out again: for large files over slow links. Parts already uploaded stay."""
+    upload, targets = service.renew_urls(session, principal, upload_id, settings, storage)
+    return _out(upload, targets)
+
+
 @router.post("/{upload_id}/complete", response_model=UploadOut)
 def complete_upload(upload_id: str, principal: JobsWriter, session: SessionDep, storage: StorageDep) -> UploadOut:
     """Verify every file's size and sha256; the upload becomes usable by jobs."""

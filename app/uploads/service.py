@@ -60,30 +60,53 @@ def create_upload(
     )
     session.add(upload)
     session.flush()
-    records, targets = [], []
+    records: list[dict[str, object]] = []
     for f in files:
-        key = upload_key(principal.tenant_id, upload.id, f.path)
         record: dict[str, object] = {"path": f.path, "size": f.size, "sha256": f.sha256}
-        target: dict[str, object] = {"path": f.path}
         if f.size > settings.s3_multipart_threshold_bytes:
-            part = settings.s3_multipart_part_bytes
-            mp_id = storage.start_multipart(key)
-            record["multipart_id"] = mp_id
+            record["multipart_id"] = storage.start_multipart(upload_key(principal.tenant_id, upload.id, f.path))
+            record["part_size"] = settings.s3_multipart_part_bytes
+        records.append(record)
+    upload.files = records
+    targets = _targets(upload, settings, storage)
+    session.commit()
+    return upload, targets
+
+
+def _targets(upload: Upload, settings: Settings, storage: Storage) -> list[dict[str, object]]:
+    """Fresh presigned URLs for every file of ``upload`` (one per file, or one per part)."""
+    targets: list[dict[str, object]] = []
+    for record in upload.files:
+        key, size = upload_key(upload.tenant_id, upload.id, record["path"]), int(record["size"])
+        target: dict[str, object] = {"path": record["path"]}
+        if record.get("multipart_id"):
+            part = int(record.get("part_size", settings.s3_multipart_part_bytes))
             target["part_size"] = part
             target["parts"] = [
                 {
                     "part_number": n,
                     "url": storage.url_for_part(
-                        key, mp_id, n, settings.presign_ttl_s, size=min(part, f.size - (n - 1) * part)
+                        key, record["multipart_id"], n, settings.presign_ttl_s, size=min(part, size - (n - 1) * part)
                     ),
                 }
-                for n in range(1, math.ceil(f.size / part) + 1)
+                for n in range(1, math.ceil(size / part) + 1)
             ]
         else:
-            target["url"] = storage.url_for_put(key, settings.presign_ttl_s, size=f.size)
-        records.append(record)
+            target["url"] = storage.url_for_put(key, settings.presign_ttl_s, size=size)
         targets.append(target)
-    upload.files = records
+    return targets
+
+
+def renew_urls(
+    session: Session, principal: Principal, upload_id: str, settings: Settings, storage: Storage
+) -> tuple[Upload, list[dict[str, object]]]:
+    """New URLs for a pending upload whose URLs ran out (a large model over a slow link), and as long
+    again to complete it. Parts already PUT stay; PUT only what is missing. Commits."""
+    upload = get_upload(session, principal.tenant_id, upload_id)
+    if upload.status != "pending" or upload.expires_at < utcnow():
+        raise conflict(f"upload {upload_id} is {upload.status if upload.status != 'pending' else 'expired'}")
+    upload.expires_at = max(upload.expires_at, utcnow() + timedelta(seconds=settings.presign_ttl_s * 4))
+    targets = _targets(upload, settings, storage)
     session.commit()
     return upload, targets
 
