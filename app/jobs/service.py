@@ -11,7 +11,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, exists, select
+from sqlalchemy import CursorResult, Select, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -63,6 +63,10 @@ def _request_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# How long a reservation without a job blocks its key (see _claim_idempotency_key).
+IDEMPOTENCY_RESERVATION_S = 60
+
+
 def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
     """Reserve ``key`` (committed at once, so a concurrent twin sees it) or return the job it made."""
     existing = session.execute(
@@ -81,6 +85,24 @@ def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: s
     if existing.request_hash != digest:
         raise unprocessable("Idempotency-Key was already used with a different request body")
     if existing.job_id is None:
+        # Reserved, no job yet. Creating a job takes well under a second; an old reservation belongs to a
+        # request that died between the two commits (process killed, database gone), so a retry takes
+        # it over instead of meeting 409 forever. The guarded UPDATE lets only one retry win.
+        stale_before = utcnow() - timedelta(seconds=IDEMPOTENCY_RESERVATION_S)
+        if existing.created_at < stale_before:
+            taken = session.execute(
+                update(IdempotencyKey)
+                .where(
+                    IdempotencyKey.id == existing.id,
+                    IdempotencyKey.job_id.is_(None),
+                    IdempotencyKey.created_at < stale_before,
+                )
+                .values(created_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+            if isinstance(taken, CursorResult) and taken.rowcount == 1:
+                return None
         raise conflict("a request with this Idempotency-Key is still in progress; retry shortly")
     return get_job(session, tenant_id, existing.job_id)
 

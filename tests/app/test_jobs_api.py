@@ -137,6 +137,23 @@ def test_idempotency_key(client: TestClient, alice: Caller) -> None:
         )
     busy = client.post("/v1/jobs", json=body, headers={**alice.headers, "Idempotency-Key": "in-flight"})
     assert busy.status_code == 409
+    # A reservation whose request died before it made the job (older than a minute) is taken over.
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.db import utcnow
+
+    with session_scope() as session:
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == "in-flight")
+            .values(created_at=utcnow() - timedelta(minutes=2))
+        )
+    taken = client.post("/v1/jobs", json=body, headers={**alice.headers, "Idempotency-Key": "in-flight"})
+    assert taken.status_code == 201, taken.text
+    replay = client.post("/v1/jobs", json=body, headers={**alice.headers, "Idempotency-Key": "in-flight"})
+    assert replay.status_code == 200 and replay.json()["id"] == taken.json()["id"]
     # A failed creation releases its key so the client can retry.
     bad = client.post("/v1/jobs", json=quantize_job("upl_nope"), headers={**alice.headers, "Idempotency-Key": "k2"})
     assert bad.status_code == 422
