@@ -41,11 +41,12 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 
 
 def limit_threads(n: int = THREADS) -> None:
-    """Pin torch (and BLAS) to ``n`` threads: the machine is shared, and timings must be comparable."""
-    import torch
-
+    """Pin torch (and BLAS) to ``n`` threads: the machine is shared, and timings must be comparable.
+    The variables count only before torch is first imported; ``set_num_threads`` works either way."""
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     os.environ.setdefault("MKL_NUM_THREADS", str(n))
+    import torch
+
     torch.set_num_threads(n)
     with suppress(RuntimeError):  # already set once in this process
         torch.set_num_interop_threads(1)
@@ -256,12 +257,22 @@ def count_params(model: Any) -> int:
     return total
 
 
+def cpu_model() -> str:
+    """The CPU's model name (timings of different machines must not be compared as one)."""
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, Any]:
     """Versions that matter for reproducing a line."""
     import torch
     import transformers
 
     return {
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
