@@ -7,7 +7,7 @@ import math
 from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.auth import quotas
@@ -158,6 +158,8 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
         return upload
     if upload.expires_at < utcnow():
         raise conflict("this upload expired before it was completed; create a new one")
+    # End the read transaction: hashing gigabytes takes minutes and must not hold a database connection.
+    session.commit()
     problems = []
     for record in upload.files:
         key = upload_key(upload.tenant_id, upload.id, record["path"])
@@ -179,9 +181,17 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
         raise unprocessable(
             "upload verification failed: " + "; ".join(p["field"] + ": " + p["message"] for p in problems), problems
         )
-    upload.status = "complete"
-    upload.completed_at = utcnow()
+    # Guarded: the upload may have expired (and been deleted) or been completed by a twin meanwhile.
+    session.execute(
+        update(Upload)
+        .where(Upload.id == upload.id, Upload.status == "pending")
+        .values(status="complete", completed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
     session.commit()
+    session.refresh(upload)
+    if upload.status != "complete":
+        raise conflict("this upload expired while it was being verified; create a new one")
     return upload
 
 

@@ -159,3 +159,34 @@ def test_expired_uploads_are_deleted_and_their_multipart_uploads_aborted(
     assert client.get(f"/v1/uploads/{created['id']}", headers=alice.headers).json()["status"] == "expired"
     assert client.post(f"/v1/uploads/{created['id']}/complete", headers=alice.headers).status_code == 409
     assert celery_app.conf.beat_schedule["expire-uploads"]["options"]["queue"] == "maintenance"
+
+
+def test_completion_does_not_hold_a_connection_and_loses_no_race(
+    client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verification (hashing, possibly gigabytes) runs outside any transaction, and the final switch to
+    ``complete`` is guarded: an upload that expired meanwhile (its files deleted) is not completed."""
+    from sqlalchemy import update
+
+    from app.db import get_engine, session_scope
+    from app.uploads import service
+    from app.uploads.models import Upload
+
+    data = b"weights"
+    body = {"files": [{"path": "m.safetensors", "size": len(data), "sha256": sha256_bytes(data)}]}
+    created = client.post("/v1/uploads", json=body, headers=alice.headers).json()
+    httpx.put(created["targets"][0]["url"], content=data, timeout=30).raise_for_status()
+    real_sha256_of = service.sha256_of
+    seen: list[int] = []
+
+    def hash_while_expiring(storage, key):  # type: ignore[no-untyped-def]
+        seen.append(get_engine().pool.checkedout())  # the request's own session holds no connection now
+        with session_scope() as session:
+            session.execute(update(Upload).where(Upload.id == created["id"]).values(status="expired"))
+        return real_sha256_of(storage, key)
+
+    monkeypatch.setattr(service, "sha256_of", hash_while_expiring)
+    done = client.post(f"/v1/uploads/{created['id']}/complete", headers=alice.headers)
+    assert done.status_code == 409 and "expired while it was being verified" in done.json()["detail"]
+    assert seen == [0]
+    assert client.get(f"/v1/uploads/{created['id']}", headers=alice.headers).json()["status"] == "expired"
