@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +36,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-
-
-def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained fp32 GFLOP/s of ``torch.mm(n x n, n x n)`` on this machine (best of 3 bursts)."""
-    import torch
-
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    c = torch.empty(n, n)
-    torch.mm(a, b, out=c)  # warm-up
-    best = 0.0
-    for _ in range(3):
-        count = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            torch.mm(a, b, out=c)
-            count += 1
-        best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def _upper_share(d: int) -> float:
@@ -92,7 +72,7 @@ def main() -> None:
     common.limit_threads()
     config = json.loads((common.MODEL_DIR / "config.json").read_text())
     flops = gptq_flops(config, common.CALIB_SAMPLES, common.CALIB_SEQ_LEN)
-    rate = matmul_gflops()
+    rate = common.matmul_gflops()
     record = {
         "recipe": "w4a16_gptq_g64",
         "calib": f"{common.CALIB_SAMPLES}x{common.CALIB_SEQ_LEN}",

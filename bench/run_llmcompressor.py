@@ -149,13 +149,14 @@ def run_one(name: str) -> None:
             }
         else:
             kwargs = {"pipeline": "datafree"}
-        with common.measure() as timing:
+        with common.measure(matmul_rate=name in common.FLOOR_RECIPES) as timing:
             model = oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
         record.update(
             wall_s=round(timing.wall_s, 2),
             cpu_s=round(timing.cpu_s, 2),
             rss_before_mib=round(timing.rss_before_mib, 1),
             peak_rss_mib=round(timing.peak_rss_mib, 1),
+            matmul_gflops_beside=None if timing.matmul_gflops is None else round(timing.matmul_gflops, 1),
         )
     else:
         record.update(rss_before_mib=round(common.rss_mib(), 1), peak_rss_mib=round(common.peak_rss_mib(), 1))

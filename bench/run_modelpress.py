@@ -169,7 +169,7 @@ def run_one(name: str) -> None:
             from workers.compression.quantize import quantize as engine
         else:
             from workers.compression.prune import prune as engine
-        with common.measure() as timing:
+        with common.measure(matmul_rate=name in common.FLOOR_RECIPES) as timing:
             outcome = engine(model, step, calibration=calibration, callbacks=Callbacks())
         model = outcome.model
         record.update(
@@ -177,6 +177,7 @@ def run_one(name: str) -> None:
             cpu_s=round(timing.cpu_s, 2),
             rss_before_mib=round(timing.rss_before_mib, 1),
             peak_rss_mib=round(timing.peak_rss_mib, 1),
+            matmul_gflops_beside=None if timing.matmul_gflops is None else round(timing.matmul_gflops, 1),
             facts={k: v for k, v in outcome.facts.items() if _small(v)},
         )
     else:
