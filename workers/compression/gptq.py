@@ -14,8 +14,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 
 from workers.compression.hessian import inverse_cholesky
-from workers.compression.kernels import gptq_columns
-from workers.compression.weight_quant import ColumnQuantizer, group_size_of, weight_qparams
+from workers.compression.weight_quant import ColumnQuantizer, group_size_of, use_compiled_kernels, weight_qparams
 
 
 @dataclass
@@ -176,8 +175,11 @@ def _quantize_columns(
     err1: torch.Tensor,
 ) -> None:
     """GPTQ's loop over columns ``start:stop`` of one block (see :func:`kernels.gptq_columns` for the
-    arguments): compiled on the CPU, torch ops one column at a time on other devices."""
-    if w1.device.type == "cpu":
+    arguments): compiled on the CPU, torch ops one column at a time on other devices (and under
+    :func:`weight_quant.without_compiled_kernels`)."""
+    if use_compiled_kernels(w1.device):
+        from workers.compression.kernels import gptq_columns  # numba: imported on first use
+
         q_range = (quantize_column.q_min, quantize_column.q_max)
         gptq_columns(w1, h_inv1, start, stop, scale1, zp1, q_range, keep1, q1, err1)
     else:

@@ -27,11 +27,13 @@ _GPTQ_SIGNATURE = numba.void(
 _CLIP_SIGNATURE = numba.void(_F32_3D, _F32_2D, _F32_3D, _F32_3D, numba.float32, numba.float32, numba.intp[:, ::1])
 
 
-@numba.njit(_GPTQ_SIGNATURE, cache=True, nogil=True, boundscheck=False)
+@numba.njit(_GPTQ_SIGNATURE, cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
 def _gptq_columns(w1, h_inv1, start, stop, scale, zero_point, q_min, q_max, keep, masked, q_out, err_out):
     block, rows = w1.shape
     for i in range(start, stop):
-        inv_d = np.float32(1.0) / h_inv1[i, i]
+        # As torch's addr_ (BLAS ger) does it: alpha = -1/d in double, rounded to float32, then w + (alpha·h)·e
+        # as a fused multiply-add. The results agree with the torch loop to float rounding, not bit for bit.
+        alpha = np.float32(-1.0 / np.float64(h_inv1[i, i]))
         for r in range(rows):
             w = w1[i, r]
             s = scale[i, r]
@@ -42,9 +44,9 @@ def _gptq_columns(w1, h_inv1, start, stop, scale, zero_point, q_min, q_max, keep
             q_out[i, r] = q
             err_out[i, r] = w - q
         for k in range(i + 1, block):
-            c = h_inv1[i, k] * inv_d
+            c = alpha * h_inv1[i, k]
             for r in range(rows):
-                w1[k, r] -= c * err_out[i, r]
+                w1[k, r] = w1[k, r] + c * err_out[i, r]
             if masked:
                 for r in range(rows):
                     if not keep[k, r]:

@@ -36,6 +36,7 @@ from workers.compression.evaluate import perplexity_from, token_nll
 from workers.compression.export import check_model_dir, checkpoint_compressor, compressed_tensors_of
 from workers.compression.layerwise import LayerBatch, capture_layer_inputs, decoder_layers, run_layer
 from workers.compression.quantize import CALIBRATION_BATCH, prepare_quantization
+from workers.compression.weight_quant import without_compiled_kernels
 
 # Output shards are closed when their data pass this size (their bytes go to disk as they come).
 DEFAULT_SHARD_BYTES = 256 * 2**20
@@ -336,10 +337,25 @@ def quantize_streaming(
 
     Same algorithms, options and output format as :func:`workers.compression.quantize.quantize` +
     :func:`workers.compression.export.save_model`; the tokenizer and generation config are copied.
-    ``eval_ids`` (``[n, seq_len]``) are scored before and after in the same walk.
+    ``eval_ids`` (``[n, seq_len]``) are scored before and after in the same walk. The torch loops
+    serve GPTQ here, not the compiled ones: loading LLVM would cost more memory than this mode saves.
     """
+    with without_compiled_kernels():
+        return _quantize_streaming(
+            model_dir, config, out_dir, calibration, eval_ids, callbacks or Callbacks(), max_shard_bytes
+        )
+
+
+def _quantize_streaming(
+    model_dir: Path,
+    config: QuantizeStep,
+    out_dir: Path,
+    calibration: torch.Tensor | None,
+    eval_ids: torch.Tensor | None,
+    callbacks: Callbacks,
+    max_shard_bytes: int,
+) -> tuple[StepOutcome, StreamResult]:
     started = time.perf_counter()
-    callbacks = callbacks or Callbacks()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
     _map_large_blocks()

@@ -7,12 +7,34 @@ what ``from_pretrained`` (and vLLM) dequantize.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
-from workers.compression.kernels import best_clip
+# The compiled CPU loops (workers/compression/kernels.py, numba) are used unless a caller turns them
+# off. Loading them maps LLVM into the process, ~105 MiB of resident memory: the low-memory engine,
+# whose point is its footprint, runs the torch loops instead (a few seconds slower on a 135M model).
+_COMPILED_KERNELS: ContextVar[bool] = ContextVar("compiled_kernels", default=True)
+
+
+@contextmanager
+def without_compiled_kernels() -> Iterator[None]:
+    """Within the block, GPTQ and the clip search use torch ops only (numba is not even imported)."""
+    token = _COMPILED_KERNELS.set(False)
+    try:
+        yield
+    finally:
+        _COMPILED_KERNELS.reset(token)
+
+
+def use_compiled_kernels(device: torch.device) -> bool:
+    """Whether the compiled loops serve tensors on ``device`` here (CPU only, and not switched off)."""
+    return device.type == "cpu" and _COMPILED_KERNELS.get()
 
 
 def group_size_of(args: QuantizationArgs) -> int | None:
@@ -51,9 +73,12 @@ def _search_clip(
     grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, importance: torch.Tensor, args: QuantizationArgs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``(lo, hi)`` shrunk by the grid factor with the least importance-weighted error:
-    compiled on the CPU (one pass, no temporaries the size of the weight), torch ops elsewhere."""
-    if grouped.device.type != "cpu":
+    compiled on the CPU (one pass, no temporaries the size of the weight), torch ops elsewhere or
+    under :func:`without_compiled_kernels`."""
+    if not use_compiled_kernels(grouped.device):
         return _search_clip_torch(grouped, lo, hi, importance, args)
+    from workers.compression.kernels import best_clip  # numba: imported on first use
+
     q_min, q_max = (float(v) for v in calculate_range(args, grouped.device))
     factors = torch.tensor(CLIP_GRID, dtype=torch.float32).view(-1, 1, 1)
     cand_lo, cand_hi = lo * factors, hi * factors

@@ -25,6 +25,7 @@ from workers.compression.evaluate import perplexity
 from workers.compression.export import load_model, save_model
 from workers.compression.quantize import quantize
 from workers.compression.streaming import ShardWriter, quantize_streaming
+from workers.compression.weight_quant import without_compiled_kernels
 
 CASES = [
     ("llama", {"scheme": "w4a16", "group_size": 32, "algorithm": "gptq", "act_order": True}),
@@ -55,7 +56,10 @@ def test_streaming_writes_what_the_in_memory_engine_writes(arch: str, options: d
 
     model, tokenizer = load_model(model_dir)
     assert stream.perplexity_before == perplexity(model, eval_ids)
-    quantize(model, step, calibration=calibration)
+    # Low-memory mode runs GPTQ's torch loops (see quantize_streaming); with the same loops the two
+    # engines must write the same bits.
+    with without_compiled_kernels():
+        quantize(model, step, calibration=calibration)
     assert stream.perplexity_after == perplexity(model, eval_ids)
     save_model(model, tokenizer, tmp_path / "in_memory")
 
@@ -255,3 +259,31 @@ def test_gptq_completes_under_a_memory_cap_below_the_model_size(tmp_path: Path) 
     assert (tmp_path / "out" / "model" / "model.safetensors.index.json").is_file() or (
         tmp_path / "out" / "model" / "model.safetensors"
     ).is_file()
+
+
+def test_low_memory_mode_keeps_llvm_out_of_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled loops would map ~105 MiB of LLVM into a run whose point is its footprint: the
+    low-memory engine must take the torch loops, while the in-memory engine on a CPU takes the compiled ones."""
+    from workers.compression import kernels
+
+    calls: list[str] = []
+    real_gptq, real_clip = kernels.gptq_columns, kernels.best_clip
+
+    def gptq_columns(*args: Any) -> None:
+        calls.append("gptq")
+        real_gptq(*args)
+
+    def best_clip(*args: Any) -> torch.Tensor:
+        calls.append("clip")
+        return real_clip(*args)
+
+    monkeypatch.setattr(kernels, "gptq_columns", gptq_columns)
+    monkeypatch.setattr(kernels, "best_clip", best_clip)
+    model_dir = write_model_dir(tmp_path / "in", num_hidden_layers=2)
+    step = QuantizeStep(method="quantize", scheme="w4a16", group_size=32, algorithm="gptq", act_order=True)
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize_streaming(model_dir, step, tmp_path / "out", calibration=calibration)
+    assert calls == []
+    model, _ = load_model(model_dir)
+    quantize(model, step, calibration=calibration)
+    assert {"gptq", "clip"} <= set(calls)
