@@ -182,23 +182,8 @@ def _quantize_columns(
 
         q_range = (quantize_column.q_min, quantize_column.q_max)
         gptq_columns(w1, h_inv1, start, stop, scale1, zp1, q_range, keep1, q1, err1)
-    else:
-        _quantize_columns_torch(w1, h_inv1, start, stop, scale1, zp1, quantize_column, keep1, q1, err1)
-
-
-def _quantize_columns_torch(
-    w1: torch.Tensor,
-    h_inv1: torch.Tensor,
-    start: int,
-    stop: int,
-    scale1: torch.Tensor,
-    zp1: torch.Tensor,
-    quantize_column: ColumnQuantizer,
-    keep1: torch.Tensor | None,
-    q1: torch.Tensor,
-    err1: torch.Tensor,
-) -> None:
-    """The column loop as torch ops (~7 per column), for any device."""
+        return
+    # The torch ops, ~7 per column.
     diagonal = torch.diagonal(h_inv1).tolist()
     for i in range(start, stop):
         column = w1[i]

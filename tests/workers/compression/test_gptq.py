@@ -143,10 +143,10 @@ def test_clip_search_lowers_the_output_error(args: QuantizationArgs, factor: flo
 @pytest.mark.parametrize("masked", [False, True])
 def test_compiled_column_loop_matches_torch_ops(args: QuantizationArgs, masked: bool) -> None:
     """The numba column loop (CPU) and the torch-op loop (other devices) do the same arithmetic."""
-    from workers.compression.gptq import _quantize_columns_torch
+    from workers.compression.gptq import _quantize_columns
     from workers.compression.hessian import inverse_cholesky
     from workers.compression.kernels import gptq_columns
-    from workers.compression.weight_quant import ColumnQuantizer, weight_qparams
+    from workers.compression.weight_quant import ColumnQuantizer, weight_qparams, without_compiled_kernels
 
     gen = torch.Generator().manual_seed(5)
     x = correlated_inputs(width=32)
@@ -165,7 +165,8 @@ def test_compiled_column_loop_matches_torch_ops(args: QuantizationArgs, masked: 
         if loop == "compiled":
             gptq_columns(w1, h_inv, 3, 29, scale1, zp1, (quantizer.q_min, quantizer.q_max), keep, q1, err1)
         else:
-            _quantize_columns_torch(w1, h_inv, 3, 29, scale1, zp1, quantizer, keep, q1, err1)
+            with without_compiled_kernels():
+                _quantize_columns(w1, h_inv, 3, 29, scale1, zp1, quantizer, keep, q1, err1)
         outputs.append((w1, q1[3:29], err1[3:29]))
     (w_c, q_c, e_c), (w_t, q_t, e_t) = outputs
     # Rounding can flip only where float sums of a different order straddle a .5 boundary.
