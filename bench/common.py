@@ -197,7 +197,12 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (MiB); ``ru_maxrss`` is KiB on Linux."""
+    """Peak resident set size of this process so far (MiB): ``VmHWM``, not ``ru_maxrss``, which Linux
+    carries across fork + exec (a child would report its parent's size)."""
+    with suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -291,7 +291,17 @@ class StreamResult:
 
 
 def _peak_rss_bytes() -> int:
-    import resource
+    """This process's peak resident set: ``VmHWM``, the high-water mark of its own address space.
+    ``ru_maxrss`` is not that: Linux carries it across fork + exec, so a worker or CLI started by a
+    large parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not Linux: the best there is
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 

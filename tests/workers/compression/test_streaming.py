@@ -287,3 +287,21 @@ def test_low_memory_mode_keeps_llvm_out_of_the_process(tmp_path: Path, monkeypat
     model, _ = load_model(model_dir)
     quantize(model, step, calibration=calibration)
     assert {"gptq", "clip"} <= set(calls)
+
+
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    """Linux carries ``ru_maxrss`` across fork + exec: a CLI or worker started by a large parent would
+    report the parent's size as its own peak. The engine reads ``VmHWM`` of its own address space."""
+    ballast = bytearray(1536 * 2**20)
+    for i in range(0, len(ballast), 4096):  # touch every page: resident in this (parent) process
+        ballast[i] = 1
+    code = "from workers.compression.streaming import _peak_rss_bytes; print(_peak_rss_bytes())"
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    del ballast
+    assert int(child.stdout) < 1024 * 2**20, child.stdout
