@@ -198,8 +198,13 @@ def speed_threads(rows: dict[str, dict[str, Any]]) -> str:
     return str(next((r.get("threads") for r in rows.values() if r.get("threads")), "?"))
 
 
-def flop_table(floor: dict[str, Any] | None, by_tool: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """The GPTQ FLOP floor beside both tools' measured wall time."""
+def flop_table(
+    floor: dict[str, Any] | None,
+    by_tool: dict[str, dict[str, dict[str, Any]]],
+    every_run: dict[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """The GPTQ FLOP floor beside both tools' measured wall time (the latest run, and the spread of
+    every run in ``every_run`` measured with a matmul rate beside it)."""
     if floor is None:
         return "_not measured (run `python -m bench.flops`)_"
     g = floor["gflop"]
@@ -230,6 +235,22 @@ def flop_table(floor: dict[str, Any] | None, by_tool: dict[str, dict[str, dict[s
                 f"| {tool} | {row['wall_s']:.1f} | {rate:.1f} | {floor_s:.1f} | {row['wall_s'] / floor_s:.2f} "
                 f"| {_f(row.get('cpu_s'), 1)} | {row['load_avg'][0]} |"
             )
+    spread = []
+    for tool in TOOLS:
+        runs = [
+            r
+            for r in (every_run or {}).get(tool, [])
+            if r.get("recipe") == "w4a16_gptq_g64" and r.get("wall_s") and r.get("matmul_gflops_beside")
+        ]
+        if len(runs) > 1:
+            walls = [r["wall_s"] for r in runs]
+            ratios = [r["wall_s"] * r["matmul_gflops_beside"] / g["total"] for r in runs]
+            spread.append(
+                f"{tool} {min(walls):.1f}-{max(walls):.1f} s (x floor {min(ratios):.2f}-{max(ratios):.2f}, "
+                f"{len(runs)} runs)"
+            )
+    if spread:
+        lines += ["", "Every run of this recipe in the results with a rate beside it: " + "; ".join(spread) + "."]
     small = {tool: by_tool[tool].get("w4a16_gptq_g64_10m") for tool in TOOLS}
     if all(row and row.get("wall_s") for row in small.values()):
         llmc, mp = small["llm-compressor"], small["modelpress"]
@@ -350,7 +371,9 @@ def render() -> str:
         "",
         "What layer-wise GPTQ must compute at minimum (see `bench/flops.py` for the counting rules).",
         "",
-        flop_table(floor, by_tool),
+        flop_table(
+            floor, by_tool, {"llm-compressor": load("llmcompressor.jsonl"), "modelpress": load("modelpress.jsonl")}
+        ),
         "",
         "The issue timed llm-compressor GPTQ W4A16 g64 (32 x 256 calibration) at 95 s on this CPU; this harness "
         "measured 48-118 s for it depending on the machine's load (563 s once at load ~5), with the same "
