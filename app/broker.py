@@ -16,8 +16,9 @@ from app.config import Settings, get_settings
 
 RUN_JOB_TASK = "modelpress.run_job"
 REAP_TASK = "modelpress.reap"
-# The periodic tasks (reaper, webhook relay, delivery pruning) have a queue of their own, consumed by a
-# small worker process of their own: a job worker is busy for hours, and webhooks must not wait for it.
+# The periodic tasks (reaper, webhook relay, delivery pruning, upload expiry) have a queue of their own,
+# consumed by a small worker process of their own: a job worker is busy for hours, and webhooks must
+# not wait for it.
 MAINTENANCE_QUEUE = "maintenance"
 log = logging.getLogger("modelpress.broker")
 

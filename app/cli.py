@@ -56,7 +56,7 @@ def worker_argv(queues: str, concurrency: int = 1, *, hostname: str | None = Non
 
 def maintenance_argv(*, hostname: str | None = None, schedule: Path | None = None) -> list[str]:
     """The maintenance worker's command line: the beat schedule (reaper, webhook relay, delivery
-    pruning) and a two-thread worker on the ``maintenance`` queue that runs it. Threads, not
+    pruning, upload expiry) and a two-thread worker on the ``maintenance`` queue that runs it. Threads, not
     processes: the tasks are short and mostly wait on the database and the network, and the reaper
     never waits behind a slow webhook round. Run exactly one per deployment (one beat)."""
     from app.broker import MAINTENANCE_QUEUE
@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser(
-        "maintenance", help="run the periodic tasks (lease reaper, webhook relay, delivery pruning); one per deployment"
+        "maintenance",
+        help="run the periodic tasks (lease reaper, webhook relay, delivery pruning, upload expiry); run one",
     )
     p.set_defaults(func=cmd_maintenance)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ class PartialFile:
     def __init__(self, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.dest = dest
-        self.tmp = dest.with_name(dest.name + ".part")
+        # A name of its own: two PUTs of one key at once must not write into the same temporary file.
+        self.tmp = dest.with_name(f"{dest.name}.{secrets.token_hex(6)}.part")
         self.handle = self.tmp.open("wb")
         self.written = 0
 

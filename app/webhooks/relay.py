@@ -313,20 +313,34 @@ class Relay:
             return stats
         # httpx's timeout bounds each read, not a whole attempt, and name resolution has none: a
         # receiver that trickles its status line, or a hanging DNS server, must not hold up the other
-        # endpoints' deliveries. Attempts still running at the round's deadline count as timed out
-        # (their threads are abandoned and end with their sockets), well before the claims' lease ends.
+        # endpoints' deliveries. At the round's deadline (well before the claims' lease ends), attempts
+        # still running count as timed out (their threads are abandoned and end with their sockets),
+        # and claims not yet started go back unattempted, due at once for the next round.
         limit = self.settings.webhook_timeout_s
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(claims))))
         futures = [pool.submit(self.send, claim) for claim in claims]
         wait(futures, timeout=2 * limit + 1)
         pool.shutdown(wait=False, cancel_futures=True)
         for claim, future in zip(claims, futures, strict=True):
-            if future.done() and not future.cancelled():
+            if future.cancelled():
+                self.release(claim, now or self.clock())
+                continue
+            if future.done():
                 outcome = future.result()
             else:
                 outcome = Outcome(None, int((2 * limit + 1) * 1000), error=f"timed out after {limit:g} s")
             self.record(claim, outcome, now or self.clock(), stats)
         return stats
+
+    def release(self, claim: Claim, now: datetime) -> None:
+        """Give back a claim that was never attempted: due again at once, no attempt counted."""
+        with session_scope() as session:
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.seq == claim.seq, WebhookDelivery.status == "pending")
+                .values(next_attempt_at=now)
+                .execution_options(synchronize_session=False)
+            )
 
     def run_once(self, now: datetime | None = None, max_rounds: int = 1000, budget_s: float = 60.0) -> RelayStats:
         """Rounds until nothing is due (each success makes the endpoint's next delivery due), bounded in time."""

@@ -489,6 +489,36 @@ def test_a_trickling_receiver_cannot_hold_the_relay(
     assert "timed out" in pending["last_error"]
 
 
+def test_claims_not_started_by_the_deadline_go_back_unattempted(
+    client: TestClient, receiver: Receiver, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sending thread, two trickling endpoints: the first attempt holds the thread past the round's
+    deadline (a timed-out attempt); the other claim never started, so it counts no attempt and is due
+    again at once, while the timed-out one waits for its backoff."""
+    from app.config import get_settings
+    from app.webhooks.relay import Relay
+
+    monkeypatch.setenv("MODELPRESS_WEBHOOK_TIMEOUT_S", "0.5")
+    get_settings.cache_clear()
+    other = Receiver(port=free_port(), trickle="headers")
+    other.start()
+    try:
+        endpoints = [create_endpoint(client, alice, r.url, events=["job.queued"]) for r in (receiver, other)]
+        receiver.trickle = "headers"
+        submit(client, alice, new_upload(client, alice))
+        with Relay(concurrency=1) as relay:
+            first = relay.run_round()
+            assert first.claimed == 2 and first.retrying == 1
+            states = [deliveries(client, alice, e["id"])[0] for e in endpoints]
+            attempted = [d for d in states if d["attempts"]]
+            untouched = [d for d in states if not d["attempts"]]
+            assert len(attempted) == 1 and "timed out" in attempted[0]["last_error"]
+            assert len(untouched) == 1 and untouched[0]["status"] == "pending"
+            assert relay.run_round().claimed == 1  # only the released one is due
+    finally:
+        other.stop()
+
+
 def test_one_off_job_webhook_url_with_its_own_secret(client: TestClient, receiver: Receiver, alice: Caller) -> None:
     upload = new_upload(client, alice)
     created = client.post(
