@@ -12,6 +12,9 @@ on other devices, and the tests check that both give the same result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numba
 import numpy as np
 import torch
@@ -27,7 +30,21 @@ _GPTQ_SIGNATURE = numba.void(
 _CLIP_SIGNATURE = numba.void(_F32_3D, _F32_2D, _F32_3D, _F32_3D, numba.float32, numba.float32, numba.intp[:, ::1])
 
 
-@numba.njit(_GPTQ_SIGNATURE, cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
+def jit(signature: Any, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit`` with an on-disk cache (next to this file, in ``NUMBA_CACHE_DIR`` or the user's
+    cache directory); where none of them is writable (a read-only image without a home), compile
+    once per process instead of failing."""
+
+    def decorate(function: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(signature, cache=True, nogil=True, boundscheck=False, **options)(function)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return numba.njit(signature, cache=False, nogil=True, boundscheck=False, **options)(function)
+
+    return decorate
+
+
+@jit(_GPTQ_SIGNATURE, fastmath={"contract"})
 def _gptq_columns(w1, h_inv1, start, stop, scale, zero_point, q_min, q_max, keep, masked, q_out, err_out):
     block, rows = w1.shape
     for i in range(start, stop):
@@ -84,7 +101,7 @@ def gptq_columns(
 
 
 # reassoc lets LLVM vectorise the error sum; every other operation keeps strict IEEE semantics.
-@numba.njit(_CLIP_SIGNATURE, cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})
+@jit(_CLIP_SIGNATURE, fastmath={"reassoc"})
 def _clip_choice(grouped, importance, scales, zero_points, q_min, q_max, best):
     rows, groups, width = grouped.shape
     for r in range(rows):

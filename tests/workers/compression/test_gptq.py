@@ -194,3 +194,17 @@ def test_compiled_clip_search_matches_torch_ops(args: QuantizationArgs) -> None:
     same = (compiled[0] == reference[0]) & (compiled[1] == reference[1])
     assert float(same.float().mean()) > 0.99
     assert bool((compiled[1] < hi).any()), "the search should clip some ranges of outlier-heavy weights"
+
+
+def test_kernels_compile_without_a_writable_cache() -> None:
+    """Where numba finds no writable cache location it cannot cache (here: a function with no source
+    file); the kernels then compile per process instead of failing the import."""
+    import numba
+
+    from workers.compression.kernels import jit
+
+    namespace: dict[str, object] = {}
+    exec("def twice(x):\n    return 2.0 * x\n", namespace)  # a function without a source file
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        numba.njit(numba.float64(numba.float64), cache=True)(namespace["twice"])
+    assert jit(numba.float64(numba.float64))(namespace["twice"])(3.0) == 6.0
