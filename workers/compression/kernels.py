@@ -7,7 +7,8 @@ code once (cached on disk next to this file, or in ``NUMBA_CACHE_DIR``) with the
 compressed-tensors: IEEE float32 division by the scale, round half to even (``rint``, as
 ``torch.round``), the same clamp. One formula serves both symmetric and asymmetric schemes: a
 symmetric zero-point is 0, and ``x + 0`` is exact. The torch loops stay in the callers for tensors
-on other devices, and the tests check that both give the same result.
+on other devices (and for the low-memory engine), and the tests check that both agree to float
+rounding. Nothing imports this module until a compiled loop is first needed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 _F32_2D = numba.float32[:, ::1]
 _F32_3D = numba.float32[:, :, ::1]
 
-# Explicit signatures: one compiled specialisation per kernel, built at first use and then cached.
+# Explicit signatures: one specialisation per kernel, compiled (or loaded from the cache) on import.
 _GPTQ_SIGNATURE = numba.void(
     _F32_2D, _F32_2D, numba.intp, numba.intp, _F32_2D, _F32_2D, numba.float32, numba.float32,
     numba.boolean[:, ::1], numba.boolean, _F32_2D, _F32_2D,
