@@ -226,11 +226,16 @@ def flop_table(
         "| 1-min load at the end |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def floor_of(row: dict[str, Any]) -> tuple[float, float]:
+        """(matmul rate, floor seconds) for one run: the rate beside it, else the standalone one."""
+        rate = row.get("matmul_gflops_beside") or floor["matmul_gflops"]
+        return rate, g["total"] / rate
+
     for tool in TOOLS:
         row = by_tool[tool].get("w4a16_gptq_g64")
         if row and row.get("wall_s"):
-            rate = row.get("matmul_gflops_beside") or floor["matmul_gflops"]
-            floor_s = g["total"] / rate
+            rate, floor_s = floor_of(row)
             lines.append(
                 f"| {tool} | {row['wall_s']:.1f} | {rate:.1f} | {floor_s:.1f} | {row['wall_s'] / floor_s:.2f} "
                 f"| {_f(row.get('cpu_s'), 1)} | {row['load_avg'][0]} |"
@@ -244,7 +249,7 @@ def flop_table(
         ]
         if len(runs) > 1:
             walls = [r["wall_s"] for r in runs]
-            ratios = [r["wall_s"] * r["matmul_gflops_beside"] / g["total"] for r in runs]
+            ratios = [r["wall_s"] / floor_of(r)[1] for r in runs]
             spread.append(
                 f"{tool} {min(walls):.1f}-{max(walls):.1f} s (x floor {min(ratios):.2f}-{max(ratios):.2f}, "
                 f"{len(runs)} runs)"

@@ -321,9 +321,11 @@ class Relay:
         futures = [pool.submit(self.send, claim) for claim in claims]
         wait(futures, timeout=2 * limit + 1)
         pool.shutdown(wait=False, cancel_futures=True)
+        unstarted = [claim for claim, future in zip(claims, futures, strict=True) if future.cancelled()]
+        if unstarted:
+            self.release(unstarted, now or self.clock())
         for claim, future in zip(claims, futures, strict=True):
             if future.cancelled():
-                self.release(claim, now or self.clock())
                 continue
             if future.done():
                 outcome = future.result()
@@ -332,12 +334,12 @@ class Relay:
             self.record(claim, outcome, now or self.clock(), stats)
         return stats
 
-    def release(self, claim: Claim, now: datetime) -> None:
-        """Give back a claim that was never attempted: due again at once, no attempt counted."""
+    def release(self, claims: list[Claim], now: datetime) -> None:
+        """Give back claims that were never attempted: due again at once, no attempt counted."""
         with session_scope() as session:
             session.execute(
                 update(WebhookDelivery)
-                .where(WebhookDelivery.seq == claim.seq, WebhookDelivery.status == "pending")
+                .where(WebhookDelivery.seq.in_([c.seq for c in claims]), WebhookDelivery.status == "pending")
                 .values(next_attempt_at=now)
                 .execution_options(synchronize_session=False)
             )

@@ -111,6 +111,9 @@ def gptq_quantize(
     cur_scale = cur_zp = None
     row_loss = torch.zeros(out_features, dtype=torch.float64, device=wt.device)
 
+    # A group's qparams are those of its columns taken as one channel.
+    per_channel = args.model_copy(update={"strategy": "channel", "group_size": None})
+
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         w1 = wt[i1:i2].clone()
@@ -134,7 +137,6 @@ def gptq_quantize(
                     rows = w1[a : a + group]
                     if rows.shape[0] < group:
                         rows = torch.cat([rows, wt[i2 : i2 + group - rows.shape[0]]])
-                    per_channel = args.model_copy(update={"strategy": "channel", "group_size": None})
                     s, z = weight_qparams(rows.T, per_channel)
                     cur_scale, cur_zp = s[:, 0].to(torch.float32), z[:, 0].to(torch.float32)
                     scale_out[:, col // group], zp_out[:, col // group] = cur_scale, cur_zp
