@@ -211,10 +211,11 @@ def flop_table(
     lines = [
         "| phase | GFLOP |",
         "|---|---|",
-        f"| calibration forwards ({floor['forward_passes']} per layer) | {g['forward']:.0f} |",
+        f"| calibration forward ({floor['forward_passes']}) | {g['forward']:.0f} |",
         f"| Hessian accumulation (4 distinct inputs per layer) | {g['hessian']:.0f} |",
         f"| Hessian inverse / Cholesky | {g['inverse']:.0f} |",
         f"| column-wise error propagation | {g['propagate']:.0f} |",
+        f"| report: output-error denominators tr(W H Wᵀ) | {g.get('report', 0):.0f} |",
         f"| **total** | **{g['total']:.0f}** |",
         "",
         f"fp32 matmul rate (torch.mm 2048², {floor.get('threads')} threads) measured alone by `bench.flops`: "

@@ -11,7 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
+
+from workers.compression import heap
 
 ProgressFn = Callable[[float, str], None]
 StopFn = Callable[[], bool]
@@ -68,3 +71,24 @@ class StepOutcome:
 
     model: nn.Module
     facts: dict[str, Any] = field(default_factory=dict)
+
+
+def set_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Give ``module.weight`` new values by handing it ``value``'s storage (the caller gives ``value``
+    up; a view of a larger tensor is copied first), leaving the old storage to be freed.
+
+    A loaded checkpoint's tensors are private mappings of its safetensors file: writing into one
+    copies every 4 KiB page on first touch (measured: 12 ms for a 1536 x 576 float32 weight, against
+    under 1 ms for a fresh copy); the old pages are handed back instead (:func:`heap.release_pages`).
+    The Parameter object stays, so hooks, qparams registered on the module and tied weights (one
+    Parameter under two names) all see the new values.
+    """
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    with torch.no_grad():
+        fresh = value.to(weight.dtype)
+        if fresh.untyped_storage().nbytes() != fresh.nbytes or not fresh.is_contiguous():
+            fresh = fresh.clone(memory_format=torch.contiguous_format)
+        old = weight.data
+        weight.data = fresh
+        heap.release_pages(old)

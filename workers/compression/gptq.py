@@ -77,23 +77,23 @@ def gptq_quantize(
         static_scale = static_scale.to(torch.float32)
         static_zp = static_zp.to(torch.float32)
 
-    perm: torch.Tensor | None = None
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
-        if keep is not None:
-            keep = keep[:, perm]
-
-    h_inv = inverse_cholesky(h, dampening_frac, name)
-    del h
-    quantize_column = ColumnQuantizer(args, w.device)
     # Work on Wᵀ: each input column of W is then a contiguous row, and the per-column rank-1 update
     # of the rest of the block touches one contiguous slab (several times faster on CPU than
-    # striding through W's columns).
+    # striding through W's columns). Permuting rows of Wᵀ copies whole rows, too.
     wt = w.T.contiguous()
     del w
     keep_t = keep.T.contiguous() if keep is not None else None
+    perm: torch.Tensor | None = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        wt = wt.index_select(0, perm)
+        h = h.index_select(0, perm).index_select(1, perm)
+        if keep_t is not None:
+            keep_t = keep_t.index_select(0, perm)
+
+    h_inv = inverse_cholesky(h, dampening_frac, name)
+    del h
+    quantize_column = ColumnQuantizer(args, wt.device)
     qt = torch.empty_like(wt)
     n_groups = in_features // group if group else 1
     scale_out = torch.zeros(out_features, n_groups, dtype=torch.float32, device=wt.device)
@@ -106,8 +106,8 @@ def gptq_quantize(
             column_zp = static_zp.T.expand(in_features, out_features)
         else:
             source = (perm if perm is not None else torch.arange(in_features, device=wt.device)) // group
-            column_scale = static_scale.T[source].contiguous()
-            column_zp = static_zp.T[source].contiguous()
+            column_scale = static_scale.T.contiguous().index_select(0, source)
+            column_zp = static_zp.T.contiguous().index_select(0, source)
     cur_scale = cur_zp = None
     row_loss = torch.zeros(out_features, dtype=torch.float64, device=wt.device)
 
@@ -151,9 +151,9 @@ def gptq_quantize(
         if keep_t is not None:
             wt[i2:] *= keep_t[i2:]
 
-    q = qt.T
     if perm is not None:
-        q = q[:, torch.argsort(perm)]
+        qt = qt.index_select(0, torch.argsort(perm))
+    q = qt.T
     if group is None or act_order:
         assert static_scale is not None and static_zp is not None
         scale_out, zp_out = static_scale, static_zp

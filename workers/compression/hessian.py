@@ -8,7 +8,8 @@ rank-k update is computed once per shared input rather than once per module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,25 @@ class InputStats:
     tokens: int = 0
     modules: list[str] = field(default_factory=list)
     diag_only: bool = False
+    output_energy: dict[str, float] = field(default_factory=dict)
+    """``Σ ‖x Wᵀ‖²`` over the calibration tokens of each reading module whose forward ran while
+    observed (``collect_input_stats(output_energy=True)``; bias left out): what ``tr(W XᵀX Wᵀ)``
+    would compute with a matmul of ``out · in²``, read off outputs the observation made anyway."""
+
+    @classmethod
+    def of(cls, inputs: Iterable[torch.Tensor], modules: list[str], diag_only: bool = False) -> InputStats | None:
+        """Statistics of every batch in ``inputs`` (``[..., width]``), finished; ``None`` if there was none."""
+        stats: InputStats | None = None
+        for x in inputs:
+            if stats is None:
+                width = x.shape[-1]
+                shape = (width,) if diag_only else (width, width)
+                xtx = torch.zeros(shape, dtype=torch.float32, device=x.device)
+                stats = cls(xtx=xtx, modules=list(modules), diag_only=diag_only)
+            stats.add(x)
+        if stats is not None:
+            stats.finish()
+        return stats
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
@@ -43,11 +63,8 @@ class InputStats:
     def finish(self) -> None:
         """Mirror the accumulated upper blocks into the lower ones (once, after the last batch)."""
         if not self.diag_only:
-            edges = _block_edges(self.xtx.shape[0])
-            for i in range(len(edges) - 1):
-                for j in range(i + 1, len(edges) - 1):
-                    rows, cols = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
-                    self.xtx[cols, rows] = self.xtx[rows, cols].T
+            for a0, a1 in itertools.pairwise(_block_edges(self.xtx.shape[0])):
+                self.xtx[a1:, a0:a1] = self.xtx[a0:a1, a1:].T
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -56,6 +73,11 @@ class InputStats:
             raise ValueError("statistics were collected with diag_only=True; the full Hessian is not available")
         return self.xtx * (2.0 / max(self.tokens, 1))
 
+    def output_scale(self, name: str) -> float | None:
+        """``tr(W H Wᵀ)`` of module ``name`` against :attr:`hessian`, when its output energy was recorded."""
+        energy = self.output_energy.get(name)
+        return None if energy is None else energy * 2.0 / max(self.tokens, 1)
+
     @property
     def channel_norms(self) -> torch.Tensor:
         """``‖X_j‖₂`` for every input channel j (Wanda's activation term)."""
@@ -63,23 +85,26 @@ class InputStats:
         return torch.sqrt(torch.clamp(diagonal, min=0.0))
 
 
+def block_count(d: int) -> int:
+    """Row panels :func:`_accumulate_upper` splits a width-``d`` ``XᵀX`` into (fewer for small ``d``,
+    where narrow products run slowly)."""
+    return 8 if d >= 1024 else (4 if d >= 512 else (2 if d >= 128 else 1))
+
+
 def _block_edges(d: int) -> list[int]:
-    """Column blocks of ``XᵀX`` for :func:`_accumulate_upper`: 4 x 4 for d >= 512, fewer below."""
-    count = 4 if d >= 512 else (2 if d >= 128 else 1)
+    count = block_count(d)
     return [d * i // count for i in range(count + 1)]
 
 
 def _accumulate_upper(xtx: torch.Tensor, x: torch.Tensor) -> None:
-    """``xtx += xᵀx`` on the diagonal and upper blocks only (a symmetric rank-k update: BLAS has
-    ``syrk``, torch does not). With 4 x 4 blocks that is 10 of 16 block products, ~35 % less work;
-    :meth:`InputStats.finish` mirrors the result."""
+    """``xtx += xᵀx`` on and above the diagonal blocks only (a symmetric rank-k update: BLAS has
+    ``syrk``, torch does not): one product per row panel, from its diagonal block to the right edge.
+    With 4 panels that is 10 of 16 block products, with 8 panels 36 of 64; :meth:`InputStats.finish`
+    mirrors the result."""
     edges = _block_edges(x.shape[1])
-    for i in range(len(edges) - 1):
-        a0, a1 = edges[i], edges[i + 1]
-        for j in range(i, len(edges) - 1):
-            b0, b1 = edges[j], edges[j + 1]
-            # addmm_ on transposed views: no temporary for the product.
-            xtx[a0:a1, b0:b1].addmm_(x[:, a0:a1].T, x[:, b0:b1])
+    for a0, a1 in itertools.pairwise(edges):
+        # addmm_ on transposed views: no temporary for the product.
+        xtx[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
 
 
 def collect_input_stats(
@@ -88,6 +113,7 @@ def collect_input_stats(
     select: Callable[[str, nn.Linear], bool] = lambda _n, _m: True,
     diag_only: bool = False,
     stop_early: bool = True,
+    output_energy: bool = False,
 ) -> dict[str, InputStats]:
     """Run ``replay()`` once with hooks and return ``{linear name: stats}`` for the selected Linears.
 
@@ -96,7 +122,8 @@ def collect_input_stats(
     ``stop_early`` each call of the layer ends (:class:`StopLayer`) as soon as every selected Linear
     has seen its input: the rest of the layer (e.g. the down projection's matmul when it is the
     last one, the whole MLP when only ``o_proj`` is selected) is never computed. Pass ``False``
-    when other hooks must see the whole forward.
+    when other hooks must see the whole forward. ``output_energy`` also records every selected
+    Linear's :attr:`InputStats.output_energy` (those the early stop skips have none).
     """
     by_name: dict[str, InputStats] = {}
     selected = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and select(n, m)}
@@ -137,10 +164,22 @@ def collect_input_stats(
 
         return hook
 
+    def record_energy(name: str) -> Callable[..., None]:
+        def hook(module: nn.Linear, _args: Any, out: torch.Tensor) -> None:
+            y = out.detach()
+            if module.bias is not None:
+                y = y - module.bias
+            energies = by_name[name].output_energy
+            energies[name] = energies.get(name, 0.0) + float(torch.linalg.vector_norm(y)) ** 2
+
+        return hook
+
     handles = [layer.register_forward_pre_hook(reset)]
     for name, module in layer.named_modules():
         if name in selected:
             handles.append(module.register_forward_pre_hook(make_hook(name, module.in_features)))
+            if output_energy:
+                handles.append(module.register_forward_hook(record_energy(name)))
     try:
         with torch.no_grad():
             replay()
@@ -156,7 +195,7 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch
     """Upper Cholesky factor ``U`` of the damped ``H⁻¹`` (``H⁻¹ = UᵀU``: what GPTQ's and SparseGPT's
     column updates read); retries with ten times the dampening while ``H`` is numerically singular.
 
-    One factorisation and one triangular inverse: with ``J`` the reversal permutation and
+    One factorisation and one triangular inverse (:func:`_invert_upper`): with ``J`` the reversal permutation and
     ``JHJ = MMᵀ``, ``R = JMJ`` is upper triangular with ``H = RRᵀ``, so ``H⁻¹ = R⁻ᵀR⁻¹`` and
     ``U = R⁻¹``; a third of the work of inverting ``H`` and factorising the inverse.
     ``h`` is the caller's scratch copy and is damped in place.
@@ -172,8 +211,31 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch
         if int(info) == 0:
             upper = lower.flip(0, 1)
             del lower
-            eye = torch.eye(n, dtype=h.dtype, device=h.device)
-            return torch.linalg.solve_triangular(upper, eye, upper=True)
+            inverse = torch.empty_like(upper)
+            _invert_upper(upper, inverse)
+            return inverse
         # Too few tokens for the width: dampen harder, as llm-compressor's users do by hand.
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=h.device)
     raise EngineError(f"{name}: Hessian is not positive definite even with strong dampening; add calibration data")
+
+
+def _invert_upper(upper: torch.Tensor, out: torch.Tensor, leaf: int = 128) -> None:
+    """``out = upper⁻¹`` for an upper-triangular matrix, by halves:
+    ``[[A, B], [0, C]]⁻¹ = [[A⁻¹, -A⁻¹ B C⁻¹], [0, C⁻¹]]``.
+
+    LAPACK's triangular inverse (``trtri``) is not in torch, and ``solve_triangular`` against the
+    identity does ``n³`` FLOPs in a triangular solve; the halves do ``2n³/3`` in matrix products
+    (``n³/2`` at the top level, a quarter of that per level below): twice as fast at n = 1536 (19
+    against 37 ms on 2 cores), agreeing to float rounding.
+    """
+    n = upper.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=upper.dtype, device=upper.device)
+        torch.linalg.solve_triangular(upper, eye, upper=True, out=out)
+        return
+    m = n // 2
+    _invert_upper(upper[:m, :m], out[:m, :m], leaf)
+    _invert_upper(upper[m:, m:], out[m:, m:], leaf)
+    torch.mm(torch.mm(out[:m, :m], upper[:m, m:]), out[m:, m:], out=out[:m, m:])
+    out[:m, m:].neg_()
+    out[m:, :m].zero_()

@@ -9,7 +9,7 @@ stays bounded by one layer plus the activations, as in llm-compressor's sequenti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.compression import heap
 from workers.compression.base import Callbacks, EngineError
 
 
@@ -90,6 +91,23 @@ ProcessFn = Callable[[int, str, nn.Module, Callable[[], list[torch.Tensor]]], No
 module name in the model (``model.layers.3``); ``replay()`` runs the layer's current weights over the
 calibration inputs and returns its outputs."""
 
+StageFn = Callable[[int, str, nn.Module, list[str], Iterable[torch.Tensor]], None]
+"""``stage(index, prefix, layer, names, inputs)``: observe the input every batch feeds the Linears
+``names`` (layer-relative, sharing that input) and modify those Linears, before they are applied
+(see :func:`staged_forward`)."""
+
+
+# The Linears of a Llama-shape decoder layer, grouped by the input they read, in the order they run.
+ATTENTION_IN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+ATTENTION_OUT = ["self_attn.o_proj"]
+MLP_IN = ["mlp.gate_proj", "mlp.up_proj"]
+MLP_OUT = ["mlp.down_proj"]
+# In staged_forward, the inputs of o_proj and down_proj (tokens x width) are kept for every batch
+# up to this size; beyond it the attention or MLP runs a second time instead (more FLOPs, no more
+# memory than observing the whole layer and running it again).
+STORE_BYTES = 1 << 30
+_LLAMA_MODULES = ["input_layernorm", "post_attention_layernorm", *ATTENTION_IN, *ATTENTION_OUT, *MLP_IN, *MLP_OUT]
+
 
 def layerwise(
     model: nn.Module,
@@ -98,27 +116,161 @@ def layerwise(
     callbacks: Callbacks | None = None,
     batch_size: int = 8,
     propagate: bool = True,
-) -> None:
-    """Calibrate ``model`` one decoder layer at a time (see module docstring).
+    stage: StageFn | None = None,
+) -> bool:
+    """Calibrate ``model`` one decoder layer at a time (see module docstring); return whether the
+    layers ran group by group (``stage``) rather than observed whole (``process``).
 
     With ``propagate=True`` the next layer sees the outputs of the already-modified layer, so
     errors are corrected downstream (GPTQ/SparseGPT practice); with ``False`` it sees the
-    original layer's outputs.
+    original layer's outputs. An engine that can work one group of Linears at a time passes
+    ``stage``: layers of the Llama shape then run once, in :func:`staged_forward`, instead of
+    being observed by ``process`` and run again.
     """
     callbacks = callbacks or Callbacks()
     layers = decoder_layers(model)
-    batches = capture_layer_inputs(model, input_ids, batch_size)
-    total = len(layers)
-    for index, layer in enumerate(layers):
-        callbacks.check()
-        original_out: list[torch.Tensor] | None = None
-        if not propagate:
-            original_out = run_layer(layer, batches)
-        process(index, f"model.layers.{index}", layer, partial(run_layer, layer, batches))
-        outputs = run_layer(layer, batches) if original_out is None else original_out
-        for batch, out in zip(batches, outputs, strict=True):
-            batch.hidden = out
-        callbacks.progress((index + 1) / total, f"layer {index + 1}/{total}")
+    with heap.retained_heap():  # every layer allocates the same activations again: reuse their pages
+        batches = capture_layer_inputs(model, input_ids, batch_size)
+        staged = stage is not None and propagate and bool(batches) and stages_match(layers[0], batches[0])
+        total = len(layers)
+        for index, layer in enumerate(layers):
+            callbacks.check()
+            calibrate_layer(index, layer, batches, process, stage if staged else None, propagate)
+            callbacks.progress((index + 1) / total, f"layer {index + 1}/{total}")
+    return staged
+
+
+def calibrate_layer(
+    index: int,
+    layer: nn.Module,
+    batches: list[LayerBatch],
+    process: ProcessFn,
+    stage: StageFn | None = None,
+    propagate: bool = True,
+    store_bytes: int = STORE_BYTES,
+) -> None:
+    """One layer of :func:`layerwise`: observe and modify it (by groups when ``stage`` is given and the
+    layer has the Llama shape), then move every batch's hidden states past it."""
+    prefix = f"model.layers.{index}"
+    if stage is not None and _has_llama_shape(layer):
+        staged_forward(layer, batches, partial(stage, index, prefix, layer), store_bytes)
+        return
+    original_out = None if propagate else run_layer(layer, batches)
+    process(index, prefix, layer, partial(run_layer, layer, batches))
+    outputs = run_layer(layer, batches) if original_out is None else original_out
+    for batch, out in zip(batches, outputs, strict=True):
+        batch.hidden = out
+
+
+# ---------------------------------------------------------------- one group of Linears at a time
+
+
+def _has_llama_shape(layer: nn.Module) -> bool:
+    return all(_submodule(layer, name) is not None for name in _LLAMA_MODULES)
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def staged_forward(
+    layer: nn.Module,
+    batches: list[LayerBatch],
+    on_group: Callable[[list[str], Iterable[torch.Tensor]], None],
+    store_bytes: int = STORE_BYTES,
+) -> None:
+    """Run a Llama-shape decoder layer over every batch one group of Linears at a time, so that each
+    group is observed on, and modified before, the input that the *modified* groups before it
+    produce (the GPTQ paper's "true sequential" order), and each Linear is applied once.
+
+    ``h₁ = h + o(attn(q, k, v of norm₁(h)))``, ``out = h₁ + down(act(gate) · up of norm₂(h₁))``:
+    ``on_group(names, inputs)`` sees ``norm₁(h)`` for q/k/v, the attention output for o,
+    ``norm₂(h₁)`` for gate/up and ``act(gate) · up`` for down (``inputs`` may be iterated once).
+    The attention and the MLP run as the layer's own modules; a hook takes the input of their
+    last Linear and stops them there. Those inputs are kept for all batches when they take at most
+    ``store_bytes``; otherwise the block runs a second time after its last Linear is modified.
+    Every batch's hidden states end as the layer's output. :func:`stages_match` checks that a
+    model's layers compute what this assumes.
+    """
+    attn, mlp = layer.get_submodule("self_attn"), layer.get_submodule("mlp")
+    norm_in, norm_post = layer.get_submodule("input_layernorm"), layer.get_submodule("post_attention_layernorm")
+    with torch.no_grad():
+        on_group(ATTENTION_IN, (norm_in(b.hidden) for b in batches))
+        # The norm runs again in the block: the group's callback may have rescaled it (SmoothQuant).
+        _block_then_residual(batches, attn, norm_in, ATTENTION_OUT, on_group, store_bytes, with_kwargs=True)
+        on_group(MLP_IN, (norm_post(b.hidden) for b in batches))
+        _block_then_residual(batches, mlp, norm_post, MLP_OUT, on_group, store_bytes, with_kwargs=False)
+
+
+def _block_then_residual(
+    batches: list[LayerBatch],
+    block: nn.Module,
+    norm: nn.Module,
+    last_names: list[str],
+    on_group: Callable[[list[str], Iterable[torch.Tensor]], None],
+    store_bytes: int,
+    *,
+    with_kwargs: bool,
+) -> None:
+    """``h += block(norm(h))`` for every batch, with ``on_group`` shown the input of the block's last
+    Linear (named ``last_names[0]`` in the layer, relative to the block's parent) before it runs."""
+    last = block.get_submodule(last_names[0].split(".", 1)[1])
+    assert isinstance(last, nn.Linear)
+
+    def up_to_last(batch: LayerBatch) -> torch.Tensor:
+        return _input_of(last, block, norm(batch.hidden), batch.kwargs if with_kwargs else {})
+
+    tokens = sum(b.hidden.numel() // b.hidden.shape[-1] for b in batches)
+    if tokens * last.in_features * last.weight.element_size() <= store_bytes:
+        seen = [up_to_last(b) for b in batches]
+        on_group(last_names, seen)
+        for batch, x in zip(batches, seen, strict=True):
+            batch.hidden = batch.hidden + last(x)
+        return
+    on_group(last_names, (up_to_last(b) for b in batches))
+    for batch in batches:
+        out = block(norm(batch.hidden), **(batch.kwargs if with_kwargs else {}))
+        batch.hidden = batch.hidden + (out[0] if isinstance(out, tuple) else out)
+
+
+def _input_of(last: nn.Module, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run ``block`` on ``hidden`` until ``last`` is called; return what ``last`` would have read."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0])
+        raise StopLayer
+
+    handle = last.register_forward_pre_hook(grab)
+    try:
+        block(hidden, **kwargs)
+    except StopLayer:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise EngineError(f"{type(block).__name__} never called its {type(last).__name__}")
+    return seen[0]
+
+
+def stages_match(layer: nn.Module, batch: LayerBatch) -> bool:
+    """Whether :func:`staged_forward` computes what ``layer`` does on ``batch`` (to float rounding):
+    a model whose layers merely carry the Llama names but wire them otherwise (extra norms, a
+    parallel attention/MLP block) is calibrated by the generic observe-then-run path instead."""
+    if not _has_llama_shape(layer):
+        return False
+    with torch.no_grad():
+        expected = run_layer(layer, [batch])[0]
+        probe = [LayerBatch(hidden=batch.hidden, kwargs=batch.kwargs)]
+        try:
+            staged_forward(layer, probe, lambda _names, _inputs: None)
+        except (EngineError, TypeError, ValueError, RuntimeError):
+            return False
+    actual = probe[0].hidden
+    return actual.shape == expected.shape and bool(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5))
 
 
 @contextmanager

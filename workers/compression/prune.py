@@ -12,14 +12,14 @@ Structured pruning is delegated to :func:`workers.compression.structured.shrink`
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from app.jobs.spec import PruneStep
-from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.base import Callbacks, EngineError, StepOutcome, set_weight
 from workers.compression.hessian import InputStats, collect_input_stats
 from workers.compression.layerwise import decoder_layers, layerwise
 from workers.compression.sparsegpt import matrix_prune_mask, nm_prune_mask, row_prune_mask, sparsegpt_prune
@@ -97,8 +97,7 @@ def _prune_unstructured(
             for name, module in _linears(layer, selected(prefix)):
                 scores = module.weight.detach().abs().float()
                 mask = nm_prune_mask(scores, *nm) if nm else matrix_prune_mask(scores, float(sparsity))  # type: ignore[arg-type]
-                with torch.no_grad():
-                    module.weight.masked_fill_(mask, 0.0)
+                set_weight(module, module.weight.detach().masked_fill(mask, 0.0))
                 achieved[f"{prefix}.{name}"] = _zero_fraction(module.weight)
                 sizes[f"{prefix}.{name}"] = module.weight.numel()
             callbacks.progress((index + 1) / total, f"layer {index + 1}/{total}")
@@ -115,8 +114,7 @@ def _prune_unstructured(
                     norms = stats.channel_norms.to(weight.device)
                     scores = weight.abs().float() * norms.unsqueeze(0)
                     mask = nm_prune_mask(scores, *nm) if nm else row_prune_mask(scores, float(sparsity))  # type: ignore[arg-type]
-                    with torch.no_grad():
-                        module.weight.masked_fill_(mask, 0.0)
+                    set_weight(module, weight.masked_fill(mask, 0.0))
                 else:
                     new, loss = sparsegpt_prune(
                         weight,
@@ -127,19 +125,26 @@ def _prune_unstructured(
                         dampening_frac=config.dampening_frac,
                         name=f"{prefix}.{name}",
                     )
-                    with torch.no_grad():
-                        module.weight.copy_(new.to(module.weight.dtype))
+                    set_weight(module, new)
                     obs_loss[f"{prefix}.{name}"] = loss
                 achieved[f"{prefix}.{name}"] = _zero_fraction(module.weight)
                 sizes[f"{prefix}.{name}"] = module.weight.numel()
 
+        # Wanda needs only per-channel input norms, not the full Hessian SparseGPT solves with.
+        diag_only = config.algorithm == "wanda"
+
         def process(index: int, prefix: str, layer: nn.Module, replay: Callable[[], Any]) -> None:
-            # Wanda needs only per-channel input norms, not the full Hessian SparseGPT solves with.
-            diag_only = config.algorithm == "wanda"
             for names, stats in _sequential_groups(layer, replay, selected(prefix), diag_only):
                 prune_group(prefix, layer, names, stats)
 
-        layerwise(model, calibration, process, callbacks)
+        def stage(index: int, prefix: str, layer: nn.Module, names: list[str], inputs: Iterable[torch.Tensor]) -> None:
+            # The same order as _sequential_groups, in one run of the layer (Llama-shape layers).
+            chosen = [n for n in names if not ignored(f"{prefix}.{n}")]
+            stats = InputStats.of(inputs, chosen, diag_only) if chosen else None
+            if stats is not None:
+                prune_group(prefix, layer, chosen, stats)
+
+        layerwise(model, calibration, process, callbacks, stage=stage)
 
     return StepOutcome(model=model, facts=_facts(config, achieved, sizes, obs_loss, len(layers)))
 

@@ -12,17 +12,21 @@ fake-quantizing forward, exactly as llm-compressor leaves a model), so that
 Weights hold their quantize-dequantized values, so the forward's re-quantization is idempotent and
 the packed checkpoint reproduces the in-memory logits.
 
-Work is kept to what each recipe needs: RTN (with dynamic activations) runs no forward at all;
-calibrated recipes make exactly one observation pass per decoder layer (Hessians shared by
-q/k/v and by gate/up, activation maxima recorded in the same pass) plus the propagation pass of
-the layer loop. SmoothQuant and AWQ rescale the collected Hessians instead of re-running the layer.
+Work is kept to what each recipe needs: RTN (with dynamic activations) runs no forward at all.
+Calibrated recipes run each Llama-shape decoder layer once, one group of Linears at a time
+(q/k/v, o, gate/up, down: :func:`workers.compression.layerwise.staged_forward`): each group is
+observed on the outputs of the groups already quantized (the GPTQ paper's "true sequential"
+order), its Hessian shared by the Linears that read one input, and applied once. AWQ, which
+balances a Linear against the next before quantizing either, and layers of other shapes make one
+observation pass over the whole layer and a second pass of the quantized layer. SmoothQuant and
+AWQ rescale the collected Hessians instead of re-running the layer.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,7 +47,7 @@ from torch import nn
 
 from app.jobs.spec import QuantizeStep
 from workers.compression.awq import awq_search
-from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.base import Callbacks, EngineError, StepOutcome, set_weight
 from workers.compression.gptq import gptq_quantize
 from workers.compression.hessian import InputStats, collect_input_stats
 from workers.compression.layerwise import decoder_layers, layerwise
@@ -145,7 +149,14 @@ def quantize(
 
     if config.needs_calibration:
         assert calibration is not None
-        layerwise(model, calibration, run.process_layer, callbacks.scaled(0.0, 0.97), batch_size=CALIBRATION_BATCH)
+        run.true_sequential = layerwise(
+            model,
+            calibration,
+            run.process_layer,
+            callbacks.scaled(0.0, 0.97),
+            batch_size=CALIBRATION_BATCH,
+            stage=run.process_stage if run.stages else None,
+        )
     else:
         for index, prefix in enumerate(in_layers):
             callbacks.check()
@@ -208,6 +219,7 @@ class _Run:
         self.w_args = w_args
         self.a_args = a_args
         self.targets = targets
+        self.true_sequential = False  # layers quantized group by group (layerwise.staged_forward)
         self.output_errors: dict[str, float] = {}
         self.weight_errors: dict[str, float] = {}
         self.rtn_fallback: list[str] = []
@@ -250,6 +262,7 @@ class _Run:
             "smoothquant_alpha": config.smoothquant.alpha if config.smoothquant else None,
             "act_order": config.act_order if config.algorithm == "gptq" else None,
             "clip_search": config.clip_search if config.algorithm == "gptq" else None,
+            "true_sequential": self.true_sequential,
             "quantized_modules": len(self.targets),
             "ignored_modules": [n for n in all_linears if n not in self.targets],
             "output_errors": errors,
@@ -262,21 +275,82 @@ class _Run:
 
     # -------------------------------------------------------- one decoder layer (calibrated recipes)
 
+    @property
+    def need_hessian(self) -> bool:
+        return self.config.algorithm in ("gptq", "awq")
+
+    @property
+    def need_absmax(self) -> bool:
+        return self.config.smoothquant is not None or self.config.activations == "static"
+
+    @property
+    def stages(self) -> bool:
+        """Whether a layer may be quantized one group of Linears at a time (:meth:`process_stage`):
+        GPTQ and RTN need only each group's own input; AWQ balances a Linear against the next one
+        (v/o, up/down) before either is quantized, so it observes the whole layer first."""
+        return self.config.algorithm != "awq"
+
     def process_layer(self, index: int, prefix: str, layer: nn.Module, replay: Any) -> None:
-        """Observe the layer once, rescale (SmoothQuant/AWQ), quantize its Linears, enable them."""
-        config = self.config
+        """Observe the layer once, then quantize its Linears (:meth:`_quantize_observed`)."""
         local = {name[len(prefix) + 1 :]: name for name in self.names_under(prefix + ".")}
-        need_hessian = config.algorithm in ("gptq", "awq")
-        need_absmax = config.smoothquant is not None or config.activations == "static"
         absmax: dict[str, torch.Tensor] = {}
         stats: dict[str, InputStats] = {}
-        with _record_absmax(layer, absmax, enabled=need_absmax):
-            if need_hessian:
+        with _record_absmax(layer, absmax, enabled=self.need_absmax):
+            if self.need_hessian:
                 # The absmax hooks need the whole forward; the Hessians alone do not.
-                stats = collect_input_stats(layer, replay, select=lambda n, _m: n in local, stop_early=not need_absmax)
+                stats = collect_input_stats(
+                    layer,
+                    replay,
+                    select=lambda n, _m: n in local,
+                    stop_early=not self.need_absmax,
+                    output_energy=True,
+                )
             else:
                 with torch.no_grad():
                     replay()
+        self._quantize_observed(layer, local, stats, absmax)
+
+    def process_stage(
+        self, index: int, prefix: str, layer: nn.Module, names: list[str], inputs: Iterable[torch.Tensor]
+    ) -> None:
+        """Observe the one input of the Linears ``names`` of a layer and quantize them (the staged flow
+        of :func:`workers.compression.layerwise.staged_forward`)."""
+        local = {short: f"{prefix}.{short}" for short in names if f"{prefix}.{short}" in self.targets}
+        if not local:
+            return
+        peak: torch.Tensor | None = None
+
+        def observed() -> Iterator[torch.Tensor]:
+            nonlocal peak
+            for x in inputs:
+                if self.need_absmax:
+                    top = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
+                    peak = top if peak is None else torch.maximum(peak, top)
+                yield x
+
+        if self.need_hessian:
+            stats = InputStats.of(observed(), list(local))
+        else:
+            stats = None
+            for _ in observed():
+                pass
+        self._quantize_observed(
+            layer,
+            local,
+            {short: stats for short in local} if stats is not None else {},
+            {short: peak for short in local} if peak is not None else {},
+        )
+
+    def _quantize_observed(
+        self,
+        layer: nn.Module,
+        local: dict[str, str],
+        stats: dict[str, InputStats],
+        absmax: dict[str, torch.Tensor],
+    ) -> None:
+        """Rescale (SmoothQuant/AWQ) what was observed, quantize the Linears ``local`` (short name to
+        full name) and enable them."""
+        config = self.config
         hessians = _HessianCache(stats)
 
         if config.smoothquant is not None:
@@ -291,6 +365,7 @@ class _Run:
                     if n in absmax:
                         absmax[n] = absmax[n] / scales.to(absmax[n].device)
                 hessians.rescale(names, scales)
+        rescaled_outputs: set[int] = set()  # Linears whose outputs a balancing divided: energies stale
         if config.algorithm == "awq":
             for previous, consumers in _norm_mappings(layer) + _linear_mappings(layer):
                 quantized = [(n, m) for n, m in consumers if n in local]
@@ -303,10 +378,17 @@ class _Run:
                 if search.ratio is not None:
                     apply_input_scaling(previous, [m for _, m in consumers], search.scales)
                     hessians.rescale([n for n, _ in consumers], search.scales)
+                    rescaled_outputs.add(id(previous))
 
         absmax_of = {name: absmax[short] for short, name in local.items() if short in absmax}
+        output_scales = {
+            local[short]: value
+            for short, stat in stats.items()
+            if id(self.targets[local[short]]) not in rescaled_outputs
+            and (value := stat.output_scale(short)) is not None
+        }
         for shorts in self._solve_groups(local, stats):
-            self.quantize_modules([local[n] for n in shorts], hessians.get(shorts[0]), absmax_of)
+            self.quantize_modules([local[n] for n in shorts], hessians.get(shorts[0]), absmax_of, output_scales)
 
     def _solve_groups(self, local: dict[str, str], stats: dict[str, InputStats]) -> list[list[str]]:
         """The layer's Linears (short names) in groups quantized together: under GPTQ, those reading one
@@ -323,10 +405,14 @@ class _Run:
     # -------------------------------------------------------- Linears
 
     def quantize_modules(
-        self, names: list[str], hessian: torch.Tensor | None, act_absmax: dict[str, torch.Tensor]
+        self,
+        names: list[str],
+        hessian: torch.Tensor | None,
+        act_absmax: dict[str, torch.Tensor],
+        output_scales: dict[str, float] | None = None,
     ) -> None:
         """Quantize the weights of Linears that read one input (GPTQ when a Hessian is given, else RTN)
-        and switch them on.
+        and switch them on. ``output_scales``: ``tr(WHWᵀ)`` per module where the observation measured it.
 
         GPTQ treats every output row on its own given ``H``, so the stacked rows of q/k/v (or gate/up)
         are solved at once: the same result as one solve per module, with one Cholesky factorisation
@@ -370,8 +456,8 @@ class _Run:
                 strict=True,
             )
             for name, module, weight, q, s, z, loss in parts:
-                self._record_errors(name, weight, q, hessian, loss)
-                weight.copy_(q)
+                self._record_errors(name, weight, q, hessian, loss, (output_scales or {}).get(name))
+                set_weight(module, q)
                 _set_param(module, "weight_scale", s)
                 if getattr(module, "weight_zero_point", None) is not None:
                     _set_param(module, "weight_zero_point", z)
@@ -390,11 +476,14 @@ class _Run:
         quantized: torch.Tensor,
         hessian: torch.Tensor | None,
         row_loss: torch.Tensor | None,
+        output_scale: float | None,
     ) -> None:
         """Relative output error (from ``H``) and relative weight error of one Linear, for the report."""
         if hessian is not None:
             error = 2 * float(row_loss.sum()) if row_loss is not None else None
-            self.output_errors[name] = relative_output_error(weight, quantized, hessian, error=error)
+            self.output_errors[name] = relative_output_error(
+                weight, quantized, hessian, error=error, scale=output_scale
+            )
         w = weight.to(torch.float32)
         delta = (quantized.to(torch.float32) - w).pow(2).sum()
         self.weight_errors[name] = float(delta / w.pow(2).sum().clamp(min=1e-30))

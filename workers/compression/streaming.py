@@ -16,7 +16,6 @@ the final norm + ``lm_head`` score both streams (the same per-window NLL as
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import shutil
@@ -31,10 +30,18 @@ from safetensors import safe_open
 from torch import nn
 
 from app.jobs.spec import QuantizeStep
+from workers.compression import heap
 from workers.compression.base import Callbacks, EngineError, StepOutcome
 from workers.compression.evaluate import perplexity_from, token_nll
 from workers.compression.export import check_model_dir, checkpoint_compressor, compressed_tensors_of
-from workers.compression.layerwise import LayerBatch, capture_layer_inputs, decoder_layers, run_layer
+from workers.compression.layerwise import (
+    LayerBatch,
+    calibrate_layer,
+    capture_layer_inputs,
+    decoder_layers,
+    run_layer,
+    stages_match,
+)
 from workers.compression.quantize import CALIBRATION_BATCH, prepare_quantization
 from workers.compression.weight_quant import without_compiled_kernels
 
@@ -143,7 +150,7 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, *, sou
 def release(module: nn.Module) -> None:
     """Drop ``module``'s storage (back to meta) and hand freed heap pages back to the OS."""
     module.to("meta")
-    _trim_heap()
+    heap.trim()
 
 
 def _is_param(module: nn.Module, key: str) -> bool:
@@ -163,34 +170,6 @@ def _is_qparam(key: str) -> bool:
             "output_zero_point",
         )
     )
-
-
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the allocator tuning below is best effort
-        return None
-
-
-def _trim_heap() -> None:
-    # glibc keeps freed blocks in its arenas; malloc_trim returns them so the resident set tracks
-    # what is live.
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _map_large_blocks() -> None:
-    """Serve every block of 1 MiB or more by its own mmap, so freeing a layer unmaps it.
-
-    glibc's default threshold grows with the largest freed block (up to 32 MiB); layer-sized
-    tensors then come from the heap, whose top cannot shrink past later small allocations, so the
-    address space (and any RLIMIT_DATA or container limit that counts it) grows layer after layer.
-    A fixed threshold (``M_MMAP_THRESHOLD``) keeps the footprint at one layer. Process-wide.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 # safetensors' names of the dtypes a compressed checkpoint holds.
@@ -368,7 +347,7 @@ def _quantize_streaming(
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
-    _map_large_blocks()
+    heap.map_large_blocks()
     reader = CheckpointReader(model_dir)
     model = meta_model(model_dir)
     run = prepare_quantization(model, config, calibration)
@@ -397,16 +376,20 @@ def _quantize_streaming(
     release(inner.embed_tokens)
 
     total = len(layers)
+    staged: bool | None = None
     for index, layer in enumerate(layers):
         callbacks.check()
         prefix = f"model.layers.{index}"
         materialize(layer, prefix + ".", reader)
         _advance(layer, eval_before)
         if config.needs_calibration:
-            run.process_layer(index, prefix, layer, lambda layer=layer: run_layer(layer, calib))
+            if staged is None:  # decided on the first layer, as the in-memory engine does
+                staged = run.stages and stages_match(layer, calib[0])
+            # Nothing kept across batches (store_bytes=0): the blocks run twice rather than hold more.
+            stage = run.process_stage if staged else None
+            calibrate_layer(index, layer, calib, run.process_layer, stage, store_bytes=0)
         else:
             run.quantize_uncalibrated(prefix + ".")
-        _advance(layer, calib)
         _advance(layer, eval_after)
         writer.add(compressed_tensors_of(layer, prefix + "."))
         release(layer)
@@ -441,6 +424,7 @@ def _quantize_streaming(
             shutil.copyfile(model_dir / name, out_dir / name)
     callbacks.progress(1.0, "quantized")
 
+    run.true_sequential = bool(staged)
     facts = run.facts(model, seconds=time.perf_counter() - started)
     peak = _peak_rss_bytes()
     facts.update({"mode": "layer_streaming", "peak_rss_bytes": peak, "checkpoint_float32_bytes": 4 * reader.elements})

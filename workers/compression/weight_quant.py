@@ -166,14 +166,21 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def relative_output_error(
-    weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, error: float | None = None
+    weight: torch.Tensor,
+    quantized: torch.Tensor,
+    hessian: torch.Tensor,
+    error: float | None = None,
+    scale: float | None = None,
 ) -> float:
     """``‖(Q - W) X‖² / ‖W X‖²`` computed from the Hessian, so no activations are stored.
 
-    ``error``: the numerator ``tr(ΔHΔᵀ)`` when the caller already knows it (GPTQ does), saving a matmul.
+    ``error``: the numerator ``tr(ΔHΔᵀ)`` when the caller already knows it (GPTQ does), and
+    ``scale``: the denominator ``tr(WHWᵀ)`` when it was read off the observed outputs
+    (:meth:`InputStats.output_scale`); each saves a matmul.
     """
     w = weight.to(torch.float32)
-    denom = output_error(w, hessian)
+    if scale is None:
+        scale = output_error(w, hessian)
     if error is None:
         error = output_error(quantized.to(torch.float32) - w, hessian)
-    return error / max(denom, 1e-30)
+    return error / max(scale, 1e-30)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tests.tiny import tiny_model
-from workers.compression.hessian import InputStats, collect_input_stats
+from workers.compression.hessian import InputStats, collect_input_stats, inverse_cholesky
 from workers.compression.layerwise import capture_layer_inputs, decoder_layers, run_layer
+from workers.compression.weight_quant import output_error
 
 
 def test_full_and_diagonal_statistics_agree_and_inputs_are_shared() -> None:
@@ -65,3 +66,34 @@ def test_stop_early_skips_the_rest_of_the_layer_with_the_same_statistics() -> No
     for name in full:
         torch.testing.assert_close(early[name].xtx, full[name].xtx, rtol=0, atol=0)
     torch.testing.assert_close(only_o["self_attn.o_proj"].xtx, full["self_attn.o_proj"].xtx, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [100, 300, 577])
+def test_triangular_inverse_by_halves_matches_the_triangular_solve(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n, n, generator=gen)
+    h = x.T @ x / n
+    upper = inverse_cholesky(h.clone(), 0.01, "test")  # U with H⁻¹ = UᵀU, from the halves
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(n)
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close((upper.T @ upper).double(), torch.linalg.inv(damped.double()), rtol=1e-3, atol=1e-4)
+    factor = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1)
+    reference = torch.linalg.solve_triangular(factor, torch.eye(n), upper=True)
+    torch.testing.assert_close(upper, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_output_energies_give_the_output_error_denominator_without_a_matmul() -> None:
+    """Every Linear whose forward ran while observed gets Σ‖x Wᵀ‖² (bias left out), which equals
+    tr(W H Wᵀ); the early-stopped down projection gets none."""
+    model = tiny_model("qwen2")  # q/k/v carry biases
+    batches = capture_layer_inputs(model, torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2)), 2)
+    layer = decoder_layers(model)[0]
+    stats = collect_input_stats(layer, lambda: run_layer(layer, batches), output_energy=True)
+    for name, stat in stats.items():
+        scale = stat.output_scale(name)
+        if name == "mlp.down_proj":
+            assert scale is None
+            continue
+        assert scale is not None
+        weight = layer.get_submodule(name).weight.detach()
+        assert scale == pytest.approx(output_error(weight, stat.hessian), rel=1e-4)

@@ -301,3 +301,33 @@ def test_already_quantized_model_is_refused() -> None:
     quantize(model, QuantizeStep(scheme="w8a16"))
     with pytest.raises(EngineError, match="already quantized"):
         quantize(model, QuantizeStep(scheme="w8a16"))
+
+
+def test_new_weights_take_fresh_storage_and_tied_weights_stay_one(calibration: torch.Tensor) -> None:
+    """Quantized weights replace the loaded storage (writing into a checkpoint's private mapping would
+    copy it page by page); the Parameter stays, so a tied lm_head and embedding still read one
+    (quantized) tensor."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    assert head is embed
+    q_proj = model.model.layers[0].self_attn.q_proj
+    loaded = q_proj.weight.data_ptr()
+    quantize(model, QuantizeStep(scheme="w4a16", algorithm="gptq", group_size=32, ignore=[]), calibration=calibration)
+    assert q_proj.weight.data_ptr() != loaded
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.data_ptr() == embed.data_ptr()
+    scale = model.lm_head.weight_scale.repeat_interleave(32, dim=1)
+    codes = model.model.embed_tokens.weight / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def test_llama_layers_are_quantized_group_by_group(calibration: torch.Tensor) -> None:
+    """GPTQ runs each Llama-shape layer once, each group of Linears observed after the groups before it
+    were quantized (true sequential); AWQ, which balances Linears against each other first, observes
+    whole layers."""
+    gptq = quantize(
+        tiny_model(), QuantizeStep(scheme="w4a16", algorithm="gptq", group_size=32), calibration=calibration
+    )
+    awq = quantize(tiny_model(), QuantizeStep(scheme="w4a16", algorithm="awq", group_size=32), calibration=calibration)
+    assert gptq.facts["true_sequential"] is True
+    assert awq.facts["true_sequential"] is False

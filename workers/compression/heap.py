@@ -1,0 +1,113 @@
+"""How the engines ask glibc's allocator to treat the large, short-lived tensors of a layer loop.
+
+Every calibration batch allocates and frees the same activations (a few MiB to GiB each) layer
+after layer. glibc serves blocks above its mmap threshold by ``mmap`` and returns them on free,
+and trims the top of the heap whenever more than ``M_TRIM_THRESHOLD`` is free; either way the
+next batch's tensors land on pages the kernel must fault in and zero again, 4 KiB at a time.
+Measured on SmolLM2-135M GPTQ (AMD EPYC VM, 2 cores): 1.08 M minor faults in a 45 s run, and an
+elementwise ``silu(gate) * up`` at 5-19 ms instead of the 1-2 ms it takes on warm pages.
+
+Two policies, both process-wide (glibc has one allocator per process) and best effort (no-ops
+where the C library is not glibc):
+
+* :func:`retained_heap` (in-memory layer loops): no mmap for large blocks and no trimming while
+  the loop runs, so freed activations are reused in place; on exit the defaults come back and the
+  free pages are returned to the system (``malloc_trim``).
+* :func:`map_large_blocks` (low-memory mode): the opposite trade, every block of 1 MiB or more is
+  its own mapping, so freeing a layer unmaps it and the footprint stays at one layer.
+
+And :func:`release_pages`, for tensors torch did not allocate (a checkpoint's file mapping) once
+the engine has replaced them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import torch
+
+# mallopt(3) parameters and glibc's defaults.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+MADV_PAGEOUT = 21  # madvise(2), Linux 5.4+
+DEFAULT_TRIM_THRESHOLD = 128 * 1024
+DEFAULT_MMAP_MAX = 65536
+# Free memory kept at the heap's top while a loop runs (an int: mallopt takes a C int).
+RETAINED_TRIM_THRESHOLD = 1 << 30
+
+
+@cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 - glibc only
+        libc.malloc_trim  # noqa: B018
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):  # not glibc: the tuning below is best effort
+        return None
+    return libc
+
+
+def trim() -> None:
+    """Return the heap's free pages to the system, so the resident set tracks what is live."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def map_large_blocks() -> None:
+    """Serve every block of 1 MiB or more by its own mmap, so freeing a layer unmaps it.
+
+    glibc's default threshold grows with the largest freed block (up to 32 MiB); layer-sized
+    tensors then come from the heap, whose top cannot shrink past later small allocations, so the
+    address space (and any RLIMIT_DATA or container limit that counts it) grows layer after layer.
+    A fixed threshold keeps the footprint at one layer.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+@contextmanager
+def retained_heap() -> Iterator[None]:
+    """Within the block, large blocks come from the heap and freed ones stay there for reuse."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel reclaim the resident pages of a replaced tensor that torch did not allocate.
+
+    transformers maps a safetensors checkpoint privately and its tensors read the file's pages in
+    place; an engine that gives a weight a new storage (:func:`workers.compression.base.set_weight`)
+    leaves the old pages resident, counted in the process's RSS, until the whole file is unmapped.
+    ``MADV_PAGEOUT`` drops them without changing what the memory reads (a later read faults the
+    page back in), so it is safe even if something still holds the old tensor. Storage that torch
+    allocated (resizable) is left alone: freeing it returns it to the allocator for reuse.
+    """
+    storage = tensor.untyped_storage()
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or storage.resizable():
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc.madvise(first, last - first, MADV_PAGEOUT)  # EINVAL before Linux 5.4: nothing released
