@@ -46,6 +46,7 @@ from compressed_tensors.utils.match import match_named_modules
 from torch import nn
 
 from app.jobs.spec import QuantizeStep
+from workers.compression import heap
 from workers.compression.awq import awq_search
 from workers.compression.base import Callbacks, EngineError, StepOutcome, set_weight
 from workers.compression.gptq import gptq_quantize
@@ -174,6 +175,7 @@ def quantize(
     for name in outside:
         run.quantize_outside(name, absmax.get(name))
     run.enable_all()
+    heap.trim()  # the new weights stay; the temporaries freed between them go back to the system
     callbacks.progress(1.0, "quantized")
 
     facts = run.facts(model, seconds=time.perf_counter() - started)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.compression.base import set_weight
+
 
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)`` over all Linears sharing the input (the paper's rule)."""
@@ -28,17 +30,15 @@ def apply_input_scaling(previous: nn.Module, linears: list[nn.Linear], scales: t
 
     ``previous`` is a norm (1-D ``weight``, optional ``bias``) or a Linear whose output rows feed the
     ``linears`` directly (e.g. ``v_proj → o_proj``, ``up_proj → down_proj`` through the elementwise
-    gate, which commutes with a per-channel scale).
+    gate, which commutes with a per-channel scale). Weights get new storage (:func:`set_weight`): the
+    loaded checkpoint's pages are not written, so they can be released.
     """
     weight = previous.weight
     assert isinstance(weight, torch.Tensor)
-    s = scales.to(weight.device)
-    if weight.ndim == 1:
-        weight.div_(s.to(weight.dtype))
-    else:
-        weight.div_(s.to(weight.dtype).unsqueeze(1))
+    s = scales.to(device=weight.device, dtype=weight.dtype)
+    set_weight(previous, weight / (s if weight.ndim == 1 else s.unsqueeze(1)))
     bias = getattr(previous, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.div_(s.to(bias.dtype))
     for linear in linears:
-        linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))
+        set_weight(linear, linear.weight * s.to(linear.weight.dtype).unsqueeze(0))
