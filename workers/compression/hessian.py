@@ -38,15 +38,18 @@ class InputStats:
     would compute with a matmul of ``out · in²``, read off outputs the observation made anyway."""
 
     @classmethod
+    def empty(cls, width: int, device: torch.device, modules: list[str], diag_only: bool = False) -> InputStats:
+        """Zero statistics for an input of ``width`` channels read by ``modules``."""
+        shape = (width,) if diag_only else (width, width)
+        xtx = torch.zeros(shape, dtype=torch.float32, device=device)
+        return cls(xtx=xtx, modules=list(modules), diag_only=diag_only)
+
+    @classmethod
     def of(cls, inputs: Iterable[torch.Tensor], modules: list[str], diag_only: bool = False) -> InputStats | None:
         """Statistics of every batch in ``inputs`` (``[..., width]``), finished; ``None`` if there was none."""
         stats: InputStats | None = None
         for x in inputs:
-            if stats is None:
-                width = x.shape[-1]
-                shape = (width,) if diag_only else (width, width)
-                xtx = torch.zeros(shape, dtype=torch.float32, device=x.device)
-                stats = cls(xtx=xtx, modules=list(modules), diag_only=diag_only)
+            stats = stats or cls.empty(x.shape[-1], x.device, modules, diag_only)
             stats.add(x)
         if stats is not None:
             stats.finish()
@@ -150,11 +153,7 @@ def collect_input_stats(
             else:
                 stats = by_name.get(name)
                 if stats is None:
-                    shape = (in_features,) if diag_only else (in_features, in_features)
-                    stats = InputStats(
-                        xtx=torch.zeros(shape, dtype=torch.float32, device=x.device), diag_only=diag_only
-                    )
-                    stats.modules.append(name)
+                    stats = InputStats.empty(in_features, x.device, [name], diag_only)
                     by_name[name] = stats
                 stats.add(x)
                 current[key] = (x, stats)

@@ -320,22 +320,16 @@ class _Run:
         local = {short: f"{prefix}.{short}" for short in names if f"{prefix}.{short}" in self.targets}
         if not local:
             return
+        stats: InputStats | None = None
         peak: torch.Tensor | None = None
-
-        def observed() -> Iterator[torch.Tensor]:
-            nonlocal peak
-            for x in inputs:
-                if self.need_absmax:
-                    top = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
-                    peak = top if peak is None else torch.maximum(peak, top)
-                yield x
-
-        if self.need_hessian:
-            stats = InputStats.of(observed(), list(local))
-        else:
-            stats = None
-            for _ in observed():
-                pass
+        for x in inputs:  # iterable once: both statistics in one pass
+            if self.need_absmax:
+                peak = _running_absmax(peak, x)
+            if self.need_hessian:
+                stats = stats or InputStats.empty(x.shape[-1], x.device, list(local))
+                stats.add(x)
+        if stats is not None:
+            stats.finish()
         self._quantize_observed(
             layer,
             local,
@@ -575,6 +569,12 @@ def _linear_mappings(layer: nn.Module) -> list[tuple[nn.Module, list[tuple[str, 
     return mappings
 
 
+def _running_absmax(peak: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``max |x|`` over ``x``'s last dimension, merged with the running ``peak``."""
+    top = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
+    return top if peak is None else torch.maximum(peak, top)
+
+
 @contextmanager
 def _record_absmax(layer: nn.Module, out: dict[str, torch.Tensor], enabled: bool) -> Iterator[None]:
     """Record per-input-channel ``max |x|`` of every Linear in ``layer`` while the block runs."""
@@ -586,9 +586,7 @@ def _record_absmax(layer: nn.Module, out: dict[str, torch.Tensor], enabled: bool
         if isinstance(module, nn.Linear):
 
             def hook(_m: nn.Module, args: tuple[Any, ...], _o: Any, name: str = name) -> None:
-                x = args[0].detach()
-                peak = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
-                out[name] = peak if name not in out else torch.maximum(out[name], peak)
+                out[name] = _running_absmax(out.get(name), args[0].detach())
 
             handles.append(module.register_forward_hook(hook))
     try:
@@ -607,9 +605,7 @@ def _observe_absmax(
     for name, module in modules.items():
 
         def hook(_m: nn.Module, args: tuple[Any, ...], _o: Any, name: str = name) -> None:
-            x = args[0].detach()
-            peak = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
-            out[name] = peak if name not in out else torch.maximum(out[name], peak)
+            out[name] = _running_absmax(out.get(name), args[0].detach())
 
         handles.append(module.register_forward_hook(hook))
     device = next(model.parameters()).device
