@@ -73,6 +73,12 @@ class StepOutcome:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def set_weight(module: nn.Module, value: torch.Tensor) -> None:
     """Give ``module.weight`` new values by handing it ``value``'s storage (the caller gives ``value``
     up; a view of a larger tensor is copied first), leaving the old storage to be freed.

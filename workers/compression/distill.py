@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from app.jobs.spec import DistillStep, FromTeacher, StudentSpec
-from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome
+from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, device_of
 from workers.compression.data import pack_blocks
 from workers.compression.layerwise import decoder_layers
 
@@ -164,7 +164,7 @@ def fresh_from_config(teacher: nn.Module, config: dict[str, Any], *, seed: int =
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
         except (ValueError, TypeError, KeyError) as exc:
             raise EngineError(f"cannot build a causal LM from the student config: {exc}") from exc
-    return model.to(_device_of(teacher))
+    return model.to(device_of(teacher))
 
 
 def _load_pretrained(path: Path) -> nn.Module:
@@ -223,10 +223,6 @@ def as_blocks(ids: torch.Tensor, seq_len: int, pad_token_id: int | None) -> tupl
 def _config(model: nn.Module) -> Any:
     """The transformers config of a model (typed loosely: any PretrainedConfig)."""
     return getattr(model, "config")  # noqa: B009 - nn.Module's attribute typing would reject .config
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _step_rows(step: int, rows_per_step: int, num_rows: int, seed: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -403,13 +399,13 @@ def _train_data_parallel(
 
     if dist.is_initialized():
         raise EngineError("a torch.distributed process group is already running in this process")
-    if _device_of(teacher).type == "cuda" and torch.cuda.device_count() < world_size:
+    if device_of(teacher).type == "cuda" and torch.cuda.device_count() < world_size:
         raise EngineError(f"world_size {world_size} needs {world_size} GPUs, found {torch.cuda.device_count()}")
     rendezvous = tempfile.mkdtemp(prefix="distill-ddp-")
     init_method = f"file://{rendezvous}/store"
     # children get CPU copies; tensors travel through shared memory, so each child clones its student
     cpu = torch.device("cpu")
-    device = _device_of(teacher)
+    device = device_of(teacher)
     args = (world_size, init_method, teacher.to(cpu), student.to(cpu), config, data, checkpoint_dir, device.type)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // world_size))  # ranks share the cores
@@ -501,7 +497,7 @@ def _train(
 ) -> StepOutcome:
     """The training loop, run identically by every rank (rank 0 also evaluates, reports and checkpoints)."""
     train_blocks, train_mask, eval_blocks, eval_mask = data
-    device = _device_of(teacher)
+    device = device_of(teacher)
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (lambda: nullcontext())
     )
@@ -659,7 +655,7 @@ def _check_stop(callbacks: Callbacks, dist: Any, device: torch.device) -> None:
 def perplexity(model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, config: DistillStep) -> float:
     """exp(mean next-token CE) over the real positions of ``blocks``; the model is left in eval mode."""
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     total, count = 0.0, 0.0
     for start in range(0, blocks.shape[0], config.batch_size):
         ids, m = (
@@ -769,7 +765,7 @@ def _load_checkpoint(
     if state["config"] != _comparable(config):
         changed = sorted(k for k in state["config"] if state["config"][k] != _comparable(config).get(k))
         raise EngineError(f"checkpoint {path.name} was written with a different distill config ({', '.join(changed)})")
-    device = _device_of(trainee)
+    device = device_of(trainee)
     load_model(trainee, str(path / "model.safetensors"), device=str(device))
     trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])

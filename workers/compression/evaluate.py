@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.compression.base import Callbacks, EngineError
+from workers.compression.base import Callbacks, EngineError, device_of
 from workers.compression.data import pack_blocks, tokenize_stream
 
 DEFAULT_SAMPLE_PROMPT = "The most important thing to know about compression is"
@@ -81,11 +81,6 @@ def eval_windows(
 # ---------------------------------------------------------------- perplexity
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position NLL of ``targets`` ``[n]`` under ``logits`` ``[n, vocab]``.
 
@@ -103,7 +98,7 @@ def perplexity_from(total_nll: float, tokens: int) -> float:
 
 def _window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token NLLs over one window (float64) and how many tokens it predicted."""
-    ids = window.unsqueeze(0).to(_device_of(model))
+    ids = window.unsqueeze(0).to(device_of(model))
     logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
     nll = token_nll(logits, ids[0, 1:])
     return float(nll.double().sum().item()), int(nll.numel())
@@ -450,7 +445,7 @@ def evaluate(
     """
     callbacks = callbacks or Callbacks()
     started = time.perf_counter()
-    device = _device_of(model)
+    device = device_of(model)
 
     ppl: float | None = None
     if eval_ids is not None:

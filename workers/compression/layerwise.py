@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from workers.compression import heap
-from workers.compression.base import Callbacks, EngineError
+from workers.compression.base import Callbacks, EngineError, device_of
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -59,7 +59,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
-                chunk = input_ids[start : start + batch_size].to(_device_of(model))
+                chunk = input_ids[start : start + batch_size].to(device_of(model))
                 with suppress(_Captured):
                     model(input_ids=chunk, use_cache=False)
     finally:
@@ -296,7 +296,3 @@ def capture_linear_inputs(layer: nn.Module, names: list[str] | None = None) -> I
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

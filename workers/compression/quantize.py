@@ -48,12 +48,12 @@ from torch import nn
 from app.jobs.spec import QuantizeStep
 from workers.compression import heap
 from workers.compression.awq import awq_search
-from workers.compression.base import Callbacks, EngineError, StepOutcome, set_weight
+from workers.compression.base import Callbacks, EngineError, StepOutcome, device_of, set_weight
 from workers.compression.gptq import gptq_quantize
 from workers.compression.hessian import InputStats, collect_input_stats
 from workers.compression.layerwise import decoder_layers, layerwise
 from workers.compression.smoothquant import apply_input_scaling, smoothquant_scales
-from workers.compression.weight_quant import relative_output_error, rtn
+from workers.compression.weight_quant import preload_compiled_kernels, relative_output_error, rtn
 
 # A weight with at least this share of exact zeros is treated as pruned: its mask is preserved.
 SPARSE_ZERO_FRACTION = 0.01
@@ -150,6 +150,8 @@ def quantize(
 
     if config.needs_calibration:
         assert calibration is not None
+        if config.algorithm == "gptq":
+            preload_compiled_kernels(device_of(model))  # while the first layer's inputs are observed
         run.true_sequential = layerwise(
             model,
             calibration,

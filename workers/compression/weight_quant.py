@@ -7,6 +7,9 @@ what ``from_pretrained`` (and vLLM) dequantize.
 
 from __future__ import annotations
 
+import importlib
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,6 +38,20 @@ def without_compiled_kernels() -> Iterator[None]:
 def use_compiled_kernels(device: torch.device) -> bool:
     """Whether the compiled loops serve tensors on ``device`` here (CPU only, and not switched off)."""
     return device.type == "cpu" and _COMPILED_KERNELS.get()
+
+
+def preload_compiled_kernels(device: torch.device) -> None:
+    """Start loading the compiled loops in a background thread, for a caller that will need them after
+    some torch work (numba and the cached machine code take ~0.5 s to load, and a few seconds to
+    compile once on a fresh install; torch ops release the GIL meanwhile). The first call that needs
+    them waits on Python's import lock for the rest; a failed import is raised again there."""
+    if use_compiled_kernels(device) and _KERNELS_MODULE not in sys.modules:
+        threading.Thread(
+            target=importlib.import_module, args=(_KERNELS_MODULE,), name="load-kernels", daemon=True
+        ).start()
+
+
+_KERNELS_MODULE = "workers.compression.kernels"
 
 
 def group_size_of(args: QuantizationArgs) -> int | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -208,3 +212,21 @@ def test_kernels_compile_without_a_writable_cache() -> None:
     with pytest.raises(RuntimeError, match="cannot cache"):
         numba.njit(numba.float64(numba.float64), cache=True)(namespace["twice"])
     assert jit(numba.float64(numba.float64))(namespace["twice"])(3.0) == 6.0
+
+
+def test_kernels_load_in_the_background_unless_switched_off() -> None:
+    """A fresh process: ``preload_compiled_kernels`` imports the kernels on a background thread; under
+    ``without_compiled_kernels`` (the low-memory engine) numba is never loaded."""
+    script = (
+        "import sys, threading, torch\n"
+        "from workers.compression.weight_quant import preload_compiled_kernels, without_compiled_kernels\n"
+        "with without_compiled_kernels():\n"
+        "    preload_compiled_kernels(torch.device('cpu'))\n"
+        "assert threading.active_count() == 1 and 'numba' not in sys.modules\n"
+        "preload_compiled_kernels(torch.device('cpu'))\n"
+        "loader = [t for t in threading.enumerate() if t.name == 'load-kernels']\n"
+        "assert len(loader) == 1\n"
+        "loader[0].join(120)\n"
+        "assert 'workers.compression.kernels' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[3], timeout=180)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.tiny import tiny_model
-from workers.compression.hessian import InputStats, collect_input_stats, inverse_cholesky
+from workers.compression.hessian import InputStats, _cholesky_lower, collect_input_stats, inverse_cholesky
 from workers.compression.layerwise import capture_layer_inputs, decoder_layers, run_layer
 from workers.compression.weight_quant import output_error
 
@@ -80,6 +80,31 @@ def test_triangular_inverse_by_halves_matches_the_triangular_solve(n: int) -> No
     factor = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1)
     reference = torch.linalg.solve_triangular(factor, torch.eye(n), upper=True)
     torch.testing.assert_close(upper, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [150, 577, 1100])
+def test_cholesky_by_halves_matches_lapack_and_reports_a_non_positive_definite_input(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=gen)
+    h = x.T @ x / n
+    lower = h.clone()
+    assert _cholesky_lower(lower)
+    assert torch.equal(lower, lower.tril())
+    torch.testing.assert_close(lower, torch.linalg.cholesky(h), rtol=1e-4, atol=1e-5)
+    # Rank-deficient in its second half only: the failure shows up in the Schur complement's factor.
+    singular = h.clone()
+    singular[-3:, :] = 0.0
+    singular[:, -3:] = 0.0
+    assert not _cholesky_lower(singular)
+
+
+def test_a_singular_hessian_is_dampened_harder_until_it_factorises() -> None:
+    x = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
+    h = x.T @ x  # rank 40 of 300: with no dampening asked for, the first factorisation fails
+    assert not _cholesky_lower(h.flip(0, 1).clone())
+    upper = inverse_cholesky(h.clone(), 0.0, "test")
+    assert torch.isfinite(upper).all() and torch.equal(upper, upper.triu())
+    assert bool((torch.diagonal(upper) > 0).all())
 
 
 def test_output_energies_give_the_output_error_denominator_without_a_matmul() -> None:
