@@ -13,8 +13,11 @@ where the C library is not glibc):
 * :func:`retained_heap` (in-memory layer loops): no mmap for large blocks and no trimming while
   the loop runs, so freed activations are reused in place; on exit the defaults come back and the
   free pages are returned to the system (``malloc_trim``).
-* :func:`map_large_blocks` (low-memory mode): the opposite trade, every block of 1 MiB or more is
-  its own mapping, so freeing a layer unmaps it and the footprint stays at one layer.
+* :func:`mapped_large_blocks` (low-memory mode): the opposite trade, every block of 1 MiB or more
+  is its own mapping, so freeing a layer unmaps it and the footprint stays at one layer.
+
+Both restore glibc's default settings on exit, so a worker process that runs a low-memory job
+and then an in-memory one does not carry the first one's policy into the second.
 
 And :func:`release_pages`, for tensors torch did not allocate (a checkpoint's file mapping) once
 the engine has replaced them.
@@ -37,6 +40,7 @@ M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 MADV_PAGEOUT = 21  # madvise(2), Linux 5.4+
 DEFAULT_TRIM_THRESHOLD = 128 * 1024
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
 DEFAULT_MMAP_MAX = 65536
 # Free memory kept at the heap's top while a loop runs (an int: mallopt takes a C int).
 RETAINED_TRIM_THRESHOLD = 1 << 30
@@ -61,8 +65,9 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
-def map_large_blocks() -> None:
-    """Serve every block of 1 MiB or more by its own mmap, so freeing a layer unmaps it.
+@contextmanager
+def mapped_large_blocks() -> Iterator[None]:
+    """Within the block, every block of 1 MiB or more is its own mmap, so freeing a layer unmaps it.
 
     glibc's default threshold grows with the largest freed block (up to 32 MiB); layer-sized
     tensors then come from the heap, whose top cannot shrink past later small allocations, so the
@@ -70,9 +75,16 @@ def map_large_blocks() -> None:
     A fixed threshold keeps the footprint at one layer.
     """
     libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 @contextmanager

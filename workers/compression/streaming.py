@@ -329,7 +329,7 @@ def quantize_streaming(
     ``eval_ids`` (``[n, seq_len]``) are scored before and after in the same walk. The torch loops
     serve GPTQ here, not the compiled ones: loading LLVM would cost more memory than this mode saves.
     """
-    with without_compiled_kernels():
+    with without_compiled_kernels(), heap.mapped_large_blocks():
         return _quantize_streaming(
             model_dir, config, out_dir, calibration, eval_ids, callbacks or Callbacks(), max_shard_bytes
         )
@@ -347,7 +347,6 @@ def _quantize_streaming(
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
-    heap.map_large_blocks()
     reader = CheckpointReader(model_dir)
     model = meta_model(model_dir)
     run = prepare_quantization(model, config, calibration)
