@@ -128,6 +128,7 @@ def _run_step(
         teacher,
         step.student,
         student_dir=inputs.student_dirs.get(index),
+        max_bytes=inputs.max_model_bytes,
         previous_model=model,
         calibration=texts.calibration,
         seed=step.seed,

@@ -234,8 +234,9 @@ class JobRunner:
 
     # ------------------------------------------------------------------ inputs and outputs
 
-    def _fetch(self, source: Source, dest: Path, field: str) -> list[Path]:
-        """Download an input (upload or allow-listed s3:// prefix), verifying what we can."""
+    def _fetch(self, source: Source, dest: Path, field: str, max_bytes: int | None = None) -> list[Path]:
+        """Download an input (upload or allow-listed s3:// prefix), verifying what we can; more than
+        ``max_bytes`` in all is refused before anything is downloaded."""
         dest.mkdir(parents=True, exist_ok=True)
         if source.upload_id is not None:
             with session_scope() as session:
@@ -245,7 +246,7 @@ class JobRunner:
                 if upload is None or upload.status != "complete":
                     raise InputError(f"{field}: upload {source.upload_id} is missing or incomplete")
                 files = list(upload.files)
-            self._check_size(sum(f["size"] for f in files), field)
+            _check_size(sum(f["size"] for f in files), field, max_bytes)
             paths = []
             for record in files:
                 path = dest / record["path"]
@@ -262,7 +263,7 @@ class JobRunner:
         objects = [o for o in remote.list(prefix) if not o.key.endswith("/")]
         if not objects:
             raise InputError(f"{field}: nothing found under {source.uri}")
-        self._check_size(sum(o.size for o in objects), field)
+        _check_size(sum(o.size for o in objects), field, max_bytes)
         paths = []
         for obj in objects:
             relative = obj.key[len(prefix) :].lstrip("/") or obj.key.rsplit("/", 1)[-1]
@@ -274,10 +275,6 @@ class JobRunner:
                 raise InputError(f"{field}: {obj.key} was truncated in transfer")
             paths.append(path)
         return paths
-
-    def _check_size(self, total: int, field: str) -> None:
-        if field == "model" and total > self.settings.max_model_bytes:
-            raise InputError(f"model: {total} bytes exceeds the limit of {self.settings.max_model_bytes} bytes")
 
     def _upload_artifacts(self, out: Path) -> tuple[str, list[dict[str, Any]]]:
         """Upload every file, then manifest.json last: the manifest's presence means 'complete'."""
@@ -309,7 +306,7 @@ class JobRunner:
             model_dir=work / "input" / "model",
             max_model_bytes=self.settings.max_model_bytes,
         )
-        self._fetch(spec.model, inputs.model_dir, "model")
+        self._fetch(spec.model, inputs.model_dir, "model", self.settings.max_model_bytes)
         if spec.calibration:
             inputs.calibration_files = self._fetch(spec.calibration, work / "input" / "calibration", "calibration")
         if spec.evaluation:
@@ -321,7 +318,7 @@ class JobRunner:
             if student is not None and (student.upload_id or student.uri):
                 source = Source(upload_id=student.upload_id, uri=student.uri)
                 inputs.student_dirs[index] = work / "input" / f"student-{index}"
-                self._fetch(source, inputs.student_dirs[index], f"steps.{index}.student")
+                self._fetch(source, inputs.student_dirs[index], f"steps.{index}.student", self.settings.max_model_bytes)
             if step.method == "distill":
                 inputs.checkpoint_dirs[index] = self._restore_checkpoint(index, work / f"checkpoints-{index}")
         inputs.on_checkpoint = self._save_checkpoint
@@ -395,3 +392,8 @@ class JobRunner:
                 return dest
         log.info("job %s step %d: resuming from checkpoint %s", self.job_id, index, latest["version"])
         return dest
+
+
+def _check_size(total: int, field: str, max_bytes: int | None) -> None:
+    if max_bytes is not None and total > max_bytes:
+        raise InputError(f"{field}: {total} bytes exceeds the limit of {max_bytes} bytes")

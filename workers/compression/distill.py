@@ -49,6 +49,7 @@ from torch import nn
 from app.jobs.spec import DistillStep, FromTeacher, StudentSpec
 from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, device_of
 from workers.compression.data import pack_blocks
+from workers.compression.export import load_model
 from workers.compression.layerwise import decoder_layers
 
 MIN_LR_RATIO = 0.1  # cosine decays to 10 % of the peak rate (nanoGPT's choice)
@@ -63,13 +64,15 @@ def build_student(
     spec: StudentSpec,
     *,
     student_dir: Path | None = None,
+    max_bytes: int | None = None,
     previous_model: nn.Module | None = None,
     calibration: torch.Tensor | None = None,
     seed: int = 0,
 ) -> nn.Module:
     """Make the student ``spec`` names. The teacher is never modified.
 
-    ``student_dir`` is the local directory the runner resolved ``upload_id``/``uri`` to;
+    ``student_dir`` is the local directory the runner resolved ``upload_id``/``uri`` to, loaded as
+    the job's model is (safetensors only, no custom code, weights over ``max_bytes`` refused);
     ``previous_model`` the model earlier steps produced; ``calibration`` ([n, seq_len] ids) lets the
     pruning machinery rank heads/channels by activations instead of weight magnitude; ``seed`` fixes
     a fresh initialisation. Raises :class:`EngineError` if the student's vocabulary differs.
@@ -85,7 +88,7 @@ def build_student(
     else:
         if student_dir is None:
             raise EngineError("student model directory was not provided")
-        student = _load_pretrained(student_dir)
+        student, _ = load_model(student_dir, max_bytes=max_bytes)
     check_same_vocabulary(teacher, student)
     return student
 
@@ -165,15 +168,6 @@ def fresh_from_config(teacher: nn.Module, config: dict[str, Any], *, seed: int =
         except (ValueError, TypeError, KeyError) as exc:
             raise EngineError(f"cannot build a causal LM from the student config: {exc}") from exc
     return model.to(device_of(teacher))
-
-
-def _load_pretrained(path: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EngineError(f"cannot load the student model: {exc}") from exc
 
 
 def vocabulary_size(model: nn.Module) -> int:

@@ -151,6 +151,24 @@ def test_bad_student_specs_are_engine_errors(teacher: nn.Module) -> None:
         build_student(teacher, StudentSpec(previous_step=True))
 
 
+def test_an_uploaded_student_is_loaded_as_safely_as_the_model(teacher: nn.Module, tmp_path: Path) -> None:
+    """Pickle weights, custom code and oversized weights are refused for a student too (the student
+    directory comes from a tenant's upload or s3:// prefix, just like the model)."""
+    pickled = tmp_path / "pickled"
+    teacher.config.save_pretrained(pickled)
+    torch.save(teacher.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(EngineError, match="pickle weights are not accepted"):
+        build_student(teacher, StudentSpec(upload_id="upl_1"), student_dir=pickled)
+    good = tmp_path / "good"
+    teacher.save_pretrained(good)
+    with pytest.raises(EngineError, match="over the limit of 1000"):
+        build_student(teacher, StudentSpec(upload_id="upl_1"), student_dir=good, max_bytes=1000)
+    student = build_student(teacher, StudentSpec(upload_id="upl_1"), student_dir=good)
+    assert all(
+        torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values(), strict=True)
+    )
+
+
 # ------------------------------------------------------------------------------------------ the loss
 
 
