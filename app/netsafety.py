@@ -165,6 +165,11 @@ def pinned_request(
     The URL's host is replaced by the IP literal; the TLS layer still verifies the certificate for
     the original name because ``sni_hostname`` sets both SNI and the name checked. Redirects are never
     followed: a 3xx could point anywhere, and is a failed delivery. The response is streamed; close it.
+
+    The connection is never reused (``Connection: close``): httpx pools connections by scheme, IP and
+    port, so a pooled connection opened and verified for one name would carry the next request for
+    another name at the same address without checking that name's certificate (and, behind an
+    SNI-routed shared IP, to the first name's backend).
     """
     original = httpx.URL(vetted.url)
     target = original.copy_with(host=vetted.addresses[0])
@@ -175,7 +180,7 @@ def pinned_request(
     request = client.build_request(
         method,
         target,
-        headers={**headers, "Host": host_header},
+        headers={**headers, "Host": host_header, "Connection": "close"},
         content=content,
         timeout=timeout,
         extensions={"sni_hostname": vetted.host},

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from app.config import Settings
 from app.netsafety import UnsafeURLError, check_address, check_url, pinned_request
@@ -153,3 +160,79 @@ def test_pinned_request_connects_to_the_vetted_address_with_the_original_host(ec
         response.close()
     assert response.status_code == 200
     assert response.text == f"hooks.test:{echo_server}"
+
+
+def _certificate_for(name: str, folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate valid for ``name`` only: (ca, cert, key) PEM files."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def test_a_connection_verified_for_one_name_never_carries_another_names_request(tmp_path: Path) -> None:
+    """Two names at one address (a shared IP, SNI-routed): after a request to a.test, whose
+    certificate the server holds, a request to b.test on the same client must still fail its own
+    certificate check instead of riding the pooled a.test connection."""
+    ca, cert, key = _certificate_for("a.test", tmp_path)
+    hosts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive unless the request says otherwise
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            hosts.append(self.headers["host"])
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    settings = _settings(url_allowlist=["a.test", "b.test"])
+    resolver = _resolver({"a.test": ["127.0.0.1"], "b.test": ["127.0.0.1"]})
+    timeout = httpx.Timeout(5.0)
+    try:
+        with httpx.Client(verify=str(ca), follow_redirects=False, trust_env=False) as client:
+            first = pinned_request(
+                client, check_url(f"https://a.test:{port}/hook", settings, resolver), "POST",
+                headers={}, content=b"{}", timeout=timeout,
+            )  # fmt: skip
+            first.read()
+            first.close()
+            assert first.status_code == 200
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                pinned_request(
+                    client, check_url(f"https://b.test:{port}/hook", settings, resolver), "POST",
+                    headers={}, content=b"{}", timeout=timeout,
+                )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert hosts == [f"a.test:{port}"]
