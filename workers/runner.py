@@ -105,6 +105,8 @@ class JobRunner:
             job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
             tenant_id, spec_data, attempt, self._steps = job.tenant_id, job.spec, job.attempts, list(job.steps)
         self.tenant_id = tenant_id
+        self.attempt = attempt
+        published = False
         heartbeat = _Heartbeat(self.job_id, self.worker_id, self.settings)
         self.heartbeat = heartbeat
         heartbeat.start()
@@ -116,7 +118,10 @@ class JobRunner:
                 ok = lifecycle.succeed(
                     session, self.job_id, self.worker_id, manifest_key, summary, {"artifacts": files}
                 )
-            if not ok:
+            if ok:
+                published = True
+                self._drop_other_attempts_artifacts()
+            else:
                 self._after_lost_race()
         except StepCancelled:
             with session_scope() as session:
@@ -137,6 +142,9 @@ class JobRunner:
         finally:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
+            if not published:  # whatever this attempt uploaded is nobody's artifact
+                with contextlib.suppress(StorageError):
+                    self.storage.delete_prefix(artifact_prefix(self.tenant_id, self.job_id, attempt))
             # This attempt's directory only: a newer attempt of the job may be running on this host.
             shutil.rmtree(work, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -277,9 +285,9 @@ class JobRunner:
         return paths
 
     def _upload_artifacts(self, out: Path) -> tuple[str, list[dict[str, Any]]]:
-        """Upload every file, then manifest.json last: the manifest's presence means 'complete'."""
-        prefix = artifact_prefix(self.tenant_id, self.job_id)
-        self.storage.delete_prefix(prefix)  # leftovers of an earlier, interrupted attempt
+        """Upload every file under this attempt's prefix, then manifest.json last: the manifest's
+        presence means 'complete'. Nothing of another attempt is touched."""
+        prefix = artifact_prefix(self.tenant_id, self.job_id, self.attempt)
         files = []
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             relative = path.relative_to(out).as_posix()
@@ -334,6 +342,17 @@ class JobRunner:
         self._progress(0.99, "uploading artifacts", force=True)
         manifest_key, files = self._upload_artifacts(out)
         return manifest_key, summary_from_report(report), files
+
+    def _drop_other_attempts_artifacts(self) -> None:
+        """Once this attempt's artifacts are the job's, delete what interrupted attempts left behind."""
+        job_prefix = artifact_prefix(self.tenant_id, self.job_id)
+        mine = artifact_prefix(self.tenant_id, self.job_id, self.attempt)
+        try:
+            others = {o.key[len(job_prefix) :].split("/", 1)[0] for o in self.storage.list(job_prefix)}
+            for folder in sorted(others - {mine[len(job_prefix) :].rstrip("/")}):
+                self.storage.delete_prefix(f"{job_prefix}{folder}/")
+        except StorageError:
+            log.warning("job %s: could not delete the artifacts of earlier attempts", self.job_id, exc_info=True)
 
     def _drop_checkpoints_if_ended(self) -> None:
         """Training checkpoints serve only a re-delivery of this job: delete them once the job is over

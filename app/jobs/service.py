@@ -33,8 +33,11 @@ def _scoped(tenant_id: str) -> Select[Job]:
     return select(Job).where(Job.tenant_id == tenant_id)
 
 
-def artifact_prefix(tenant_id: str, job_id: str) -> str:
-    return f"artifacts/{tenant_id}/{job_id}/"
+def artifact_prefix(tenant_id: str, job_id: str, attempt: int | None = None) -> str:
+    """Where a job's artifacts live; each attempt writes under its own ``attempt-N/``, so a worker that
+    lost its lease can never delete or overwrite what the attempt that succeeded published."""
+    job = f"artifacts/{tenant_id}/{job_id}/"
+    return job if attempt is None else f"{job}attempt-{attempt}/"
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -235,7 +238,7 @@ def list_artifacts(session: Session, tenant_id: str, job_id: str, storage: Stora
     raw = storage.get_bytes(job.manifest_key)
     manifest = json.loads(raw)
     expires = utcnow() + timedelta(seconds=ttl_s)
-    prefix = artifact_prefix(tenant_id, job_id)
+    prefix = job.manifest_key.rsplit("/", 1)[0] + "/"  # the attempt that succeeded
     files = [
         {
             "path": f["path"],

@@ -312,3 +312,56 @@ def test_internal_failure_reasons_keep_sql_and_hosts_out() -> None:
         reason = internal_reason(exc)
         assert reason.startswith(type(exc).__name__) and "INSERT" not in reason and "minio" not in reason
     assert internal_reason(ValueError("shape mismatch in layer 3")) == "ValueError: shape mismatch in layer 3"
+
+
+def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker A stalls before uploading (its lease runs out), attempt B runs the job to success; when
+    A resumes, its upload lands under its own attempt's prefix, its success is refused, and what it
+    uploaded is deleted: B's artifacts stay whole and listable."""
+    from sqlalchemy import update
+
+    from app.db import get_sessionmaker, session_scope, utcnow
+    from app.jobs.models import Job
+    from app.jobs.service import artifact_prefix, list_artifacts
+    from app.storage import get_storage
+    from workers import runner as runner_module
+    from workers.reaper import reap_once
+
+    job_id = _submit(
+        tenant,
+        {
+            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "steps": [{"method": "quantize", "scheme": "w8a16"}],
+        },
+    )
+    original = runner_module.JobRunner._upload_artifacts
+    seen: dict[str, object] = {}
+
+    def stall_then_upload(self, out):  # type: ignore[no-untyped-def]
+        if self.worker_id == "worker-a":
+            with session_scope() as session:  # A's lease runs out while it is paused
+                session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
+            assert reap_once()["requeued"] == 1
+            b = runner_module.JobRunner(job_id)
+            b.worker_id = "worker-b"
+            b.run()
+            seen["b_manifest"] = _job(job_id).manifest_key
+            seen["b_manifest_bytes"] = get_storage().get_bytes(str(seen["b_manifest"]))
+            seen["b_keys"] = sorted(o.key for o in get_storage().list(artifact_prefix(tenant, job_id)))
+        return original(self, out)
+
+    monkeypatch.setattr(runner_module.JobRunner, "_upload_artifacts", stall_then_upload)
+    a = runner_module.JobRunner(job_id)
+    a.worker_id = "worker-a"
+    a.run()
+
+    job = _job(job_id)
+    assert job.status == "succeeded" and job.manifest_key == seen["b_manifest"]
+    assert str(job.manifest_key).startswith(artifact_prefix(tenant, job_id, job.attempts))
+    assert sorted(o.key for o in get_storage().list(artifact_prefix(tenant, job_id))) == seen["b_keys"]
+    assert get_storage().get_bytes(str(job.manifest_key)) == seen["b_manifest_bytes"]  # not A's manifest
+    with get_sessionmaker()() as session:
+        listed = list_artifacts(session, tenant, job_id, get_storage(), 60)["data"]
+    assert {f["path"] for f in listed} >= {"manifest.json", "report.json"}
