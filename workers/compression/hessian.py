@@ -169,7 +169,7 @@ def collect_input_stats(
             if module.bias is not None:
                 y = y - module.bias
             energies = by_name[name].output_energy
-            energies[name] = energies.get(name, 0.0) + float(torch.linalg.vector_norm(y)) ** 2
+            energies[name] = energies.get(name, 0.0) + float(torch.linalg.vector_norm(y, dtype=torch.float32)) ** 2
 
         return hook
 

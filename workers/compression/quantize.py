@@ -197,6 +197,11 @@ def prepare_quantization(model: nn.Module, config: QuantizeStep, calibration: to
     if not targets:
         raise EngineError("no Linear layer left to quantize after 'ignore'")
     _check_group_divisibility(targets, config.group_size)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head in targets.values() and getattr(model.config, "tie_word_embeddings", False):
+        # One Parameter would hold two modules' weights: the compressed checkpoint would store the
+        # head packed and the embedding not at all, and transformers could not load it.
+        raise EngineError("lm_head is tied to the input embeddings and cannot be quantized; add 'lm_head' to ignore")
     if config.needs_calibration:
         if calibration is None:
             raise EngineError(f"{config.scheme}/{config.algorithm} needs calibration data")
@@ -354,7 +359,8 @@ class _Run:
         if config.smoothquant is not None:
             for previous, consumers in _norm_mappings(layer):
                 names = [n for n, _ in consumers]
-                act = absmax.get(names[0])
+                # The consumers share one input: any of them observed it (an ignored one may not have).
+                act = next((absmax[n] for n in names if n in absmax), None)
                 if act is None:
                     continue
                 scales = smoothquant_scales(act, [m.weight for _, m in consumers], config.smoothquant.alpha)

@@ -354,8 +354,6 @@ def _quantize_streaming(
     inner: Any = model.model
     lm_head: nn.Module = model.get_output_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if tied and "lm_head" in run.targets:
-        raise EngineError("low-memory mode cannot quantize an lm_head tied to the embeddings; add 'lm_head' to ignore")
     outside_layers = [n for n, _ in inner.named_children() if n not in ("layers", "embed_tokens", "norm", "rotary_emb")]
     if outside_layers:
         raise EngineError(f"low-memory mode supports Llama-style models; unexpected modules: {outside_layers}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from tests.tiny import tiny_model
 from workers.compression.hessian import InputStats, _cholesky_lower, collect_input_stats, inverse_cholesky
@@ -122,3 +123,16 @@ def test_output_energies_give_the_output_error_denominator_without_a_matmul() ->
         assert scale is not None
         weight = layer.get_submodule(name).weight.detach()
         assert scale == pytest.approx(output_error(weight, stat.hessian), rel=1e-4)
+
+
+def test_output_energy_of_a_half_precision_layer_does_not_overflow() -> None:
+    """The energy is summed in float32: an fp16 output whose norm exceeds fp16's range (65504) still
+    gives a finite denominator."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(256, 256, bias=False)).half()
+    x = (torch.randn(4, 256, 256) * 300).half()
+    with torch.no_grad():
+        expected = float(layer(x).float().norm()) ** 2
+    assert expected > 65504.0**2
+    stats = collect_input_stats(layer, lambda: layer(x), output_energy=True, stop_early=False)["0"]
+    assert stats.output_energy["0"] == pytest.approx(expected, rel=1e-2)

@@ -166,6 +166,22 @@ def test_awq_beats_rtn_with_salient_channels(calibration: torch.Tensor) -> None:
     assert awq_error < rtn_error
 
 
+@pytest.mark.parametrize(
+    ("ignored", "norm"), [("q_proj", "input_layernorm"), ("gate_proj", "post_attention_layernorm")]
+)
+def test_smoothquant_still_smooths_a_group_whose_first_linear_is_ignored(
+    calibration: torch.Tensor, ignored: str, norm: str
+) -> None:
+    """The rest of the group (k/v, up) is quantized W8A8, so its shared input is smoothed all the same."""
+    model = tiny_model("llama")
+    before = [getattr(layer, norm).weight.detach().clone() for layer in model.model.layers]
+    step = QuantizeStep(scheme="w8a8", smoothquant={"alpha": 0.5}, ignore=["lm_head", f"re:.*{ignored}"])
+    quantize(model, step, calibration=calibration)
+    assert all(
+        not torch.equal(getattr(layer, norm).weight, w) for layer, w in zip(model.model.layers, before, strict=True)
+    )
+
+
 def test_smoothquant_reduces_static_w8a8_error_with_outliers(calibration: torch.Tensor) -> None:
     def with_outliers() -> nn.Module:
         model = tiny_model("llama", seed=2)
@@ -303,22 +319,20 @@ def test_already_quantized_model_is_refused() -> None:
         quantize(model, QuantizeStep(scheme="w8a16"))
 
 
-def test_new_weights_take_fresh_storage_and_tied_weights_stay_one(calibration: torch.Tensor) -> None:
+def test_new_weights_take_fresh_storage_and_a_tied_head_is_refused(calibration: torch.Tensor) -> None:
     """Quantized weights replace the loaded storage (writing into a checkpoint's private mapping would
-    copy it page by page); the Parameter stays, so a tied lm_head and embedding still read one
-    (quantized) tensor."""
+    copy it page by page); the Parameters stay, so a tied lm_head and embedding still read one tensor.
+    Quantizing that tied head is refused: its checkpoint would have no embedding to load."""
     model = tiny_model("llama", tie_word_embeddings=True)
-    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
-    assert head is embed
+    step = QuantizeStep(scheme="w4a16", algorithm="gptq", group_size=32, ignore=[])
+    with pytest.raises(EngineError, match="lm_head is tied"):
+        quantize(model, step, calibration=calibration)
+    model = tiny_model("llama", tie_word_embeddings=True)
     q_proj = model.model.layers[0].self_attn.q_proj
     loaded = q_proj.weight.data_ptr()
-    quantize(model, QuantizeStep(scheme="w4a16", algorithm="gptq", group_size=32, ignore=[]), calibration=calibration)
+    quantize(model, step.model_copy(update={"ignore": ["lm_head"]}), calibration=calibration)
     assert q_proj.weight.data_ptr() != loaded
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert model.lm_head.weight.data_ptr() == embed.data_ptr()
-    scale = model.lm_head.weight_scale.repeat_interleave(32, dim=1)
-    codes = model.model.embed_tokens.weight / scale
-    assert torch.allclose(codes, codes.round(), atol=1e-3)
 
 
 def test_llama_layers_are_quantized_group_by_group(calibration: torch.Tensor) -> None:
