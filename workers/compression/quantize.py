@@ -197,7 +197,8 @@ def prepare_quantization(model: nn.Module, config: QuantizeStep, calibration: to
     if not targets:
         raise EngineError("no Linear layer left to quantize after 'ignore'")
     _check_group_divisibility(targets, config.group_size)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if head is not None and head in targets.values() and getattr(model.config, "tie_word_embeddings", False):
         # One Parameter would hold two modules' weights: the compressed checkpoint would store the
         # head packed and the embedding not at all, and transformers could not load it.
