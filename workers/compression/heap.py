@@ -11,13 +11,17 @@ Two policies, both process-wide (glibc has one allocator per process) and best e
 where the C library is not glibc):
 
 * :func:`retained_heap` (in-memory layer loops): no mmap for large blocks and no trimming while
-  the loop runs, so freed activations are reused in place; on exit the defaults come back and the
+  the loop runs, so freed activations are reused in place; on exit the allocator settles (below) and the
   free pages are returned to the system (``malloc_trim``).
 * :func:`mapped_large_blocks` (low-memory mode): the opposite trade, every block of 1 MiB or more
   is its own mapping, so freeing a layer unmaps it and the footprint stays at one layer.
 
-Both restore glibc's default settings on exit, so a worker process that runs a low-memory job
-and then an in-memory one does not carry the first one's policy into the second.
+Setting any of these parameters switches glibc's dynamic mmap threshold off for the life of the
+process, and writing the default numbers back does not switch it on again (the defaults then map
+and fault in every block over 128 KiB, each time). So both policies end by *settling* the
+allocator where the dynamic policy settles once large blocks have been freed (mmap threshold
+32 MiB, trim threshold 64 MiB): later work in the same worker process (evaluation, the next job)
+reuses freed blocks as it would have in a fresh process.
 
 And :func:`release_pages`, for tensors torch did not allocate (a checkpoint's file mapping) once
 the engine has replaced them.
@@ -39,9 +43,11 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 MADV_PAGEOUT = 21  # madvise(2), Linux 5.4+
-DEFAULT_TRIM_THRESHOLD = 128 * 1024
-DEFAULT_MMAP_THRESHOLD = 128 * 1024
 DEFAULT_MMAP_MAX = 65536
+# Where glibc's dynamic policy ends up after freeing large blocks (DEFAULT_MMAP_THRESHOLD_MAX on
+# 64-bit, and twice that for trimming).
+SETTLED_MMAP_THRESHOLD = 32 << 20
+SETTLED_TRIM_THRESHOLD = 64 << 20
 # Free memory kept at the heap's top while a loop runs (an int: mallopt takes a C int).
 RETAINED_TRIM_THRESHOLD = 1 << 30
 
@@ -83,8 +89,7 @@ def mapped_large_blocks() -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
-        libc.malloc_trim(0)
+        _settle(libc)
 
 
 @contextmanager
@@ -99,9 +104,15 @@ def retained_heap() -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        _settle(libc)
+
+
+def _settle(libc: Any) -> None:
+    """The dynamic policy's steady state, and the free pages back to the system (see the module doc)."""
+    libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    libc.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
 
 
 def release_pages(tensor: torch.Tensor) -> None:

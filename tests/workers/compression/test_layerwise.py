@@ -172,6 +172,20 @@ def test_retained_heap_reuses_freed_activations_instead_of_faulting_them_in_agai
     assert kept - _status_kib("RssAnon") > SIZE // 2048  # on exit it goes back to the system (KiB)
 
 
+def test_after_a_layer_loop_freed_blocks_are_reused_as_in_a_fresh_process() -> None:
+    """Setting any allocator parameter switches glibc's dynamic mmap threshold off for good; on exit the
+    policies settle where it would have settled, so later 16 MiB tensors (evaluation, the next job)
+    reuse freed memory instead of faulting every page in again."""
+    if heap._libc() is None:
+        pytest.skip("not glibc: the allocator policy is a no-op")
+    size = 16 << 20
+    for policy in (heap.retained_heap, heap.mapped_large_blocks):
+        with policy():
+            pass
+        faults = _faults_per_round(6, size)
+        assert sum(count < size // resource.getpagesize() // 8 for count in faults[1:]) >= 4, (policy, faults)
+
+
 def test_a_replaced_checkpoint_weight_leaves_the_resident_set_and_still_reads_the_same(tmp_path: Path) -> None:
     """set_weight hands the new values a storage of their own; the old tensor's pages in the
     checkpoint's file mapping are released, and reading the old tensor again still gives its values."""
