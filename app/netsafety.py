@@ -94,9 +94,10 @@ def _why_not_public(ip: IPAddress) -> str | None:
         ("is_multicast", "a multicast address"),
         ("is_private", "a private-network address"),
         ("is_reserved", "a reserved address"),
+        ("is_site_local", "a site-local address (fec0::/10)"),  # deprecated, but routed inside sites
     )
     for attribute, reason in checks:
-        if getattr(ip, attribute):
+        if getattr(ip, attribute, False):  # is_site_local exists on IPv6 addresses only
             return reason
     if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("100.64.0.0/10"):
         return "a carrier-grade NAT address (100.64.0.0/10)"

@@ -55,6 +55,7 @@ def _resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
         "::1",
         "::",
         "fe80::1",
+        "fec0::1",
         "fc00::1",
         "ff02::1",
         "::ffff:127.0.0.1",
