@@ -66,7 +66,7 @@ def get_celery() -> Celery:
 def broker_priority(tenant_priority: int | None) -> int:
     """Tenant priority 0 (low) … 9 (high) → the Redis transport's message priority, where 0 is served first.
 
-    ``None`` (a re-sent doorbell that did not look the tenant up) gets the middle of the range, never 0:
+    ``None`` (a caller that did not look the tenant up) gets the middle of the range, never 0:
     kombu treats a message without priority as the most urgent.
     """
     level = 5 if tenant_priority is None else min(max(tenant_priority, 0), 9)

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
+from app.auth.quotas import tenant_priority
 from app.broker import enqueue_job
 from app.config import get_settings
 from app.db import session_scope, utcnow
@@ -19,7 +20,7 @@ log = logging.getLogger("modelpress.reaper")
 def reap_once() -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    requeued: list[tuple[str, str]] = []
+    requeued: list[tuple[str, str, int]] = []  # job, queue, its tenant's priority
     counts = {"requeued": 0, "failed_or_cancelled": 0, "resent": 0}
     with session_scope() as session:
         expired = session.execute(
@@ -30,21 +31,23 @@ def reap_once() -> dict[str, int]:
         ).scalars()
         for job in list(expired):
             if lifecycle.requeue_after_lost_worker(session, job, settings.max_attempts, now):
-                requeued.append((job.id, job.queue))
+                requeued.append((job.id, job.queue, tenant_priority(session, job.tenant_id, settings)))
                 counts["requeued"] += 1
             else:
                 counts["failed_or_cancelled"] += 1
         # Queued for long with no worker claiming: the doorbell may have been lost; ring again.
         stale_before = now - timedelta(seconds=settings.requeue_stale_queued_s)
         stale = session.execute(
-            select(Job.id, Job.queue).where(Job.status == "queued", Job.updated_at < stale_before).limit(100)
+            select(Job.id, Job.queue, Job.tenant_id)
+            .where(Job.status == "queued", Job.updated_at < stale_before)
+            .limit(100)
         ).all()
-        for job_id, queue in stale:
+        for job_id, queue, tenant_id in stale:
             session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(updated_at=now))
-            requeued.append((job_id, queue))
+            requeued.append((job_id, queue, tenant_priority(session, tenant_id, settings)))
             counts["resent"] += 1
-    for job_id, queue in requeued:  # after commit
-        enqueue_job(job_id, queue)
+    for job_id, queue, priority in requeued:  # after commit; the message keeps the tenant's priority
+        enqueue_job(job_id, queue, priority=priority)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     return counts
