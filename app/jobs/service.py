@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Select, exists, select, update
+from sqlalchemy import CursorResult, Select, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -70,16 +71,28 @@ def _request_hash(spec: JobSpec) -> str:
 IDEMPOTENCY_RESERVATION_S = 60
 
 
-def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+@dataclass(frozen=True)
+class _Reservation:
+    """An Idempotency-Key this request holds: its row and the ``created_at`` it stamped there. A
+    request that stalls past :data:`IDEMPOTENCY_RESERVATION_S` can lose the key to a retry; the stamp
+    tells it so (see :func:`_link_idempotency_key`)."""
+
+    row_id: int
+    stamp: datetime
+
+
+def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: str) -> Job | _Reservation:
     """Reserve ``key`` (committed at once, so a concurrent twin sees it) or return the job it made."""
     existing = session.execute(
         select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
     ).scalar_one_or_none()
     if existing is None:
-        session.add(IdempotencyKey(tenant_id=tenant_id, key=key, request_hash=digest))
+        stamp = utcnow()
+        row = IdempotencyKey(tenant_id=tenant_id, key=key, request_hash=digest, created_at=stamp)
+        session.add(row)
         try:
             session.commit()
-            return None
+            return _Reservation(row.id, stamp)
         except IntegrityError:
             session.rollback()
             existing = session.execute(
@@ -93,6 +106,7 @@ def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: s
         # it over instead of meeting 409 forever. The guarded UPDATE lets only one retry win.
         stale_before = utcnow() - timedelta(seconds=IDEMPOTENCY_RESERVATION_S)
         if existing.created_at < stale_before:
+            stamp = utcnow()
             taken = session.execute(
                 update(IdempotencyKey)
                 .where(
@@ -100,24 +114,41 @@ def _claim_idempotency_key(session: Session, tenant_id: str, key: str, digest: s
                     IdempotencyKey.job_id.is_(None),
                     IdempotencyKey.created_at < stale_before,
                 )
-                .values(created_at=utcnow())
+                .values(created_at=stamp)
                 .execution_options(synchronize_session=False)
             )
             session.commit()
             if isinstance(taken, CursorResult) and taken.rowcount == 1:
-                return None
+                return _Reservation(existing.id, stamp)
         raise conflict("a request with this Idempotency-Key is still in progress; retry shortly")
     return get_job(session, tenant_id, existing.job_id)
 
 
-def _release_idempotency_key(session: Session, tenant_id: str, key: str) -> None:
+def _mine(reservation: _Reservation) -> Any:
+    """The reservation's row, only while no job is linked and no retry has taken it over."""
+    return (
+        (IdempotencyKey.id == reservation.row_id)
+        & IdempotencyKey.job_id.is_(None)
+        & (IdempotencyKey.created_at == reservation.stamp)
+    )
+
+
+def _link_idempotency_key(session: Session, reservation: _Reservation, job_id: str) -> None:
+    """Point the key at the new job in the job's transaction; 409 (and no job) if a retry took it over."""
+    linked = session.execute(
+        update(IdempotencyKey)
+        .where(_mine(reservation))
+        .values(job_id=job_id)
+        .execution_options(synchronize_session=False)
+    )
+    if not (isinstance(linked, CursorResult) and linked.rowcount == 1):
+        raise conflict("this request took too long and a retry with the same Idempotency-Key took it over")
+
+
+def _release_idempotency_key(session: Session, reservation: _Reservation) -> None:
     session.rollback()
-    row = session.execute(
-        select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
-    ).scalar_one_or_none()
-    if row is not None and row.job_id is None:
-        session.delete(row)
-        session.commit()
+    session.execute(delete(IdempotencyKey).where(_mine(reservation)).execution_options(synchronize_session=False))
+    session.commit()
 
 
 def create_job(
@@ -128,11 +159,14 @@ def create_job(
     Returns ``(job, created)``; ``created`` is False when an idempotent replay returned an existing job.
     """
     tenant_id = principal.tenant_id
+    reservation: _Reservation | None = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 255:
             raise unprocessable("Idempotency-Key must be 1-255 characters")
         replay = _claim_idempotency_key(session, tenant_id, idempotency_key, _request_hash(spec))
-        if replay is not None:
+        if isinstance(replay, _Reservation):
+            reservation = replay
+        else:
             # An idempotent replay answers like the original 201, one-off webhook secret included.
             setattr(replay, "webhook_secret", webhooks.job_webhook_secret(session, tenant_id, replay.id))  # noqa: B010
             return replay, False
@@ -166,17 +200,12 @@ def create_job(
             secret = webhooks.create_job_endpoint(session, tenant_id, job.id, spec.webhook_url)
             setattr(job, "webhook_secret", secret)  # noqa: B010
         lifecycle.record_event(session, job.id, tenant_id, "job.queued", {"status": "queued"})
-        if idempotency_key is not None:
-            row = session.execute(
-                select(IdempotencyKey).where(
-                    IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == idempotency_key
-                )
-            ).scalar_one()
-            row.job_id = job.id
+        if reservation is not None:
+            _link_idempotency_key(session, reservation, job.id)
         session.commit()
     except BaseException:
-        if idempotency_key is not None:
-            _release_idempotency_key(session, tenant_id, idempotency_key)
+        if reservation is not None:
+            _release_idempotency_key(session, reservation)
         raise
     # Only after the commit: a worker must never receive a job it cannot read.
     enqueue_job(job.id, job.queue, priority=limits.priority)

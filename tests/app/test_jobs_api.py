@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.app.conftest import Caller
@@ -159,6 +161,48 @@ def test_idempotency_key(client: TestClient, alice: Caller) -> None:
     assert bad.status_code == 422
     retry = client.post("/v1/jobs", json=quantize_job(upload), headers={**alice.headers, "Idempotency-Key": "k2"})
     assert retry.status_code == 201
+
+
+def test_a_stalled_request_whose_key_was_taken_over_makes_no_second_job(
+    client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that stalls past the reservation window loses its Idempotency-Key to a retry: the retry
+    makes the job, the stalled request answers 409 and leaves nothing behind."""
+    import threading
+    import time
+
+    from app.auth import quotas
+    from app.jobs import service
+
+    monkeypatch.setattr(service, "IDEMPOTENCY_RESERVATION_S", 1)
+    upload = _model_upload(client, alice)
+    real = quotas.check_queued_quota
+    stalled = threading.Event()
+
+    def slow_first_time(*args: Any, **kwargs: Any) -> Any:
+        if not stalled.is_set():
+            stalled.set()
+            time.sleep(2.0)  # e.g. waiting on the tenant row lock or a slow DNS answer for webhook_url
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quotas, "check_queued_quota", slow_first_time)
+    headers = {**alice.headers, "Idempotency-Key": "slow-1"}
+    answers: dict[str, Any] = {}
+    first = threading.Thread(
+        target=lambda: answers.update(first=client.post("/v1/jobs", json=quantize_job(upload), headers=headers))
+    )
+    first.start()
+    assert stalled.wait(10)
+    time.sleep(1.2)  # past the window: the retry takes the reservation over
+    retry = client.post("/v1/jobs", json=quantize_job(upload), headers=headers)
+    first.join()
+    assert retry.status_code == 201, retry.text
+    assert answers["first"].status_code == 409
+    assert answers["first"].headers["content-type"] == "application/problem+json"
+    jobs = client.get("/v1/jobs", headers=alice.headers).json()["data"]
+    assert [job["id"] for job in jobs] == [retry.json()["id"]]
+    replay = client.post("/v1/jobs", json=quantize_job(upload), headers=headers)
+    assert replay.status_code == 200 and replay.json()["id"] == retry.json()["id"]
 
 
 def test_cancel_rules(client: TestClient, alice: Caller) -> None:
