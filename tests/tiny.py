@@ -8,7 +8,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
     LlamaConfig,
+    PhiConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -43,7 +46,7 @@ def tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_config(arch: str = "llama", **overrides: object) -> LlamaConfig | Qwen2Config:
+def tiny_config(arch: str = "llama", **overrides: object) -> PretrainedConfig:
     """A 2-layer config with GQA (4 query heads, 2 KV heads), hidden 64."""
     common: dict[str, object] = dict(
         vocab_size=256,
@@ -60,6 +63,12 @@ def tiny_config(arch: str = "llama", **overrides: object) -> LlamaConfig | Qwen2
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    # Llama's module names, other wiring: a (1 + w) RMSNorm (Gemma), one norm feeding a parallel
+    # attention + MLP block (Phi).
+    if arch == "gemma":
+        return GemmaConfig(**{"head_dim": 16, **common})
+    if arch == "phi":
+        return PhiConfig(**common)
     raise ValueError(arch)
 
 

@@ -117,6 +117,7 @@ def layerwise(
     batch_size: int = 8,
     propagate: bool = True,
     stage: StageFn | None = None,
+    inspect: Callable[[nn.Module, LayerBatch], None] | None = None,
 ) -> bool:
     """Calibrate ``model`` one decoder layer at a time (see module docstring); return whether the
     layers ran group by group (``stage``) rather than observed whole (``process``).
@@ -125,12 +126,15 @@ def layerwise(
     errors are corrected downstream (GPTQ/SparseGPT practice); with ``False`` it sees the
     original layer's outputs. An engine that can work one group of Linears at a time passes
     ``stage``: layers of the Llama shape then run once, in :func:`staged_forward`, instead of
-    being observed by ``process`` and run again.
+    being observed by ``process`` and run again. ``inspect(first layer, first batch)`` runs once,
+    before any layer is modified.
     """
     callbacks = callbacks or Callbacks()
     layers = decoder_layers(model)
     with heap.retained_heap():  # every layer allocates the same activations again: reuse their pages
         batches = capture_layer_inputs(model, input_ids, batch_size)
+        if inspect is not None and batches:
+            inspect(layers[0], batches[0])
         staged = stage is not None and propagate and bool(batches) and stages_match(layers[0], batches[0])
         total = len(layers)
         for index, layer in enumerate(layers):

@@ -24,6 +24,7 @@ AWQ rescale the collected Hessians instead of re-running the layer.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -51,7 +52,7 @@ from workers.compression.awq import awq_search
 from workers.compression.base import Callbacks, EngineError, StepOutcome, device_of, set_weight
 from workers.compression.gptq import gptq_quantize
 from workers.compression.hessian import InputStats, collect_input_stats
-from workers.compression.layerwise import decoder_layers, layerwise
+from workers.compression.layerwise import LayerBatch, decoder_layers, layerwise, run_layer
 from workers.compression.smoothquant import apply_input_scaling, smoothquant_scales
 from workers.compression.weight_quant import preload_compiled_kernels, relative_output_error, rtn
 
@@ -159,6 +160,7 @@ def quantize(
             callbacks.scaled(0.0, 0.97),
             batch_size=CALIBRATION_BATCH,
             stage=run.process_stage if run.stages else None,
+            inspect=run.check_scaling,
         )
     else:
         for index, prefix in enumerate(in_layers):
@@ -234,6 +236,46 @@ class _Run:
         self.weight_errors: dict[str, float] = {}
         self.rtn_fallback: list[str] = []
         self.sparse_modules: list[str] = []
+        # Producers (a norm, or v_proj / up_proj) whose rescaling changed the first layer's output:
+        # their mappings are left out everywhere (see check_scaling). None: not checked.
+        self.scaling_skipped: list[str] | None = None
+
+    def check_scaling(self, layer: nn.Module, batch: LayerBatch) -> None:
+        """Try every SmoothQuant/AWQ mapping of the first decoder layer on one calibration batch, with
+        random scales, and leave out those that change the layer's output.
+
+        The mappings go by module names (a norm feeding q/k/v or gate/up; v→o, up→down). Layers with
+        those names can still be wired otherwise: a ``(1 + w)`` norm (Gemma), a post-norm (Olmo2), a
+        parallel attention/MLP block fed by one norm (Phi, Cohere), an activation on ``up_proj``
+        (Nemotron), a norm before ``o_proj``. Rescaling there would change the float model itself.
+        """
+        if self.config.smoothquant is None and self.config.algorithm != "awq":
+            return
+        mappings = _norm_mappings(layer) + (_linear_mappings(layer) if self.config.algorithm == "awq" else [])
+        name_of = {id(module): name for name, module in layer.named_modules()}
+        self.scaling_skipped = []
+        with torch.no_grad():
+            expected = run_layer(layer, [batch])[0]
+            for previous, consumers in mappings:
+                probe = copy.deepcopy(layer)
+                width = consumers[0][1].in_features
+                scales = torch.empty(width).uniform_(-0.7, 0.7, generator=torch.Generator().manual_seed(width)).exp()
+                linears = [probe.get_submodule(n) for n, _ in consumers]
+                apply_input_scaling(
+                    probe.get_submodule(name_of[id(previous)]), [m for m in linears if isinstance(m, nn.Linear)], scales
+                )
+                actual = run_layer(probe, [batch])[0]
+                change = float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
+                if not change < 1e-3:  # float rounding is ~1e-6 here; a broken mapping changes it by 1e-2..1
+                    self.scaling_skipped.append(name_of[id(previous)])
+
+    def _scalable(
+        self, mappings: list[tuple[nn.Module, list[tuple[str, nn.Linear]]]], layer: nn.Module
+    ) -> list[tuple[nn.Module, list[tuple[str, nn.Linear]]]]:
+        if not self.scaling_skipped:
+            return mappings
+        name_of = {id(module): name for name, module in layer.named_modules()}
+        return [(p, c) for p, c in mappings if name_of.get(id(p)) not in self.scaling_skipped]
 
     def names_under(self, prefix: str) -> list[str]:
         return [name for name in self.targets if name.startswith(prefix)]
@@ -273,6 +315,7 @@ class _Run:
             "act_order": config.act_order if config.algorithm == "gptq" else None,
             "clip_search": config.clip_search if config.algorithm == "gptq" else None,
             "true_sequential": self.true_sequential,
+            "scaling_skipped": self.scaling_skipped,
             "quantized_modules": len(self.targets),
             "ignored_modules": [n for n in all_linears if n not in self.targets],
             "output_errors": errors,
@@ -358,7 +401,7 @@ class _Run:
         hessians = _HessianCache(stats)
 
         if config.smoothquant is not None:
-            for previous, consumers in _norm_mappings(layer):
+            for previous, consumers in self._scalable(_norm_mappings(layer), layer):
                 names = [n for n, _ in consumers]
                 # The consumers share one input: any of them observed it (an ignored one may not have).
                 act = next((absmax[n] for n in names if n in absmax), None)
@@ -372,7 +415,7 @@ class _Run:
                 hessians.rescale(names, scales)
         rescaled_outputs: set[int] = set()  # Linears whose outputs a balancing divided: energies stale
         if config.algorithm == "awq":
-            for previous, consumers in _norm_mappings(layer) + _linear_mappings(layer):
+            for previous, consumers in self._scalable(_norm_mappings(layer) + _linear_mappings(layer), layer):
                 quantized = [(n, m) for n, m in consumers if n in local]
                 if not quantized:
                     continue

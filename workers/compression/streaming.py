@@ -381,6 +381,7 @@ def _quantize_streaming(
         _advance(layer, eval_before)
         if config.needs_calibration:
             if staged is None:  # decided on the first layer, as the in-memory engine does
+                run.check_scaling(layer, calib[0])
                 staged = run.stages and stages_match(layer, calib[0])
             # Nothing kept across batches (store_bytes=0): the blocks run twice rather than hold more.
             stage = run.process_stage if staged else None
