@@ -10,8 +10,8 @@ stays bounded by one layer plus the activations, as in llm-compressor's sequenti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -41,29 +41,62 @@ class LayerBatch:
 
     hidden: torch.Tensor
     kwargs: dict[str, Any]
+    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    """What each decoder layer receives besides the hidden states: masks and rotary embeddings can
+    differ from layer to layer (sliding-window layers, local and global RoPE). Empty: ``kwargs``
+    serve every layer."""
+
+    def at_layer(self, index: int) -> LayerBatch:
+        """Point ``kwargs`` at what decoder layer ``index`` receives."""
+        if self.layer_kwargs:
+            self.kwargs = self.layer_kwargs[index]
+        return self
 
 
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> list[LayerBatch]:
-    """Run the model up to its first decoder layer and keep what that layer receives, per batch."""
-    first = decoder_layers(model)[0]
+    """Run the model's embeddings and keep, per batch, what its first decoder layer receives and the
+    other arguments every later layer receives (the layers themselves are not run: each is replaced
+    by a pass-through for the call, and the last one ends it)."""
+    layers = decoder_layers(model)
     batches: list[LayerBatch] = []
 
-    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        kept["use_cache"] = False
-        batches.append(LayerBatch(hidden=hidden.detach(), kwargs=kept))
-        raise _Captured
+    def pass_through(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+            kept["use_cache"] = False
+            if index == 0:
+                batches.append(LayerBatch(hidden=hidden.detach(), kwargs=kept))
+            batches[-1].layer_kwargs.append(kept)
+            if index == len(layers) - 1:
+                raise _Captured
+            return hidden
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.forward = pass_through(index)  # type: ignore[method-assign]
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
                 chunk = input_ids[start : start + batch_size].to(device_of(model))
-                with suppress(_Captured):
+                count = len(batches)
+                try:
                     model(input_ids=chunk, use_cache=False)
+                except _Captured:
+                    continue
+                except Exception:
+                    # A model whose layers must return more than the hidden states stumbled past the
+                    # first one: its first layer's arguments then serve every layer, as they must.
+                    if len(batches) == count:
+                        raise
+                    batches[-1].layer_kwargs = []
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, own, strict=True):
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
     return batches
 
 
@@ -156,6 +189,8 @@ def calibrate_layer(
     """One layer of :func:`layerwise`: observe and modify it (by groups when ``stage`` is given and the
     layer has the Llama shape), then move every batch's hidden states past it."""
     prefix = f"model.layers.{index}"
+    for batch in batches:
+        batch.at_layer(index)
     if stage is not None and _has_llama_shape(layer):
         staged_forward(layer, batches, partial(stage, index, prefix, layer), store_bytes)
         return

@@ -368,7 +368,7 @@ def _quantize_streaming(
     materialize(inner.embed_tokens, "model.embed_tokens.", reader)
     calib = capture_layer_inputs(model, calibration, CALIBRATION_BATCH) if calibration is not None else []
     eval_before = capture_layer_inputs(model, eval_ids, 1) if eval_ids is not None else []
-    eval_after = [LayerBatch(hidden=b.hidden.clone(), kwargs=b.kwargs) for b in eval_before]
+    eval_after = [LayerBatch(b.hidden.clone(), b.kwargs, b.layer_kwargs) for b in eval_before]
     writer.add({"model.embed_tokens." + k: v for k, v in inner.embed_tokens.state_dict().items()})
     release(inner.embed_tokens)
 
@@ -378,7 +378,7 @@ def _quantize_streaming(
         callbacks.check()
         prefix = f"model.layers.{index}"
         materialize(layer, prefix + ".", reader)
-        _advance(layer, eval_before)
+        _advance(index, layer, eval_before)
         if config.needs_calibration:
             if staged is None:  # decided on the first layer, as the in-memory engine does
                 run.check_scaling(layer, calib[0])
@@ -388,7 +388,7 @@ def _quantize_streaming(
             calibrate_layer(index, layer, calib, run.process_layer, stage, store_bytes=0)
         else:
             run.quantize_uncalibrated(prefix + ".")
-        _advance(layer, eval_after)
+        _advance(index, layer, eval_after)
         writer.add(compressed_tensors_of(layer, prefix + "."))
         release(layer)
         callbacks.progress(0.02 + 0.95 * (index + 1) / total, f"layer {index + 1}/{total}")
@@ -430,9 +430,9 @@ def _quantize_streaming(
     return StepOutcome(model=model, facts=facts), StreamResult(before, after, peak, model)
 
 
-def _advance(layer: nn.Module, batches: list[LayerBatch]) -> None:
-    """Replace every batch's hidden states by ``layer``'s output on them."""
-    for batch, out in zip(batches, run_layer(layer, batches), strict=True):
+def _advance(index: int, layer: nn.Module, batches: list[LayerBatch]) -> None:
+    """Replace every batch's hidden states by decoder layer ``index``'s output on them."""
+    for batch, out in zip(batches, run_layer(layer, [b.at_layer(index) for b in batches]), strict=True):
         batch.hidden = out
 
 

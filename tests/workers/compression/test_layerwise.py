@@ -205,3 +205,21 @@ def test_a_replaced_checkpoint_weight_leaves_the_resident_set_and_still_reads_th
     assert linear.weight.data_ptr() != loaded.data_ptr()
     assert torch.equal(linear.weight, original * 2)
     assert torch.equal(loaded, original)
+
+
+def test_every_layer_is_calibrated_with_its_own_mask() -> None:
+    """Sliding-window layers receive another attention mask than full-attention ones (and some models
+    another RoPE): each layer of the loop gets what the model's own forward gives it."""
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1, num_hidden_layers=4)
+    assert model.config.layer_types == ["full_attention", *["sliding_attention"] * 3]
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states  # [i]: the input of layer i
+    outputs: dict[int, torch.Tensor] = {}
+
+    def process(index: int, _prefix: str, _layer: nn.Module, replay: Any) -> None:
+        outputs[index] = replay()[0]
+
+    layerwise(model, ids, process, batch_size=4)
+    for index in range(3):  # the last output is taken before the final norm, hidden_states[-1] after it
+        torch.testing.assert_close(outputs[index], expected[index + 1], rtol=1e-5, atol=1e-5)
