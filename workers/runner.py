@@ -41,8 +41,8 @@ MANIFEST_VERSION = 1
 
 def internal_reason(exc: BaseException) -> str:
     """What a tenant reads of an unexpected error: its type and message, except for database and
-    storage-client errors, whose text can hold SQL, hosts or bucket names (those stay in the log)."""
-    if isinstance(exc, SQLAlchemyError | BotoCoreError | ClientError):
+    storage errors, whose text can hold SQL, hosts, bucket names or paths (those stay in the log)."""
+    if isinstance(exc, SQLAlchemyError | BotoCoreError | ClientError | StorageError):
         return f"{type(exc).__name__}: an internal service error; the operators' worker log has the details"
     return f"{type(exc).__name__}: {exc}"[:2000]
 

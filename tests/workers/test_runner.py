@@ -304,13 +304,16 @@ def test_internal_failure_reasons_keep_sql_and_hosts_out() -> None:
     from botocore.exceptions import EndpointConnectionError
     from sqlalchemy.exc import DataError
 
+    from app.storage import StorageError
     from workers.runner import internal_reason
 
     db = DataError("INSERT INTO job_events (data) VALUES (%(data)s)", {"data": "NaN"}, Exception("invalid json"))
     s3 = EndpointConnectionError(endpoint_url="http://minio.internal:9000/modelpress")
-    for exc in (db, s3):
+    wrapped = StorageError("cannot download s3://modelpress-internal/artifacts/x: An error occurred (403)")
+    for exc in (db, s3, wrapped):
         reason = internal_reason(exc)
-        assert reason.startswith(type(exc).__name__) and "INSERT" not in reason and "minio" not in reason
+        assert reason.startswith(type(exc).__name__)
+        assert "INSERT" not in reason and "minio" not in reason and "modelpress-internal" not in reason
     assert internal_reason(ValueError("shape mismatch in layer 3")) == "ValueError: shape mismatch in layer 3"
 
 
