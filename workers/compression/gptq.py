@@ -74,7 +74,7 @@ def gptq_quantize(
     static_zp: torch.Tensor | None = None
     if group is None or act_order:
         static_scale, static_zp = weight_qparams(w, args, importance=torch.diag(h) if clip_search else None)
-        static_scale = static_scale.to(torch.float32)
+        static_scale = _as_stored(static_scale, weight.dtype)
         static_zp = static_zp.to(torch.float32)
 
     # Work on Wᵀ: each input column of W is then a contiguous row, and the per-column rank-1 update
@@ -138,7 +138,7 @@ def gptq_quantize(
                     if rows.shape[0] < group:
                         rows = torch.cat([rows, wt[i2 : i2 + group - rows.shape[0]]])
                     s, z = weight_qparams(rows.T, per_channel)
-                    cur_scale, cur_zp = s[:, 0].to(torch.float32), z[:, 0].to(torch.float32)
+                    cur_scale, cur_zp = _as_stored(s[:, 0], weight.dtype), z[:, 0].to(torch.float32)
                     scale_out[:, col // group], zp_out[:, col // group] = cur_scale, cur_zp
                 assert cur_scale is not None and cur_zp is not None
                 scale1[a:b], zp1[a:b] = cur_scale, cur_zp
@@ -162,6 +162,12 @@ def gptq_quantize(
     return GPTQResult(
         weight=q.to(weight.dtype).contiguous(), scale=scale_param, zero_point=zp_param, row_loss=row_loss / 2
     )
+
+
+def _as_stored(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale as the checkpoint will hold it (in the weight's dtype), in float32 for the loop: a bf16
+    model's codes are then exactly those its stored scales dequantize."""
+    return scale.to(dtype).to(torch.float32)
 
 
 def _quantize_columns(
