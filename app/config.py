@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     webhook_delivery_retention_days: float = Field(
         default=30, gt=0, description="finished deliveries and their attempt log are deleted after this"
     )
+
+    @model_validator(mode="after")
+    def _own_bucket_is_no_source(self) -> Settings:
+        # Every tenant's uploads and artifacts live in the service's bucket: as an s3:// source it would
+        # let one tenant compress, and download, another's files.
+        if self.storage_backend == "s3" and self.s3_bucket in self.allowed_source_buckets:
+            raise ValueError(f"allowed_source_buckets must not include the service's own bucket {self.s3_bucket!r}")
+        return self
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"

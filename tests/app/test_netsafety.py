@@ -237,3 +237,12 @@ def test_a_connection_verified_for_one_name_never_carries_another_names_request(
         server.shutdown()
         server.server_close()
     assert hosts == [f"a.test:{port}"]
+
+
+def test_the_services_own_bucket_cannot_be_a_source_bucket() -> None:
+    """Every tenant's uploads and artifacts live there: as an s3:// source any tenant could read them."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="own bucket"):
+        Settings(storage_backend="s3", s3_bucket="modelpress", allowed_source_buckets=["models", "modelpress"])
+    assert Settings(storage_backend="s3", s3_bucket="modelpress", allowed_source_buckets=["models"])
