@@ -376,6 +376,8 @@ class JobRunner:
         """
         from app.ids import new_id
 
+        if self.heartbeat.lost.is_set():  # a newer attempt owns the checkpoints now: do not prune its versions
+            raise LeaseLost
         prefix = self._checkpoint_prefix(index)
         version = new_id("ckpt")
         files = []
@@ -403,9 +405,13 @@ class JobRunner:
             return dest
         for record in latest["files"]:
             target = dest / name / record["path"]
-            self.storage.get_file(f"{prefix}{latest['version']}/{record['path']}", target)
-            if sha256_file(target) != record["sha256"]:
-                log.warning("checkpoint file %s corrupt; step %d starts from scratch", record["path"], index)
+            try:
+                self.storage.get_file(f"{prefix}{latest['version']}/{record['path']}", target)
+                intact = sha256_file(target) == record["sha256"]
+            except StorageError:  # e.g. pruned by an attempt that had lost its lease
+                intact = False
+            if not intact:
+                log.warning("checkpoint file %s missing or corrupt; step %d starts from scratch", record["path"], index)
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
                 return dest

@@ -368,3 +368,31 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     with get_sessionmaker()() as session:
         listed = list_artifacts(session, tenant, job_id, get_storage(), 60)["data"]
     assert {f["path"] for f in listed} >= {"manifest.json", "report.json"}
+
+
+def test_a_checkpoint_whose_files_are_gone_restarts_the_step_from_scratch(tenant: str, tmp_path: Path) -> None:
+    """``latest.json`` can outlive its version's files (pruned by an attempt that had lost its lease):
+    the step then starts over instead of failing the job on a missing object."""
+    import threading
+
+    from app.storage import get_storage
+    from workers.runner import JobRunner, LeaseLost
+
+    runner = JobRunner("job_gone")
+    runner.tenant_id = tenant
+    prefix = runner._checkpoint_prefix(0)
+    latest = {"version": "ckpt_1", "name": "step-00000010", "files": [{"path": "a.bin", "size": 1, "sha256": "0" * 64}]}
+    get_storage().put_bytes(prefix + "latest.json", json.dumps(latest).encode())
+    restored = runner._restore_checkpoint(0, tmp_path / "ckpt")
+    assert restored.is_dir() and not any(restored.iterdir())
+
+    class Lost:
+        lost = threading.Event()
+
+    Lost.lost.set()
+    runner.heartbeat = Lost()  # type: ignore[assignment]
+    (tmp_path / "step-00000020").mkdir()
+    (tmp_path / "step-00000020" / "a.bin").write_bytes(b"x")
+    with pytest.raises(LeaseLost):
+        runner._save_checkpoint(0, tmp_path / "step-00000020")
+    assert json.loads(get_storage().get_bytes(prefix + "latest.json")) == latest  # nothing written or pruned
