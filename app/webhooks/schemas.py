@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
@@ -31,6 +31,15 @@ class EndpointUpdate(_Strict):
     events: list[WebhookEventType] | None = Field(default=None, min_length=1)
     description: str | None = Field(default=None, max_length=500)
     enabled: bool | None = Field(default=None, description="true re-enables an endpoint disabled by a 410")
+
+    @field_validator("url", "description", "enabled")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        # Omitted means "unchanged"; an explicit null would otherwise be silently ignored too. Only
+        # ``events`` gives null a meaning (every event type).
+        if value is None:
+            raise ValueError("must not be null; omit the field to leave it unchanged")
+        return value
 
 
 class RotateSecret(_Strict):

@@ -226,6 +226,8 @@ def test_endpoint_crud_secret_once_and_tenant_isolation(
     assert patched.status_code == 200 and patched.json()["events"] is None and patched.json()["description"] == "all"
     bad = client.patch(f"/v1/webhooks/{endpoint_id}", json={"events": ["job.exploded"]}, headers=alice.headers)
     assert bad.status_code == 422
+    null_url = client.patch(f"/v1/webhooks/{endpoint_id}", json={"url": None}, headers=alice.headers)
+    assert null_url.status_code == 422 and "must not be null" in null_url.text
 
     # Another tenant sees nothing and can change nothing.
     assert client.get("/v1/webhooks", headers=bob.headers).json()["data"] == []
