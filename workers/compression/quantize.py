@@ -254,10 +254,13 @@ class _Run:
         mappings = _norm_mappings(layer) + (_linear_mappings(layer) if self.config.algorithm == "awq" else [])
         name_of = {id(module): name for name, module in layer.named_modules()}
         self.scaling_skipped = []
+        # In float32 whatever the model's dtype: bf16 rounding alone would move the output by ~1e-2.
+        reference = copy.deepcopy(layer).float()
+        batch = LayerBatch(hidden=batch.hidden.float(), kwargs=_float32(batch.kwargs))
         with torch.no_grad():
-            expected = run_layer(layer, [batch])[0]
+            expected = run_layer(reference, [batch])[0]
             for previous, consumers in mappings:
-                probe = copy.deepcopy(layer)
+                probe = copy.deepcopy(reference)
                 width = consumers[0][1].in_features
                 scales = torch.empty(width).uniform_(-0.7, 0.7, generator=torch.Generator().manual_seed(width)).exp()
                 linears = [probe.get_submodule(n) for n, _ in consumers]
@@ -587,6 +590,17 @@ class _HessianCache:
             inv_d = inv.to(stat.xtx.device)
             stat.xtx.mul_(inv_d.unsqueeze(0)).mul_(inv_d.unsqueeze(1))
             self._cache.pop(id(stat), None)
+
+
+def _float32(value: Any) -> Any:
+    """``value`` with its floating-point tensors (also inside tuples, lists and dicts) in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    return value
 
 
 def _norm_mappings(layer: nn.Module) -> list[tuple[nn.Module, list[tuple[str, nn.Linear]]]]:

@@ -200,6 +200,12 @@ def test_smoothquant_leaves_out_mappings_that_would_change_the_float_model(
     assert float((after - before).norm() / before.norm()) < 0.05
 
 
+def test_the_scaling_check_does_not_mistake_bf16_rounding_for_a_broken_mapping(calibration: torch.Tensor) -> None:
+    model = tiny_model("llama").to(torch.bfloat16)
+    outcome = quantize(model, QuantizeStep(scheme="w8a8", smoothquant={"alpha": 0.5}), calibration=calibration)
+    assert outcome.facts["scaling_skipped"] == []
+
+
 def test_smoothquant_reduces_static_w8a8_error_with_outliers(calibration: torch.Tensor) -> None:
     def with_outliers() -> nn.Module:
         model = tiny_model("llama", seed=2)
