@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import cache
 from typing import Any
 
@@ -71,8 +71,7 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
-@contextmanager
-def mapped_large_blocks() -> Iterator[None]:
+def mapped_large_blocks() -> AbstractContextManager[None]:
     """Within the block, every block of 1 MiB or more is its own mmap, so freeing a layer unmaps it.
 
     glibc's default threshold grows with the largest freed block (up to 32 MiB); layer-sized
@@ -80,27 +79,23 @@ def mapped_large_blocks() -> Iterator[None]:
     address space (and any RLIMIT_DATA or container limit that counts it) grows layer after layer.
     A fixed threshold keeps the footprint at one layer.
     """
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        _settle(libc)
+    return _policy({M_MMAP_MAX: DEFAULT_MMAP_MAX, M_MMAP_THRESHOLD: 1 << 20})
+
+
+def retained_heap() -> AbstractContextManager[None]:
+    """Within the block, large blocks come from the heap and freed ones stay there for reuse."""
+    return _policy({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: RETAINED_TRIM_THRESHOLD})
 
 
 @contextmanager
-def retained_heap() -> Iterator[None]:
-    """Within the block, large blocks come from the heap and freed ones stay there for reuse."""
+def _policy(settings: dict[int, int]) -> Iterator[None]:
+    """``mallopt`` each setting for the block, then :func:`_settle` (a no-op where libc is not glibc)."""
     libc = _libc()
     if libc is None:
         yield
         return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD)
+    for parameter, value in settings.items():
+        libc.mallopt(parameter, value)
     try:
         yield
     finally:
