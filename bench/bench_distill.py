@@ -282,11 +282,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.jobs.spec import DistillStep, StudentSpec
     from bench.common import limit_threads
     from workers.compression.base import Callbacks
     from workers.compression.data import tokenize_stream
     from workers.compression.distill import build_student, distill, teacher_layers_kept
+    from workers.compression.recipe import DistillStep, StudentSpec
 
     limit_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(setup.model_dir)

@@ -136,7 +136,7 @@ SPEED_THREADS = int(os.environ.get("BENCH_SPEED_THREADS", "1"))
 
 
 def _step(kind: str, spec: dict[str, Any]) -> Any:
-    from app.jobs.spec import PruneStep, QuantizeStep
+    from workers.compression.recipe import PruneStep, QuantizeStep
 
     return QuantizeStep(**spec) if kind == "quant" else PruneStep(**spec)
 
@@ -162,7 +162,7 @@ def run_one(name: str) -> None:
     params_before = common.count_params(model)
     if spec is not None:
         step = _step("quant" if kind == "quant" else "prune", spec)
-        needs = step.needs_calibration
+        needs = step.calibration_reason is not None
         record["calib"] = f"{ids.shape[0]}x{ids.shape[1]}" if needs else "none"
         calibration = ids if needs else None
         if kind == "quant":
@@ -335,9 +335,9 @@ def run_speed() -> None:
     common.limit_threads(SPEED_THREADS)
     import torch
 
-    from app.jobs.spec import PruneStep
     from workers.compression.base import Callbacks
     from workers.compression.prune import prune
+    from workers.compression.recipe import PruneStep
 
     base = _speed_model()
     calibration = torch.randint(0, SPEED_CONFIG["vocab_size"], (8, 128), generator=torch.Generator().manual_seed(2))

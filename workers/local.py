@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from app.jobs.spec import Recipe, check_steps_inputs
 from workers.compression.base import Callbacks, EngineError
+from workers.compression.recipe import Recipe, check_steps_inputs
 from workers.pipeline import PipelineInputs, run_pipeline
 
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.jobs.spec import DistillStep, PruneStep, QuantizeStep, Recipe
 from workers.compression.base import Callbacks, EngineError, StepOutcome
 from workers.compression.data import pack_blocks, read_texts, tokenize_stream
 from workers.compression.evaluate import evaluate
 from workers.compression.export import load_model, save_model
+from workers.compression.recipe import CalibrationOptions, DistillStep, PruneStep, QuantizeStep, Recipe
 from workers.reporting import build_report, write_report_files
 
 StepHook = Callable[[int, str, dict[str, Any]], None]
@@ -66,7 +66,7 @@ def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _T
     eval_opts = recipe.evaluation
     eval_seq = eval_opts.seq_len if eval_opts else (recipe.calibration.seq_len if recipe.calibration else 512)
     eval_max = eval_opts.max_tokens if eval_opts else 65536
-    needs_calibration = any(step.needs_calibration for step in recipe.steps)
+    needs_calibration = recipe.needs_calibration
 
     calib_stream = (
         tokenize_stream(tokenizer, read_texts(inputs.calibration_files)) if inputs.calibration_files else None
@@ -95,9 +95,10 @@ def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _T
                 else:
                     train_stream = held_from[:cut]
     calibration = None
-    if calib_stream is not None and recipe.calibration is not None:
-        seq = min(recipe.calibration.seq_len, calib_stream.numel())
-        calibration = pack_blocks(calib_stream, seq, recipe.calibration.num_samples)
+    if calib_stream is not None:
+        # Calibration text without a "calibration" block in the recipe: the documented defaults.
+        options = recipe.calibration or CalibrationOptions()
+        calibration = pack_blocks(calib_stream, min(options.seq_len, calib_stream.numel()), options.num_samples)
     return _Texts(calibration=calibration, train_stream=train_stream, eval_ids=eval_ids, eval_source=source)
 
 

@@ -28,7 +28,7 @@ from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs.models import Job
 from app.jobs.service import artifact_prefix
-from app.jobs.spec import JobSpec, Source
+from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, StorageError, get_storage, make_storage, sha256_file, split_s3_uri
 from app.uploads.models import Upload
 from app.uploads.service import upload_key
@@ -322,9 +322,8 @@ class JobRunner:
         if spec.training:
             inputs.training_files = self._fetch(spec.training, work / "input" / "training", "training")
         for index, step in enumerate(spec.steps):
-            student = getattr(step, "student", None)
-            if student is not None and (student.upload_id or student.uri):
-                source = Source(upload_id=student.upload_id, uri=student.uri)
+            source = step.student.source() if isinstance(step, DistillJobStep) else None
+            if source is not None:
                 inputs.student_dirs[index] = work / "input" / f"student-{index}"
                 self._fetch(source, inputs.student_dirs[index], f"steps.{index}.student", self.settings.max_model_bytes)
             if step.method == "distill":

@@ -24,7 +24,7 @@ from app.db import utcnow
 from app.errors import conflict, not_found, unprocessable
 from app.jobs import lifecycle
 from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
-from app.jobs.spec import JobSpec, Source
+from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, split_s3_uri
 from app.uploads.service import require_complete
 from app.webhooks import service as webhooks
@@ -62,9 +62,10 @@ def _check_source(session: Session, tenant_id: str, source: Source | None, field
             )
 
 
-def _request_hash(spec: JobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _request_hash(canonical: dict[str, Any]) -> str:
+    """Idempotency fingerprint: a hash of exactly the spec that is stored (:meth:`JobSpec.canonical`)."""
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # How long a reservation without a job blocks its key (see _claim_idempotency_key).
@@ -159,11 +160,12 @@ def create_job(
     Returns ``(job, created)``; ``created`` is False when an idempotent replay returned an existing job.
     """
     tenant_id = principal.tenant_id
+    canonical = spec.canonical()
     reservation: _Reservation | None = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 255:
             raise unprocessable("Idempotency-Key must be 1-255 characters")
-        replay = _claim_idempotency_key(session, tenant_id, idempotency_key, _request_hash(spec))
+        replay = _claim_idempotency_key(session, tenant_id, idempotency_key, _request_hash(canonical))
         if isinstance(replay, _Reservation):
             reservation = replay
         else:
@@ -176,10 +178,8 @@ def create_job(
         _check_source(session, tenant_id, spec.evaluation, "evaluation", settings)
         _check_source(session, tenant_id, spec.training, "training", settings)
         for index, step in enumerate(spec.steps):
-            student = getattr(step, "student", None)
-            if student is not None and (student.upload_id or student.uri):
-                source = Source(upload_id=student.upload_id, uri=student.uri)
-                _check_source(session, tenant_id, source, f"steps.{index}.student", settings)
+            if isinstance(step, DistillJobStep):
+                _check_source(session, tenant_id, step.student.source(), f"steps.{index}.student", settings)
         if spec.webhook_url is not None:
             webhooks.check_webhook_url(spec.webhook_url, settings, field="webhook_url")  # 422 if unsafe
         hardware = spec.hardware if spec.hardware != "auto" else ("gpu" if settings.gpu_queue else "cpu")
@@ -187,7 +187,7 @@ def create_job(
         limits = quotas.check_queued_quota(session, tenant_id, settings)
         job = Job(
             tenant_id=tenant_id,
-            spec=spec.model_dump(mode="json", exclude_none=True),
+            spec=canonical,
             queue=hardware,
             steps=[{"index": i, "method": s.method, "status": "pending"} for i, s in enumerate(spec.steps)],
             metadata_items=[JobMetadata(key=k, value=v) for k, v in spec.metadata.items()],

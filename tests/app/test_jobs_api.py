@@ -134,7 +134,9 @@ def test_idempotency_key(client: TestClient, alice: Caller) -> None:
     with session_scope() as session:
         session.execute(
             insert(IdempotencyKey).values(
-                tenant_id=alice.tenant_id, key="in-flight", request_hash=_request_hash(JobSpec.model_validate(body))
+                tenant_id=alice.tenant_id,
+                key="in-flight",
+                request_hash=_request_hash(JobSpec.model_validate(body).canonical()),
             )
         )
     busy = client.post("/v1/jobs", json=body, headers={**alice.headers, "Idempotency-Key": "in-flight"})

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
-from app.jobs.spec import DistillStep, FromTeacher, StudentSpec
 from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, device_of
 from workers.compression.data import pack_blocks
 from workers.compression.export import load_model
 from workers.compression.layerwise import decoder_layers
+from workers.compression.recipe import DistillStep, FromTeacher, StudentSpec
 
 MIN_LR_RATIO = 0.1  # cosine decays to 10 % of the peak rate (nanoGPT's choice)
 CHECKPOINT_PREFIX = "step-"
@@ -71,8 +71,9 @@ def build_student(
 ) -> nn.Module:
     """Make the student ``spec`` names. The teacher is never modified.
 
-    ``student_dir`` is the local directory the runner resolved ``upload_id``/``uri`` to, loaded as
-    the job's model is (safetensors only, no custom code, weights over ``max_bytes`` refused);
+    ``student_dir`` is a student model the caller fetched (the service: the job's student upload or
+    ``s3://`` model), used when ``spec`` names no way to make one, and loaded as the job's model is
+    (safetensors only, no custom code, weights over ``max_bytes`` refused);
     ``previous_model`` the model earlier steps produced; ``calibration`` ([n, seq_len] ids) lets the
     pruning machinery rank heads/channels by activations instead of weight magnitude; ``seed`` fixes
     a fresh initialisation. Raises :class:`EngineError` if the student's vocabulary differs.

@@ -11,17 +11,17 @@ Structured pruning is delegated to :func:`workers.compression.structured.shrink`
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from app.jobs.spec import PruneStep
 from workers.compression.base import Callbacks, EngineError, StepOutcome, set_weight
 from workers.compression.hessian import InputStats, collect_input_stats
 from workers.compression.layerwise import decoder_layers, layerwise
+from workers.compression.matching import ModuleMatcher
+from workers.compression.recipe import PruneStep
 from workers.compression.sparsegpt import matrix_prune_mask, nm_prune_mask, row_prune_mask, sparsegpt_prune
 
 STORAGE_NOTE = (
@@ -61,26 +61,12 @@ def prune(
     return _prune_unstructured(model, config, calibration, callbacks)
 
 
-def ignore_matcher(ignore: list[str]) -> Callable[[str], bool]:
-    """``name -> ignored?``: ``re:`` entries are regexes matched at the start of the full module name;
-    plain entries match the full name or its trailing components (``down_proj``, ``mlp.down_proj``)."""
-    patterns = [re.compile(entry[3:]) for entry in ignore if entry.startswith("re:")]
-    plain = [entry for entry in ignore if not entry.startswith("re:")]
-
-    def ignored(name: str) -> bool:
-        if any(p.match(name) for p in patterns):
-            return True
-        return any(name == entry or name.endswith("." + entry) for entry in plain)
-
-    return ignored
-
-
 def _prune_unstructured(
     model: nn.Module, config: PruneStep, calibration: torch.Tensor | None, callbacks: Callbacks
 ) -> StepOutcome:
     nm = config.nm
     sparsity = config.sparsity
-    ignored = ignore_matcher(config.ignore)
+    ignored = ModuleMatcher(config.ignore)
     layers = decoder_layers(model)
     achieved: dict[str, float] = {}
     obs_loss: dict[str, float] = {}

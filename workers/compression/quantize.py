@@ -25,7 +25,6 @@ AWQ rescale the collected Hessians instead of re-running the layer.
 from __future__ import annotations
 
 import copy
-import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -43,16 +42,16 @@ from compressed_tensors.quantization import (
     apply_quantization_config,
 )
 from compressed_tensors.quantization.utils import calculate_qparams
-from compressed_tensors.utils.match import match_named_modules
 from torch import nn
 
-from app.jobs.spec import QuantizeStep
 from workers.compression import heap
 from workers.compression.awq import awq_search
 from workers.compression.base import Callbacks, EngineError, StepOutcome, device_of, set_weight
 from workers.compression.gptq import gptq_quantize
 from workers.compression.hessian import InputStats, collect_input_stats
 from workers.compression.layerwise import LayerBatch, decoder_layers, layerwise, run_layer
+from workers.compression.matching import ModuleMatcher
+from workers.compression.recipe import QuantizeStep
 from workers.compression.smoothquant import apply_input_scaling, smoothquant_scales
 from workers.compression.weight_quant import preload_compiled_kernels, relative_output_error, rtn
 
@@ -72,6 +71,8 @@ def weight_args(config: QuantizeStep) -> QuantizationArgs:
         )
     if config.scheme == "w8a8":
         return QuantizationArgs(num_bits=8, type=QuantizationType.INT, strategy=QuantizationStrategy.CHANNEL)
+    if config.group_size == "auto":
+        raise ValueError("resolve group_size 'auto' against the model first (QuantizeStep.with_group_size)")
     grouped = config.group_size is not None
     actorder = ActivationOrdering.WEIGHT if (config.algorithm == "gptq" and config.act_order) else None
     return QuantizationArgs(
@@ -91,7 +92,7 @@ def input_args(config: QuantizeStep) -> QuantizationArgs | None:
             num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.TOKEN, symmetric=True, dynamic=True
         )
     if config.scheme == "w8a8":
-        if config.activations == "static":
+        if config.static_activations:
             return QuantizationArgs(num_bits=8, type=QuantizationType.INT, strategy=QuantizationStrategy.TENSOR)
         return QuantizationArgs(
             num_bits=8, type=QuantizationType.INT, strategy=QuantizationStrategy.TOKEN, dynamic=True
@@ -99,26 +100,29 @@ def input_args(config: QuantizeStep) -> QuantizationArgs | None:
     return None
 
 
-def build_quantization_config(config: QuantizeStep) -> QuantizationConfig:
-    """One config group targeting every ``Linear``, minus ``ignore`` (names or ``re:`` regexes)."""
+def build_quantization_config(config: QuantizeStep, ignored: list[str]) -> QuantizationConfig:
+    """One config group targeting every ``Linear`` except the ``ignored`` module names.
+
+    The names are the ones :func:`target_linears` left out, written in full: the checkpoint's ``ignore``
+    then means the same to compressed-tensors, transformers and vLLM as the recipe's patterns meant here.
+    """
     scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(config), input_activations=input_args(config))
     return QuantizationConfig(
         config_groups={"group_0": scheme},
-        ignore=list(config.ignore),
+        ignore=ignored,
         quantization_status=QuantizationStatus.FROZEN,
     )
 
 
 def target_linears(model: nn.Module, ignore: list[str]) -> dict[str, nn.Linear]:
-    """Linears that will be quantized: all of them minus ``ignore``, matched the compressed-tensors way."""
-    for pattern in ignore:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise EngineError(f"ignore pattern {pattern!r} is not a valid regex: {exc}") from exc
+    """Linears that will be quantized: all of them minus those ``ignore`` selects
+    (:class:`~workers.compression.matching.ModuleMatcher`, the rule every engine shares)."""
+    try:
+        ignored = ModuleMatcher(ignore)
+    except ValueError as exc:
+        raise EngineError(f"ignore{exc}") from exc
     return {
-        name: module for name, module in match_named_modules(model, ["Linear"], ignore) if isinstance(module, nn.Linear)
+        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and not ignored(name)
     }
 
 
@@ -134,7 +138,7 @@ def quantize(
 ) -> StepOutcome:
     """Quantize ``model`` in place per ``config`` and return it with facts for the report.
 
-    ``calibration`` is ``input_ids`` ``[n, seq_len]``; required when ``config.needs_calibration``
+    ``calibration`` is ``input_ids`` ``[n, seq_len]``; required when ``config.calibration_reason is not None``
     (GPTQ, AWQ, SmoothQuant, static activations) and otherwise unused. Cancellation is checked
     between decoder layers. Raises :class:`EngineError` for unusable models/configs.
     """
@@ -144,12 +148,12 @@ def quantize(
     try:
         layers = decoder_layers(model)
     except EngineError:
-        if config.needs_calibration:
+        if config.calibration_reason is not None:
             raise
         layers = nn.ModuleList()
     in_layers = {f"model.layers.{i}.": layer for i, layer in enumerate(layers)}
 
-    if config.needs_calibration:
+    if config.calibration_reason is not None:
         assert calibration is not None
         if config.algorithm == "gptq":
             preload_compiled_kernels(device_of(model))  # while the first layer's inputs are observed
@@ -173,7 +177,7 @@ def quantize(
     callbacks.check()
     outside = [name for name in run.targets if not any(name.startswith(p) for p in in_layers)]
     absmax: dict[str, torch.Tensor] = {}
-    if outside and config.activations == "static":
+    if outside and config.static_activations:
         assert calibration is not None
         absmax = _observe_absmax(model, {n: run.targets[n] for n in outside}, calibration)
     for name in outside:
@@ -198,6 +202,7 @@ def prepare_quantization(model: nn.Module, config: QuantizeStep, calibration: to
     targets = target_linears(model, config.ignore)
     if not targets:
         raise EngineError("no Linear layer left to quantize after 'ignore'")
+    config = config.with_group_size([module.in_features for module in targets.values()])
     _check_group_divisibility(targets, config.group_size)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -205,12 +210,13 @@ def prepare_quantization(model: nn.Module, config: QuantizeStep, calibration: to
         # One Parameter would hold two modules' weights: the compressed checkpoint would store the
         # head packed and the embedding not at all, and transformers could not load it.
         raise EngineError("lm_head is tied to the input embeddings and cannot be quantized; add 'lm_head' to ignore")
-    if config.needs_calibration:
+    if config.calibration_reason is not None:
         if calibration is None:
-            raise EngineError(f"{config.scheme}/{config.algorithm} needs calibration data")
+            raise EngineError(f"quantize {config.scheme} ({config.calibration_reason}) needs calibration data")
         if calibration.ndim != 2 or calibration.shape[0] == 0:
             raise EngineError("calibration must be input_ids of shape [num_samples, seq_len]")
-    apply_quantization_config(model, build_quantization_config(config), show_progress=False)
+    ignored = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
+    apply_quantization_config(model, build_quantization_config(config, ignored), show_progress=False)
     # Until a module's qparams are set its scale parameters hold garbage: keep it in float.
     for module in targets.values():
         setattr(module, "quantization_enabled", False)  # noqa: B010 - compressed-tensors' runtime flag
@@ -337,7 +343,7 @@ class _Run:
 
     @property
     def need_absmax(self) -> bool:
-        return self.config.smoothquant is not None or self.config.activations == "static"
+        return self.config.smoothquant is not None or self.config.static_activations
 
     @property
     def stages(self) -> bool:
@@ -685,15 +691,15 @@ def _observe_absmax(
     return out
 
 
-def _check_group_divisibility(targets: dict[str, nn.Linear], group_size: int | None) -> None:
-    if group_size is None:
+def _check_group_divisibility(targets: dict[str, nn.Linear], group_size: int | str | None) -> None:
+    if not isinstance(group_size, int):
         return
     bad = [f"{name} (in_features={m.in_features})" for name, m in targets.items() if m.in_features % group_size]
     if bad:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise EngineError(
             f"group_size {group_size} does not divide the input width of: {shown}. "
-            "Use a smaller group_size, per-channel (group_size null), or add them to 'ignore'."
+            "Use 'auto', a smaller group_size, per-channel (group_size null), or add them to 'ignore'."
         )
 
 

@@ -29,7 +29,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from app.jobs.spec import QuantizeStep
 from workers.compression import heap
 from workers.compression.base import Callbacks, EngineError, StepOutcome
 from workers.compression.evaluate import perplexity_from, token_nll
@@ -43,6 +42,7 @@ from workers.compression.layerwise import (
     stages_match,
 )
 from workers.compression.quantize import CALIBRATION_BATCH, prepare_quantization
+from workers.compression.recipe import QuantizeStep
 from workers.compression.weight_quant import without_compiled_kernels
 
 # Output shards are closed when their data pass this size (their bytes go to disk as they come).
@@ -379,7 +379,7 @@ def _quantize_streaming(
         prefix = f"model.layers.{index}"
         materialize(layer, prefix + ".", reader)
         _advance(index, layer, eval_before)
-        if config.needs_calibration:
+        if config.calibration_reason is not None:
             if staged is None:  # decided on the first layer, as the in-memory engine does
                 run.check_scaling(layer, calib[0])
                 staged = run.stages and stages_match(layer, calib[0])
@@ -401,7 +401,7 @@ def _quantize_streaming(
         before = _score(inner.norm, lm_head, eval_before, eval_ids)
         if "lm_head" in run.targets:
             absmax = None
-            if config.activations == "static":
+            if config.static_activations:
                 absmax = torch.stack(
                     [inner.norm(b.hidden).reshape(-1, b.hidden.shape[-1]).abs().amax(0) for b in calib]
                 ).amax(0)

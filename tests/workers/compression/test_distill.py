@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from app.jobs.spec import DistillStep, StudentSpec
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.data import tokenize_stream
@@ -23,6 +22,7 @@ from workers.compression.distill import (
     latest_checkpoint,
     loss_sums,
 )
+from workers.compression.recipe import DistillStep, StudentSpec
 
 SMALL_STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
 SMALL_STUDENT |= {"num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from app.jobs.spec import PruneStep
 from tests.tiny import tiny_model
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.prune import prune
+from workers.compression.recipe import PruneStep
 from workers.compression.sparsegpt import matrix_prune_mask, row_prune_mask, sparsegpt_prune
 
 ARCHS = ["llama", "qwen2"]

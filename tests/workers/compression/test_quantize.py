@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from app.jobs.spec import QuantizeStep
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.export import load_model, save_model
 from workers.compression.quantize import quantize
+from workers.compression.recipe import QuantizeStep
 
 
 @pytest.fixture(autouse=True)

@@ -18,12 +18,12 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from app.jobs.spec import QuantizeStep, Recipe
 from tests.tiny import sample_text, tiny_tokenizer, write_model_dir
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.evaluate import perplexity
 from workers.compression.export import load_model, save_model
 from workers.compression.quantize import quantize
+from workers.compression.recipe import QuantizeStep, Recipe
 from workers.compression.streaming import ShardWriter, quantize_streaming
 from workers.compression.weight_quant import without_compiled_kernels
 

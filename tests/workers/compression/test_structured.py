@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from app.jobs.spec import PruneStep, StructuredTargets
 from tests.tiny import tiny_model
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.prune import prune
+from workers.compression.recipe import PruneStep, StructuredTargets
 from workers.compression.structured import layer_importance, shrink
 
 ARCHS = ["llama", "qwen2"]
