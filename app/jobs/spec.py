@@ -14,8 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from workers.compression.recipe import (
-    AnyStep,
     LOW_MEMORY_DESCRIPTION,
+    AnyStep,
     CalibrationOptions,
     DistillStep,
     EvaluationOptions,
