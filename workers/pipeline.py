@@ -20,7 +20,14 @@ from workers.compression.base import Callbacks, EngineError, StepOutcome
 from workers.compression.data import pack_blocks, read_texts, tokenize_stream
 from workers.compression.evaluate import evaluate
 from workers.compression.export import load_model, save_model
-from workers.compression.recipe import CalibrationOptions, DistillStep, PruneStep, QuantizeStep, Recipe
+from workers.compression.recipe import (
+    CalibrationOptions,
+    DistillStep,
+    PruneStep,
+    QuantizeStep,
+    Recipe,
+    group_size_problem,
+)
 from workers.reporting import build_report, write_report_files
 
 StepHook = Callable[[int, str, dict[str, Any]], None]
@@ -150,6 +157,21 @@ def _run_step(
     )
 
 
+def check_shapes(recipe: Recipe, model: nn.Module) -> None:
+    """Refuse, before anything is measured, a quantize step whose group size cannot fit the model's Linears
+    (up to the first step that changes shapes: its own engine checks what follows)."""
+    from workers.compression.quantize import target_linears
+
+    for index, step in enumerate(recipe.steps):
+        if isinstance(step, DistillStep) or (isinstance(step, PruneStep) and step.algorithm == "structured"):
+            return
+        if isinstance(step, QuantizeStep):
+            widths = [linear.in_features for linear in target_linears(model, step.ignore).values()]
+            problem = group_size_problem(step.group_size, widths)
+            if problem is not None:
+                raise EngineError(f"steps[{index}] (quantize): {problem}")
+
+
 def _labelled_progress(callbacks: Callbacks, label: str, fraction: float, message: str) -> None:
     callbacks.progress(fraction, f"{label}: {message}")
 
@@ -180,6 +202,7 @@ def run_pipeline(
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     texts = _prepare_texts(tokenizer, recipe, inputs)
+    check_shapes(recipe, model)
 
     callbacks.progress(0.01, "measuring the original model")
     baseline = evaluate(

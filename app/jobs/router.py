@@ -27,11 +27,12 @@ def create_job(
     principal: JobsWriter,
     session: SessionDep,
     settings: SettingsDep,
+    storage: StorageDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobOut:
     """Submit a compression job. Replaying the same Idempotency-Key and body returns the same job (200)."""
-    job, created = service.create_job(session, principal, spec, settings, idempotency_key)
+    job, created = service.create_job(session, principal, spec, settings, idempotency_key, storage=storage)
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"

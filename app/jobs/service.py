@@ -26,8 +26,9 @@ from app.jobs import lifecycle
 from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
 from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, split_s3_uri
-from app.uploads.service import require_complete
+from app.uploads.service import require_complete, upload_key
 from app.webhooks import service as webhooks
+from workers.compression.recipe import QuantizeStep, group_size_problem, llama_layout_widths
 
 
 def _scoped(tenant_id: str) -> Select[Job]:
@@ -60,6 +61,37 @@ def _check_source(session: Session, tenant_id: str, source: Source | None, field
                 f"{field}.uri: bucket {bucket!r} is not on the operator's allow-list",
                 [{"field": f"{field}.uri", "message": "bucket not allowed"}],
             )
+
+
+# A model's config.json larger than this is not read at submission (the worker still checks the model).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_model_shapes(session: Session, tenant_id: str, spec: JobSpec, storage: Storage) -> None:
+    """Refuse at submission a quantize step whose group size cannot fit the uploaded model's Linears, read
+    from its config.json (Llama layout; up to the first step that changes shapes). The worker checks the
+    loaded model again, whatever its layout."""
+    if spec.model.upload_id is None:
+        return
+    upload = require_complete(session, tenant_id, spec.model.upload_id, "model")
+    entry = next((f for f in upload.files if f["path"] == "config.json"), None)
+    if entry is None or entry["size"] > MAX_CONFIG_BYTES:
+        return
+    raw = storage.get_bytes(upload_key(tenant_id, upload.id, "config.json"))
+    try:
+        config = json.loads(raw) if hashlib.sha256(raw).hexdigest() == entry["sha256"] else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        return  # the worker fails the job with the exact reason
+    for index, step in enumerate(spec.steps):
+        if step.method == "distill" or getattr(step, "algorithm", None) == "structured":
+            return
+        if isinstance(step, QuantizeStep):
+            problem = group_size_problem(step.group_size, llama_layout_widths(config, step.ignore) or [])
+            if problem is not None:
+                field = f"steps.{index}.group_size"
+                raise unprocessable(f"{field}: {problem}", [{"field": field, "message": problem}])
 
 
 def _request_hash(canonical: dict[str, Any]) -> str:
@@ -153,7 +185,13 @@ def _release_idempotency_key(session: Session, reservation: _Reservation) -> Non
 
 
 def create_job(
-    session: Session, principal: Principal, spec: JobSpec, settings: Settings, idempotency_key: str | None
+    session: Session,
+    principal: Principal,
+    spec: JobSpec,
+    settings: Settings,
+    idempotency_key: str | None,
+    *,
+    storage: Storage | None = None,
 ) -> tuple[Job, bool]:
     """Validate inputs, insert the job with its first event in one transaction, then enqueue.
 
@@ -174,6 +212,8 @@ def create_job(
             return replay, False
     try:
         _check_source(session, tenant_id, spec.model, "model", settings)
+        if storage is not None:
+            _check_model_shapes(session, tenant_id, spec, storage)
         _check_source(session, tenant_id, spec.calibration, "calibration", settings)
         _check_source(session, tenant_id, spec.evaluation, "evaluation", settings)
         _check_source(session, tenant_id, spec.training, "training", settings)

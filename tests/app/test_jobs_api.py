@@ -65,6 +65,10 @@ def test_list_pagination_and_filters(client: TestClient, alice: Caller) -> None:
 
 def test_validation_errors_are_problem_json(client: TestClient, alice: Caller) -> None:
     upload = _model_upload(client, alice)
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
+    shaped = upload_files(
+        client, alice.headers, {"config.json": json.dumps(config).encode(), "model.safetensors": b"0"}
+    )
     cases = [
         ({"model": {"upload_id": upload}, "steps": [{"method": "explode"}]}, "steps.0"),
         ({"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w3a16"}]}, "scheme"),
@@ -73,6 +77,14 @@ def test_validation_errors_are_problem_json(client: TestClient, alice: Caller) -
             "group_size",
         ),
         ({"model": {"upload_id": upload}, "steps": []}, "steps"),
+        (  # the uploaded config.json says hidden_size 64: refused before any work, naming a size that fits
+            {"model": {"upload_id": shaped}, "steps": [{"method": "quantize", "scheme": "w4a16", "group_size": 128}]},
+            "steps.0.group_size: group_size 128 does not divide the input width 64: use group_size 64",
+        ),
+        (
+            {"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16", "ignore": ["re:("]}]},
+            "steps.0.quantize.ignore",
+        ),
         ({"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16", "bogus": 1}]}, "bogus"),
         (
             {"model": {"upload_id": upload}, "steps": [{"method": "prune", "algorithm": "wanda", "sparsity": 0.5}]},

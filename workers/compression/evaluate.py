@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +415,7 @@ class Evaluation:
     device: str
     eval_windows: int = 0
     eval_tokens: int = 0
-    speed: dict[str, int] = field(default_factory=dict)
+    speed: dict[str, int] | None = None
     duration_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -465,7 +465,7 @@ def evaluate(
     prompt = prompt.to(device)
 
     prefill_rate = decode_rate = None
-    speed: dict[str, int] = {}
+    speed: dict[str, int] | None = None  # not measured: null in the report, not an empty object
     with torch.inference_mode(), _eval_mode(model), _PeakMemory(device) as memory:
         if measure_speed:
             length = max(1, min(prefill_tokens, max_positions))

@@ -154,6 +154,28 @@ def group_size_problem(group_size: int | str | None, in_features: list[int]) -> 
     return f"group_size {group_size} does not divide the input width {', '.join(map(str, bad))}: {hint} or 'auto'"
 
 
+def llama_layout_widths(config: dict[str, Any], ignore: list[str]) -> list[int] | None:
+    """Input widths of the Linears a quantize step with ``ignore`` would take in a Llama-layout model
+    (q/k/v/o, gate/up/down, lm_head), read from its ``config.json``; ``None`` when the config does not
+    say (the engine then checks on the loaded model). A cheap check at submission, before any work."""
+    try:
+        hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads, layers = int(config["num_attention_heads"]), int(config["num_hidden_layers"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    from workers.compression.matching import ModuleMatcher
+
+    ignored = ModuleMatcher(ignore)
+    widths = {"lm_head": hidden}
+    for index in range(min(layers, 512)):  # names by index, so 'ignore' of one layer counts as it will
+        prefix = f"model.layers.{index}."
+        widths |= {prefix + f"self_attn.{p}_proj": hidden for p in "qkv"}
+        widths |= {prefix + "self_attn.o_proj": heads * head_dim, prefix + "mlp.down_proj": inter}
+        widths |= {prefix + f"mlp.{p}_proj": hidden for p in ("gate", "up")}
+    return [width for name, width in widths.items() if not ignored(name)]
+
+
 # ---------------------------------------------------------------- prune
 
 

@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.export import load_model, save_model
+from workers.compression.matching import ModuleMatcher
+from workers.compression.prune import prune
 from workers.compression.quantize import quantize
-from workers.compression.recipe import QuantizeStep
+from workers.compression.recipe import PruneStep, QuantizeStep
 
 
 @pytest.fixture(autouse=True)
@@ -369,3 +371,40 @@ def test_llama_layers_are_quantized_group_by_group(calibration: torch.Tensor) ->
     awq = quantize(tiny_model(), QuantizeStep(scheme="w4a16", algorithm="awq", group_size=32), calibration=calibration)
     assert gptq.facts["true_sequential"] is True
     assert awq.facts["true_sequential"] is False
+
+
+@pytest.mark.parametrize(
+    "ignore",
+    [["down_proj"], ["mlp.down_proj", "lm_head"], ["model.layers.0.mlp.down_proj"], [r"re:.*layers\.1\..*_proj$"]],
+)
+def test_the_same_ignore_selects_the_same_modules_in_quantize_and_prune(ignore: list[str]) -> None:
+    """One rule (workers.compression.matching): a plain name matches the full name or its trailing
+    components; ``re:`` matches from the start of the full name."""
+    quantized = tiny_model("llama")
+    facts = quantize(quantized, QuantizeStep(scheme="w8a16", ignore=ignore)).facts
+    pruned = prune(tiny_model("llama"), PruneStep(algorithm="magnitude", sparsity=0.5, ignore=ignore)).facts
+    # Pruning works on the decoder layers' Linears only; compare there.
+    linears = {n for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")}
+    left_by_prune = linears - set(pruned["modules"])
+    assert set(facts["ignored_modules"]) & linears == left_by_prune
+    assert left_by_prune == {n for n in linears if ModuleMatcher(ignore)(n)}
+    assert left_by_prune  # every case ignores something
+
+
+def test_auto_group_size_picks_the_largest_that_divides_every_width() -> None:
+    """SmolLM2-like widths (576 = 64 x 9): 'auto' is 64 there, 128 where it divides, per channel where nothing does."""
+    assert QuantizeStep(scheme="w4a16").with_group_size([576, 1536]).group_size == 64
+    assert QuantizeStep(scheme="w4a16").with_group_size([512, 1536]).group_size == 128
+    assert QuantizeStep(scheme="w4a16").with_group_size([100]).group_size is None
+    assert QuantizeStep(scheme="w8a16").with_group_size([512]).group_size is None
+    facts = quantize(tiny_model("llama", intermediate_size=96), QuantizeStep(scheme="w4a16")).facts
+    assert facts["group_size"] == 32  # hidden 64 and intermediate 96: 32 divides both
+
+
+def test_null_group_size_quantizes_per_channel(tmp_path: Path, tokenizer: Any) -> None:
+    model = tiny_model("llama")
+    facts = quantize(model, QuantizeStep(scheme="w4a16", group_size=None)).facts
+    assert facts["group_size"] is None
+    save_model(model, tokenizer, tmp_path)
+    weights = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["strategy"] == "channel" and weights["weights"]["group_size"] is None

@@ -1,0 +1,61 @@
+"""``modelpress compress``: the recipe behaves on the command line as it does through the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tiny import sample_text, write_model_dir
+from workers.compression.base import Callbacks, EngineError
+from workers.compression.recipe import Recipe
+from workers.local import compress_local
+from workers.pipeline import PipelineInputs, run_pipeline
+
+
+def _compress(tmp_path: Path, recipe: dict[str, Any], **options: Any) -> dict[str, Any]:
+    model = write_model_dir(tmp_path / "model")
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    return compress_local(model, tmp_path / "recipe.json", tmp_path / "out", **options)
+
+
+def test_null_group_size_is_per_channel_and_no_speed_still_writes_a_report(tmp_path: Path) -> None:
+    report = _compress(
+        tmp_path,
+        {"steps": [{"method": "quantize", "scheme": "w4a16", "group_size": None}]},
+        measure_speed=False,
+    )
+    assert report["steps"][0]["details"]["group_size"] is None
+    assert report["result"]["decode_tokens_per_s"] is None and report["summary"]["decode_speedup"] is None
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["steps"][0]["details"]["group_size"] is None
+
+
+def test_calibration_file_without_a_calibration_block_uses_the_defaults(tmp_path: Path) -> None:
+    (tmp_path / "calib.txt").write_text(sample_text(40))
+    report = _compress(
+        tmp_path,
+        {"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]},
+        calibration=tmp_path / "calib.txt",
+        measure_speed=False,
+    )
+    assert report["steps"][0]["details"]["algorithm"] == "gptq"
+    assert report["steps"][0]["details"]["group_size"] == 64  # 'auto' on widths 64 and 128
+
+
+def test_a_calibrated_step_without_text_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"steps\[0\] \(quantize, algorithm gptq\) needs 'calibration' text"):
+        _compress(tmp_path, {"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]})
+
+
+def test_a_group_size_that_fits_no_width_is_refused_before_the_baseline(tmp_path: Path) -> None:
+    """The shape check runs before the model is measured, and names a size that works."""
+    stages: list[str] = []
+    recipe = Recipe.model_validate({"steps": [{"method": "quantize", "scheme": "w4a16", "group_size": 128}]})
+    inputs = PipelineInputs(model_dir=write_model_dir(tmp_path / "model"))
+    with pytest.raises(EngineError, match=r"group_size 128 does not divide the input width 64: use group_size 64"):
+        run_pipeline(recipe, inputs, tmp_path / "out", Callbacks(progress=lambda _f, message: stages.append(message)))
+    assert stages == ["loading model"]
