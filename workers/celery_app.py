@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from kombu import Queue
 
-import app.webhooks.service  # noqa: F401 - registers the webhook outbox listener: workers record job events too
 from app.broker import MAINTENANCE_QUEUE, REAP_TASK, make_celery
 from app.config import get_settings
 from app.uploads.service import EXPIRE_UPLOADS_TASK

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app.auth.quotas import tenant_priority
 from app.broker import enqueue_job
 from app.config import get_settings
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
-from app.jobs.models import Job
+from app.jobs.models import HOLDS_WORKER, Job, JobStatus
 
 log = logging.getLogger("modelpress.reaper")
 
@@ -25,7 +25,7 @@ def reap_once() -> dict[str, int]:
     with session_scope() as session:
         expired = session.execute(
             select(Job)
-            .where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+            .where(Job.status.in_(HOLDS_WORKER), Job.lease_expires_at < now)
             .with_for_update(skip_locked=True)
             .limit(100)
         ).scalars()
@@ -39,11 +39,12 @@ def reap_once() -> dict[str, int]:
         stale_before = now - timedelta(seconds=settings.requeue_stale_queued_s)
         stale = session.execute(
             select(Job.id, Job.queue, Job.tenant_id)
-            .where(Job.status == "queued", Job.updated_at < stale_before)
+            .where(Job.status == JobStatus.QUEUED, Job.updated_at < stale_before)
             .limit(100)
         ).all()
         for job_id, queue, tenant_id in stale:
-            session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(updated_at=now))
+            if not lifecycle.mark_rung(session, job_id):
+                continue  # claimed or cancelled meanwhile
             requeued.append((job_id, queue, tenant_priority(session, tenant_id, settings)))
             counts["resent"] += 1
     for job_id, queue, priority in requeued:  # after commit; the message keeps the tenant's priority

@@ -26,7 +26,7 @@ from app.broker import enqueue_job
 from app.config import Settings, get_settings
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
-from app.jobs.models import Job
+from app.jobs.models import Job, JobStatus
 from app.jobs.service import artifact_prefix
 from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, StorageError, get_storage, make_storage, sha256_file, split_s3_uri
@@ -70,7 +70,7 @@ class _Heartbeat(threading.Thread):
             status = lifecycle.heartbeat(session, self.job_id, self.worker_id, self.settings.lease_s)
         if status is None:
             self.lost.set()
-        elif status == "cancelling":
+        elif status == JobStatus.CANCELLING:
             self.cancel_requested.set()
 
     def run(self) -> None:
@@ -178,7 +178,7 @@ class JobRunner:
     def _after_lost_race(self) -> None:
         with session_scope() as session:
             status = session.execute(select(Job.status).where(Job.id == self.job_id)).scalar_one()
-            if status == "cancelling":
+            if status == JobStatus.CANCELLING:
                 lifecycle.mark_cancelled(session, self.job_id, self.worker_id)
 
     # ------------------------------------------------------------------ callbacks
@@ -194,7 +194,7 @@ class JobRunner:
             self._last_status_check = now
             with session_scope() as session:
                 status = session.execute(select(Job.status).where(Job.id == self.job_id)).scalar_one()
-            if status == "cancelling":
+            if status == JobStatus.CANCELLING:
                 self.heartbeat.cancel_requested.set()
                 return True
         return False

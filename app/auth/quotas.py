@@ -28,10 +28,9 @@ from app.auth.models import Tenant
 from app.config import Settings
 from app.db import utcnow
 from app.errors import Problem
-from app.jobs.models import Job
+from app.jobs.models import HOLDS_WORKER, Job, JobStatus
 from app.uploads.models import Upload
 
-RUNNING_STATUSES = ("running", "cancelling")  # a cancelling job still holds its worker
 UPLOAD_WINDOW = timedelta(hours=24)
 
 
@@ -94,8 +93,8 @@ def upload_bytes_in_window(session: Session, tenant_id: str) -> int:
 
 def usage(session: Session, tenant_id: str) -> dict[str, int]:
     return {
-        "running_jobs": count_jobs(session, tenant_id, RUNNING_STATUSES),
-        "queued_jobs": count_jobs(session, tenant_id, ("queued",)),
+        "running_jobs": count_jobs(session, tenant_id, HOLDS_WORKER),
+        "queued_jobs": count_jobs(session, tenant_id, (JobStatus.QUEUED,)),
         "upload_bytes_last_24h": upload_bytes_in_window(session, tenant_id),
     }
 
@@ -103,7 +102,7 @@ def usage(session: Session, tenant_id: str) -> dict[str, int]:
 def check_queued_quota(session: Session, tenant_id: str, settings: Settings) -> Limits:
     """Before inserting a queued job: 429 if the tenant's queue is full. Locks the tenant row."""
     limits = limits_of(lock_tenant(session, tenant_id), settings)
-    queued = count_jobs(session, tenant_id, ("queued",))
+    queued = count_jobs(session, tenant_id, (JobStatus.QUEUED,))
     if queued >= limits.max_queued_jobs:
         # When a slot frees depends on running jobs we cannot predict; the operator's retry period.
         raise too_many(
@@ -155,7 +154,7 @@ def running_slot_free(session: Session, tenant_id: str, settings: Settings) -> C
     running = (
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.status.in_(RUNNING_STATUSES))
+        .where(Job.tenant_id == tenant_id, Job.status.in_(HOLDS_WORKER))
         .scalar_subquery()
     )
     return running < limits.max_running_jobs
@@ -167,7 +166,7 @@ def deferred_job(session: Session, job_id: str, settings: Settings) -> tuple[str
     row = session.execute(
         select(Job.status, Job.queue, Tenant.priority).join(Tenant, Tenant.id == Job.tenant_id).where(Job.id == job_id)
     ).one_or_none()
-    if row is None or row.status != "queued":
+    if row is None or row.status != JobStatus.QUEUED:
         return None
     return row.queue, settings.default_priority if row.priority is None else row.priority
 

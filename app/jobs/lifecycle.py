@@ -9,7 +9,6 @@ Each transition writes its event in the same transaction (the outbox rule).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,16 +18,7 @@ from sqlalchemy.orm import Session
 from app.auth import quotas
 from app.config import get_settings
 from app.db import utcnow
-from app.jobs.models import Job, JobEvent
-
-EventListener = Callable[[Session, JobEvent], None]
-_listeners: list[EventListener] = []
-
-
-def on_event(listener: EventListener) -> EventListener:
-    """Register a function called (inside the same transaction) for every job event, e.g. the webhook outbox."""
-    _listeners.append(listener)
-    return listener
+from app.jobs.models import HOLDS_WORKER, Job, JobEvent, JobStatus
 
 
 def json_safe(value: Any) -> Any:
@@ -44,11 +34,14 @@ def json_safe(value: Any) -> Any:
 
 
 def record_event(session: Session, job_id: str, tenant_id: str, type_: str, data: dict[str, Any]) -> JobEvent:
+    """Append a job event and its webhook deliveries (the outbox) to the caller's transaction."""
     event = JobEvent(job_id=job_id, tenant_id=tenant_id, type=type_, data=json_safe(data))
     session.add(event)
     session.flush()
-    for listener in _listeners:
-        listener(session, event)
+    # The webhook outbox, in the same transaction: wired here, so no process can forget to register it.
+    from app.webhooks.service import enqueue_for_event
+
+    enqueue_for_event(session, event)
     return event
 
 
@@ -78,10 +71,10 @@ def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> bool:
     ok = _guarded_update(
         session,
         job_id,
-        ("queued",),
+        (JobStatus.QUEUED,),
         # The running-jobs quota is checked here, where jobs start, atomically with the transition.
         quotas.running_slot_free(session, tenant_id, get_settings()),
-        status="running",
+        status=JobStatus.RUNNING,
         worker_id=worker_id,
         lease_expires_at=now + timedelta(seconds=lease_s),
         started_at=now,
@@ -100,7 +93,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: int) -> st
     ok = _guarded_update(
         session,
         job_id,
-        ("running", "cancelling"),
+        HOLDS_WORKER,
         Job.worker_id == worker_id,
         lease_expires_at=utcnow() + timedelta(seconds=lease_s),
     )
@@ -115,7 +108,7 @@ def set_progress(
     ok = _guarded_update(
         session,
         job_id,
-        ("running", "cancelling"),
+        HOLDS_WORKER,
         Job.worker_id == worker_id,
         progress=round(min(max(fraction, 0.0), 1.0), 4),
         progress_message=message[:500],
@@ -130,13 +123,11 @@ def mark_rung(session: Session, job_id: str) -> bool:
     """A doorbell for this queued job is on its way (a refused claim re-rings it after a delay): the job
     counts as fresh, so the reaper, which re-sends only jobs nobody rang for a while, adds no second
     doorbell loop. Not a transition, and no event."""
-    return _guarded_update(session, job_id, ("queued",))
+    return _guarded_update(session, job_id, (JobStatus.QUEUED,))
 
 
 def set_steps(session: Session, job_id: str, worker_id: str, steps: list[dict[str, Any]]) -> bool:
-    return _guarded_update(
-        session, job_id, ("running", "cancelling"), Job.worker_id == worker_id, steps=json_safe(steps)
-    )
+    return _guarded_update(session, job_id, HOLDS_WORKER, Job.worker_id == worker_id, steps=json_safe(steps))
 
 
 def succeed(
@@ -145,9 +136,9 @@ def succeed(
     ok = _guarded_update(
         session,
         job_id,
-        ("running",),
+        (JobStatus.RUNNING,),
         Job.worker_id == worker_id,
-        status="succeeded",
+        status=JobStatus.SUCCEEDED,
         progress=1.0,
         progress_message="done",
         manifest_key=manifest_key,
@@ -165,9 +156,9 @@ def fail(session: Session, job_id: str, error_type: str, message: str, worker_id
     ok = _guarded_update(
         session,
         job_id,
-        ("queued", "running", "cancelling"),
+        (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING),
         (Job.worker_id == worker_id) if worker_id else None,
-        status="failed",
+        status=JobStatus.FAILED,
         error_type=error_type,
         error_message=message[:4000],
         finished_at=utcnow(),
@@ -189,9 +180,9 @@ def mark_cancelled(session: Session, job_id: str, worker_id: str | None = None) 
     ok = _guarded_update(
         session,
         job_id,
-        ("cancelling",),
+        (JobStatus.CANCELLING,),
         (Job.worker_id == worker_id) if worker_id else None,
-        status="cancelled",
+        status=JobStatus.CANCELLED,
         finished_at=utcnow(),
         lease_expires_at=None,
     )
@@ -203,19 +194,19 @@ def mark_cancelled(session: Session, job_id: str, worker_id: str | None = None) 
 def request_cancel(session: Session, job_id: str) -> str | None:
     """Queued jobs stop at once; running ones move to ``cancelling``. Returns the new status or None (too late)."""
     tenant = _tenant_of(session, job_id)
-    if _guarded_update(session, job_id, ("queued",), status="cancelled", finished_at=utcnow()):
+    if _guarded_update(session, job_id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED, finished_at=utcnow()):
         record_event(session, job_id, tenant, "job.cancelled", {})
-        return "cancelled"
-    if _guarded_update(session, job_id, ("running",), status="cancelling"):
+        return JobStatus.CANCELLED
+    if _guarded_update(session, job_id, (JobStatus.RUNNING,), status=JobStatus.CANCELLING):
         record_event(session, job_id, tenant, "job.cancelling", {})
-        return "cancelling"
+        return JobStatus.CANCELLING
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
-    return "cancelling" if status == "cancelling" else None
+    return JobStatus.CANCELLING if status == JobStatus.CANCELLING else None
 
 
 def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now: datetime) -> bool:
     """The reaper's rule for a job whose lease expired: retry (bounded) or fail; cancelling → cancelled."""
-    if job.status == "cancelling":
+    if job.status == JobStatus.CANCELLING:
         mark_cancelled(session, job.id)
         return False
     expired = Job.lease_expires_at < now
@@ -230,9 +221,9 @@ def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now
     ok = _guarded_update(
         session,
         job.id,
-        ("running",),
+        (JobStatus.RUNNING,),
         expired,
-        status="queued",
+        status=JobStatus.QUEUED,
         worker_id=None,
         lease_expires_at=None,
         progress=0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
@@ -11,8 +12,23 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from app.db import Base, utcnow
 from app.ids import new_id
 
-ACTIVE_STATUSES = ("queued", "running", "cancelling")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+class JobStatus(StrEnum):
+    """A job's state: ``queued → running → succeeded | failed | cancelled``, with ``cancelling`` between a
+    running job and ``cancelled``. Transitions live in :mod:`app.jobs.lifecycle` and nowhere else."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+"""States that never change again."""
+HOLDS_WORKER = (JobStatus.RUNNING, JobStatus.CANCELLING)
+"""States in which a worker owns the job (a cancelling job still runs until its next check point)."""
 
 
 class Job(Base):
@@ -24,7 +40,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     spec: Mapped[dict[str, Any]]
     queue: Mapped[str] = mapped_column(String(16), default="cpu")
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -1,9 +1,9 @@
 """Business rules of webhooks: endpoints and their secrets, the outbox listener, the delivery log.
 
-The outbox: :func:`enqueue_for_event` is registered with :func:`app.jobs.lifecycle.on_event`, so the
-delivery rows of a job event are inserted in the same transaction as the job's state change — a
-rolled-back transition sends nothing, a committed one is never lost. :mod:`app.webhooks.relay` sends
-them later, outside any transaction. Every query here is scoped by tenant: another tenant's endpoint
+The outbox: :func:`app.jobs.lifecycle.record_event` calls :func:`enqueue_for_event`, so the delivery
+rows of a job event are inserted in the same transaction as the job's state change — a rolled-back
+transition sends nothing, a committed one is never lost. :mod:`app.webhooks.relay` sends them later,
+outside any transaction. Every query here is scoped by tenant: another tenant's endpoint
 is indistinguishable from one that does not exist (404).
 """
 
@@ -23,7 +23,6 @@ from sqlalchemy.orm.attributes import flag_modified
 from app.config import Settings, get_settings
 from app.db import utcnow
 from app.errors import conflict, not_found, unprocessable
-from app.jobs import lifecycle
 from app.jobs.models import JobEvent
 from app.netsafety import UnsafeURLError, check_url
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -222,7 +221,6 @@ def _progress_throttled(session: Session, job_id: str, interval_s: float) -> boo
     return utcnow() - last < timedelta(seconds=interval_s)
 
 
-@lifecycle.on_event
 def enqueue_for_event(session: Session, event: JobEvent) -> None:
     """Insert one delivery per interested endpoint, inside the transaction that recorded ``event``."""
     if event.type not in _STATUS_OF_EVENT:
