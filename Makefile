@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: dev test install lint typecheck bench clean
+.PHONY: dev test test-fast install lint typecheck bench clean
 
 $(BIN)/modelpress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ dev: install
 ## The whole test suite: unit, API (Postgres, Redis, S3 server) and end-to-end (real worker processes).
 test: install
 	$(BIN)/pytest
+
+## The fast tier while you work: unit and API tests (Postgres, Redis, S3 server), no e2e stack, no slow test.
+test-fast: install
+	$(BIN)/pytest -m "not e2e and not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -109,39 +109,46 @@ def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _T
     return _Texts(calibration=calibration, train_stream=train_stream, eval_ids=eval_ids, eval_source=source)
 
 
-def _run_step(
-    index: int,
-    step: QuantizeStep | PruneStep | DistillStep,
-    model: nn.Module,
-    tokenizer: Any,
-    texts: _Texts,
-    inputs: PipelineInputs,
-    callbacks: Callbacks,
-) -> StepOutcome:
-    if isinstance(step, QuantizeStep):
-        from workers.compression.quantize import quantize
+@dataclass
+class _StepContext:
+    """What an engine call may need besides its model and config."""
 
-        return quantize(model, step, calibration=texts.calibration, callbacks=callbacks)
-    if isinstance(step, PruneStep):
-        from workers.compression.prune import prune
+    index: int
+    tokenizer: Any
+    texts: _Texts
+    inputs: PipelineInputs
+    callbacks: Callbacks
 
-        return prune(model, step, calibration=texts.calibration, callbacks=callbacks)
+
+def _quantize_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
+    from workers.compression.quantize import quantize
+
+    return quantize(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks)
+
+
+def _prune_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
+    from workers.compression.prune import prune
+
+    return prune(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks)
+
+
+def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
     from workers.compression.distill import build_student, distill
 
-    if texts.train_stream is None:
-        raise EngineError(f"steps[{index}] (distill) needs training text")
+    inputs, stream = ctx.inputs, ctx.texts.train_stream
+    if stream is None:
+        raise EngineError(f"steps[{ctx.index}] (distill) needs training text")
     # The teacher is always the job's input model, also after earlier steps changed `model`.
     teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
     student = build_student(
         teacher,
         step.student,
-        student_dir=inputs.student_dirs.get(index),
+        student_dir=inputs.student_dirs.get(ctx.index),
         max_bytes=inputs.max_model_bytes,
         previous_model=model,
-        calibration=texts.calibration,
+        calibration=ctx.texts.calibration,
         seed=step.seed,
     )
-    stream = texts.train_stream
     cut = int(stream.numel() * (1 - step.eval_fraction))
     return distill(
         teacher,
@@ -149,12 +156,20 @@ def _run_step(
         step,
         train_ids=stream[:cut],
         eval_ids=stream[cut:] if stream.numel() - cut >= step.seq_len else None,
-        pad_token_id=tokenizer.pad_token_id,
-        checkpoint_dir=inputs.checkpoint_dirs.get(index),
-        on_checkpoint=partial(inputs.on_checkpoint, index) if inputs.on_checkpoint is not None else None,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        checkpoint_dir=inputs.checkpoint_dirs.get(ctx.index),
+        on_checkpoint=partial(inputs.on_checkpoint, ctx.index) if inputs.on_checkpoint is not None else None,
         world_size=max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1,
-        callbacks=callbacks,
+        callbacks=ctx.callbacks,
     )
+
+
+ENGINES: dict[str, Callable[[nn.Module, Any, _StepContext], StepOutcome]] = {
+    "quantize": _quantize_step,
+    "prune": _prune_step,
+    "distill": _distill_step,
+}
+"""A step's ``method`` → the call of its engine (the one place a step type meets its engine)."""
 
 
 def check_shapes(recipe: Recipe, model: nn.Module) -> None:
@@ -228,7 +243,7 @@ def run_pipeline(
             metrics=partial(_step_metrics, callbacks, index),
         )
         try:
-            outcome = _run_step(index, step, model, tokenizer, texts, inputs, labelled)
+            outcome = ENGINES[step.method](model, step, _StepContext(index, tokenizer, texts, inputs, labelled))
         except BaseException:
             on_step(index, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
             raise

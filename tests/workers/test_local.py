@@ -59,3 +59,18 @@ def test_a_group_size_that_fits_no_width_is_refused_before_the_baseline(tmp_path
     with pytest.raises(EngineError, match=r"group_size 128 does not divide the input width 64: use group_size 64"):
         run_pipeline(recipe, inputs, tmp_path / "out", Callbacks(progress=lambda _f, message: stages.append(message)))
     assert stages == ["loading model"]
+
+
+def test_the_readme_chained_recipe_runs(tmp_path: Path) -> None:
+    """Structured pruning then default W4A16 GPTQ: 'auto' picks a group size the pruned widths allow."""
+    (tmp_path / "calib.txt").write_text(sample_text(40))
+    recipe = {
+        "steps": [
+            {"method": "prune", "algorithm": "structured", "targets": {"heads": 0.25, "mlp": 0.25}},
+            {"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"},
+        ],
+        "calibration": {"num_samples": 8, "seq_len": 64},
+    }
+    report = _compress(tmp_path, recipe, calibration=tmp_path / "calib.txt", measure_speed=False)
+    assert [step["method"] for step in report["steps"]] == ["prune", "quantize"]
+    assert report["steps"][1]["details"]["group_size"] == 32  # the pruned MLP is 96 wide

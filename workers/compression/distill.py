@@ -48,6 +48,7 @@ from torch import nn
 
 from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, device_of
 from workers.compression.data import pack_blocks
+from workers.compression.evaluate import perplexity_from
 from workers.compression.export import load_model
 from workers.compression.layerwise import decoder_layers
 from workers.compression.recipe import DistillStep, FromTeacher, StudentSpec
@@ -648,7 +649,9 @@ def _check_stop(callbacks: Callbacks, dist: Any, device: torch.device) -> None:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, config: DistillStep) -> float:
-    """exp(mean next-token CE) over the real positions of ``blocks``; the model is left in eval mode."""
+    """The report's definition of perplexity (:func:`workers.compression.evaluate.perplexity_from` of the
+    summed next-token NLL over windows scored independently) on the step's held-out training text, batched
+    and masked as training runs (bf16 autocast on CUDA); the model is left in eval mode."""
     model.eval()
     device = device_of(model)
     total, count = 0.0, 0.0
@@ -662,7 +665,7 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, confi
             logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits
         ce_sum, _, n = loss_sums(logits, None, ids, m, 1.0)
         total, count = total + float(ce_sum), count + float(n)
-    return math.exp(total / max(count, 1.0))
+    return perplexity_from(total, int(count)) if count else math.inf
 
 
 def _count_params(model: nn.Module) -> int:

@@ -40,16 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compressed_tensors.utils.match import match_name
 from torch import nn
 
 from workers.compression.base import Callbacks, EngineError, device_of
 from workers.compression.data import pack_blocks, tokenize_stream
 
 DEFAULT_SAMPLE_PROMPT = "The most important thing to know about compression is"
-
-# Where the perplexity text came from; the report shows it so a reader knows what the number means.
-EVAL_SOURCES = ("evaluation", "calibration_heldout", "training_heldout", "none")
-
 
 # ---------------------------------------------------------------- evaluation text
 
@@ -155,14 +152,9 @@ def _scheme_bits(scheme: Any) -> str | None:
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """compressed-tensors target/ignore matching: exact module name, ``re:`` regex, or a class name."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
-                return True
-        elif pattern == name:
-            return True
-    return False
+    """A checkpoint's own ``targets``/``ignore`` names, read as compressed-tensors reads them (this is the
+    format's rule, for checkpoints from any tool; a recipe's patterns go through ``ModuleMatcher``)."""
+    return any(match_name(name, pattern) for pattern in patterns)
 
 
 def _config_quantized_modules(model: nn.Module) -> dict[str, str]:

@@ -9,8 +9,7 @@ stays bounded by one layer plus the activations, as in llm-compressor's sequenti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -310,28 +309,3 @@ def stages_match(layer: nn.Module, batch: LayerBatch) -> bool:
             return False
     actual = probe[0].hidden
     return actual.shape == expected.shape and bool(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5))
-
-
-@contextmanager
-def capture_linear_inputs(layer: nn.Module, names: list[str] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Within the block, record the 2-D inputs ``[tokens, in_features]`` of the layer's Linear modules.
-
-    Linears fed the very same tensor (q/k/v, gate/up) are recorded under each name but refer to
-    one tensor, so an engine can compute one statistic per shared input.
-    """
-    seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, module in layer.named_modules():
-        if isinstance(module, nn.Linear) and (names is None or name in names):
-            seen[name] = []
-
-            def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any, name: str = name) -> None:
-                x = args[0].detach()
-                seen[name].append(x.reshape(-1, x.shape[-1]))
-
-            handles.append(module.register_forward_hook(hook))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()

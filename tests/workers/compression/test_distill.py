@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from app.jobs.spec import StudentSource
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.data import tokenize_stream
@@ -107,8 +108,9 @@ def test_each_student_kind_builds_and_reloads(teacher: nn.Module, tmp_path: Path
     if kind.pop("dir", False):
         student_dir = tmp_path / "upload"
         tiny_model("qwen2", seed=6, num_hidden_layers=1).save_pretrained(student_dir)
-        kind = {"upload_id": "up_1"}
-    student = build_student(teacher, StudentSpec(**kind), student_dir=student_dir, previous_model=previous)
+        kind = {"upload_id": "up_1"}  # the service's student kind: the runner fetched it to student_dir
+    spec = StudentSource(**kind) if student_dir else StudentSpec(**kind)
+    student = build_student(teacher, spec, student_dir=student_dir, previous_model=previous)
 
     if "from_teacher" in kind:
         assert student is not teacher and student.config.num_hidden_layers == 2
@@ -158,12 +160,12 @@ def test_an_uploaded_student_is_loaded_as_safely_as_the_model(teacher: nn.Module
     teacher.config.save_pretrained(pickled)
     torch.save(teacher.state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(EngineError, match="pickle weights are not accepted"):
-        build_student(teacher, StudentSpec(upload_id="upl_1"), student_dir=pickled)
+        build_student(teacher, StudentSource(upload_id="upl_1"), student_dir=pickled)
     good = tmp_path / "good"
     teacher.save_pretrained(good)
     with pytest.raises(EngineError, match="over the limit of 1000"):
-        build_student(teacher, StudentSpec(upload_id="upl_1"), student_dir=good, max_bytes=1000)
-    student = build_student(teacher, StudentSpec(upload_id="upl_1"), student_dir=good)
+        build_student(teacher, StudentSource(upload_id="upl_1"), student_dir=good, max_bytes=1000)
+    student = build_student(teacher, StudentSource(upload_id="upl_1"), student_dir=good)
     assert all(
         torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values(), strict=True)
     )

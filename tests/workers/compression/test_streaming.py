@@ -213,6 +213,7 @@ def _capped_compress(
     )
 
 
+@pytest.mark.slow
 def test_gptq_completes_under_a_memory_cap_below_the_model_size(tmp_path: Path) -> None:
     model_bytes = _write_big_model(tmp_path / "big")
     assert model_bytes > CAP_BYTES * 1.25
