@@ -183,23 +183,23 @@ def test_a_stalled_request_whose_key_was_taken_over_makes_no_second_job(
     """A request that stalls past the reservation window loses its Idempotency-Key to a retry: the retry
     makes the job, the stalled request answers 409 and leaves nothing behind."""
     import threading
-    import time
+    from datetime import timedelta
 
     from app.auth import quotas
     from app.jobs import service
 
-    monkeypatch.setattr(service, "IDEMPOTENCY_RESERVATION_S", 1)
     upload = _model_upload(client, alice)
-    real = quotas.check_queued_quota
-    stalled = threading.Event()
+    real, real_utcnow = quotas.check_queued_quota, service.utcnow
+    stalled, release = threading.Event(), threading.Event()
 
-    def slow_first_time(*args: Any, **kwargs: Any) -> Any:
+    def stall_first_time(*args: Any, **kwargs: Any) -> Any:
         if not stalled.is_set():
             stalled.set()
-            time.sleep(2.0)  # e.g. waiting on the tenant row lock or a slow DNS answer for webhook_url
+            # e.g. waiting on the tenant row lock or a slow DNS answer for webhook_url; held until the retry is done
+            assert release.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quotas, "check_queued_quota", slow_first_time)
+    monkeypatch.setattr(quotas, "check_queued_quota", stall_first_time)
     headers = {**alice.headers, "Idempotency-Key": "slow-1"}
     answers: dict[str, Any] = {}
     first = threading.Thread(
@@ -207,8 +207,12 @@ def test_a_stalled_request_whose_key_was_taken_over_makes_no_second_job(
     )
     first.start()
     assert stalled.wait(10)
-    time.sleep(1.2)  # past the window: the retry takes the reservation over
+    # The retry arrives after the reservation window: the service's clock is moved past it (no sleeping).
+    later = real_utcnow() + timedelta(seconds=service.IDEMPOTENCY_RESERVATION_S + 1)
+    monkeypatch.setattr(service, "utcnow", lambda: later)
     retry = client.post("/v1/jobs", json=quantize_job(upload), headers=headers)
+    monkeypatch.setattr(service, "utcnow", real_utcnow)
+    release.set()
     first.join()
     assert retry.status_code == 201, retry.text
     assert answers["first"].status_code == 409
