@@ -38,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -479,6 +480,46 @@ def total_steps(config: DistillStep) -> int:
     return min(candidates)
 
 
+@dataclass
+class _Training:
+    """Everything one rank's training loop reads and updates (set up once by :func:`_setup`)."""
+
+    rank: int
+    world_size: int
+    config: DistillStep
+    teacher: nn.Module
+    student: nn.Module
+    trainee: Trainee
+    model: Any  # the trainee, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: tuple[torch.Tensor, ...]  # train blocks, train mask, eval blocks, eval mask
+    dist: Any
+    device: torch.device
+    original_dtype: torch.dtype
+    steps: int
+    step: int = 0
+    tokens: int = 0
+    resumed_from: int | None = None
+    teacher_ppl: float | None = None
+    ppl_before: float | None = None
+    eval_ppl: float | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+    perm_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> Any:
+        """bf16 autocast on a GPU (fp32 master weights stay in the optimizer); nothing on a CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def held_out_perplexity(self, model: nn.Module) -> float:
+        _, _, eval_blocks, eval_mask = self.data
+        return perplexity(model, eval_blocks, eval_mask, self.config)
+
+
 def _train(
     rank: int,
     world_size: int,
@@ -492,11 +533,44 @@ def _train(
     dist: Any,
 ) -> StepOutcome:
     """The training loop, run identically by every rank (rank 0 also evaluates, reports and checkpoints)."""
-    train_blocks, train_mask, eval_blocks, eval_mask = data
+    run = _setup(rank, world_size, teacher, student, config, data, checkpoint_dir, dist)
+    if run.is_main:
+        if run.resumed_from is not None:
+            callbacks.progress(run.step / run.steps, f"resumed from checkpoint step {run.step}")
+        run.teacher_ppl = run.teacher_ppl or run.held_out_perplexity(teacher)
+        run.ppl_before = run.ppl_before or run.held_out_perplexity(student)
+    while run.step < run.steps:
+        _check_stop(callbacks, dist, run.device)
+        mean, lr = _optimizer_step(run)
+        if run.is_main:
+            _report_step(run, mean, lr, callbacks)
+        if checkpoint_dir is not None and run.step % config.checkpoint_every == 0 and run.step < run.steps:
+            extra = {"teacher_eval_perplexity": run.teacher_ppl, "eval_perplexity_before": run.ppl_before}
+            path = _save_checkpoint(checkpoint_dir, run, extra if run.is_main else {})
+            if run.is_main and on_checkpoint is not None and path is not None:
+                on_checkpoint(path)
+    student.eval()
+    student.to(dtype=run.original_dtype)
+    if not run.is_main:
+        return StepOutcome(model=student)
+    if run.eval_ppl is None:  # resumed at the very end: nothing trained in this call
+        run.eval_ppl = run.held_out_perplexity(student)
+    return StepOutcome(model=student, facts=_facts(run))
+
+
+def _setup(
+    rank: int,
+    world_size: int,
+    teacher: nn.Module,
+    student: nn.Module,
+    config: DistillStep,
+    data: tuple[torch.Tensor, ...],
+    checkpoint_dir: Path | None,
+    dist: Any,
+) -> _Training:
+    """fp32 trainable student (+ hidden-state projections), AdamW with warmup + cosine, resumed from the
+    newest checkpoint in ``checkpoint_dir`` if there is one."""
     device = device_of(teacher)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (lambda: nullcontext())
-    )
     original_dtype = next(student.parameters()).dtype
     student.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does the bf16 on GPU
     student.requires_grad_(True)
@@ -504,12 +578,9 @@ def _train(
     torch.manual_seed(config.seed + rank)
     random.seed(config.seed + rank)
 
-    hs = config.hidden_states
-    s_layers = [s for s, _ in hs.layer_map] if hs else []
-    t_layers = [t for _, t in hs.layer_map] if hs else []
+    s_layers = [s for s, _ in config.hidden_states.layer_map] if config.hidden_states else []
     trainee = Trainee(student, s_layers, _config(student).hidden_size, _config(teacher).hidden_size).to(device)
-    use_teacher = config.kl_weight > 0 or hs is not None
-    model: Any = trainee  # or its DDP wrapper
+    model: Any = trainee
     if dist is not None:
         # logits go unused (lm_head gets no gradient) when only hidden states are matched
         unused = config.kl_weight == 0 and config.ce_weight == 0
@@ -525,115 +596,113 @@ def _train(
     )
     steps = total_steps(config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.warmup_steps, steps))
-
-    step, tokens, resumed_from = 0, 0, None
-    state: dict[str, Any] = {}
+    run = _Training(
+        rank, world_size, config, teacher, student, trainee, model, optimizer, scheduler, data, dist, device,
+        original_dtype, steps,
+    )  # fmt: skip
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if latest is not None:
-        state = _load_checkpoint(latest, trainee, optimizer, scheduler, config, rank)
-        step, tokens, resumed_from = state["step"], state["tokens"], state["step"]
+        state = _load_checkpoint(latest, run)
+        run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], state["step"]
+        run.teacher_ppl, run.ppl_before = state.get("teacher_eval_perplexity"), state.get("eval_perplexity_before")
+    return run
 
-    is_main = rank == 0
-    if is_main and resumed_from is not None:
-        callbacks.progress(step / steps, f"resumed from checkpoint step {step}")
-    if is_main:
-        teacher_ppl = state.get("teacher_eval_perplexity") or perplexity(teacher, eval_blocks, eval_mask, config)
-        ppl_before = state.get("eval_perplexity_before") or perplexity(student, eval_blocks, eval_mask, config)
-    rows_per_micro = config.batch_size // world_size
-    rows_per_step = config.batch_size * config.grad_accum
-    perm_cache: dict[int, torch.Tensor] = {}
-    last: dict[str, Any] = {}
-    eval_ppl: float | None = None
 
-    while step < steps:
-        _check_stop(callbacks, dist, device)
-        rows = _step_rows(step, rows_per_step, train_blocks.shape[0], config.seed, perm_cache)
-        step_mask = train_mask[rows]
-        n_valid = (step_mask[:, :-1] & step_mask[:, 1:]).sum().clamp(min=1).item()
-        sums = torch.zeros(4, device=device)  # total, kd, ce, hidden — this rank's share of the step
-        trainee.train()
-        for micro in range(config.grad_accum):
-            chunk = rows[micro * config.batch_size : (micro + 1) * config.batch_size]
-            mine = chunk[rank * rows_per_micro : (rank + 1) * rows_per_micro]
-            ids, mask = train_blocks[mine].to(device), train_mask[mine].to(device)
-            t_logits, t_hidden = None, []
-            if use_teacher:
-                with torch.no_grad(), autocast(), capture_layer_outputs(teacher, t_layers) as t_hidden:
-                    t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            sync = dist is None or micro == config.grad_accum - 1
-            with nullcontext() if sync else model.no_sync(), autocast():
-                s_logits, s_hidden = model(ids, mask)
-                ce_sum, kd_sum, _ = loss_sums(
-                    s_logits, t_logits if config.kl_weight > 0 else None, ids, mask, config.temperature
-                )
-                loss = config.ce_weight * ce_sum
-                if kd_sum is not None:
-                    loss = loss + config.kl_weight * kd_sum
-                hid = hidden_sum(s_hidden, t_hidden, mask) if hs else torch.zeros((), device=device)
-                if hs:
-                    loss = loss + hs.weight * hid
-                # / n_valid of the whole step; times world_size undoes DDP's gradient averaging
-                (loss * world_size / n_valid).backward()
-            sums += torch.stack(
-                [loss.detach(), (kd_sum if kd_sum is not None else ce_sum * 0).detach(), ce_sum.detach(), hid.detach()]
-            )
-        torch.nn.utils.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if dist is not None:
-            dist.all_reduce(sums)
-        mean = (sums / n_valid).tolist()
-        step += 1
-        tokens += int(step_mask.sum())
+def _optimizer_step(run: _Training) -> tuple[list[float], float]:
+    """One optimizer step over ``batch_size x grad_accum`` rows (this rank's share of each micro-batch);
+    returns the step's mean losses (total, kd, ce, hidden) over every rank and the learning rate used."""
+    config, train_blocks, train_mask = run.config, run.data[0], run.data[1]
+    rows = _step_rows(
+        run.step, config.batch_size * config.grad_accum, train_blocks.shape[0], config.seed, run.perm_cache
+    )
+    step_mask = train_mask[rows]
+    n_valid = (step_mask[:, :-1] & step_mask[:, 1:]).sum().clamp(min=1).item()
+    sums = torch.zeros(4, device=run.device)  # total, kd, ce, hidden — this rank's share of the step
+    rows_per_micro = config.batch_size // run.world_size
+    run.trainee.train()
+    for micro in range(config.grad_accum):
+        chunk = rows[micro * config.batch_size : (micro + 1) * config.batch_size]
+        mine = chunk[run.rank * rows_per_micro : (run.rank + 1) * rows_per_micro]
+        sync = run.dist is None or micro == config.grad_accum - 1
+        sums += _micro_batch(run, train_blocks[mine].to(run.device), train_mask[mine].to(run.device), n_valid, sync)
+    torch.nn.utils.clip_grad_norm_(run.trainee.parameters(), config.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.dist is not None:
+        run.dist.all_reduce(sums)
+    run.step += 1
+    run.tokens += int(step_mask.sum())
+    return (sums / n_valid).tolist(), lr
 
-        if is_main:
-            last = {"step": step, "tokens": tokens, "train_loss": mean[0], "ce_loss": mean[2], "lr": lr}
-            last["kd_loss"] = mean[1] if config.kl_weight > 0 else None
-            if resumed_from is not None and step == resumed_from + 1:
-                last["resumed_from_step"] = resumed_from  # the first step event after a resume says so
-            if hs:
-                last["hidden_loss"] = mean[3]
-            if step % config.eval_every == 0 or step == steps:
-                eval_ppl = perplexity(student, eval_blocks, eval_mask, config)
-                last["eval_perplexity"] = eval_ppl
-            callbacks.progress(step / steps, f"step {step}/{steps} loss {mean[0]:.4f}")
-            callbacks.metrics(dict(last))  # after progress: the runner's event carries this step's message
-        if checkpoint_dir is not None and step % config.checkpoint_every == 0 and step < steps:
-            extra = {"teacher_eval_perplexity": teacher_ppl, "eval_perplexity_before": ppl_before} if is_main else {}
-            path = _save_checkpoint(
-                checkpoint_dir, trainee, optimizer, scheduler, config, step, tokens, rank, dist, extra
-            )
-            if is_main and on_checkpoint is not None and path is not None:
-                on_checkpoint(path)
 
-    student.eval()
-    student.to(dtype=original_dtype)
-    if not is_main:
-        return StepOutcome(model=student)
-    if eval_ppl is None:  # resumed at the very end: nothing trained in this call
-        eval_ppl = perplexity(student, eval_blocks, eval_mask, config)
-    facts = {
-        "steps": step,
-        "tokens": tokens,
-        "resumed_from_step": resumed_from,
-        "world_size": world_size,
-        "global_batch_rows": rows_per_step,
+def _micro_batch(run: _Training, ids: torch.Tensor, mask: torch.Tensor, n_valid: float, sync: bool) -> torch.Tensor:
+    """Forward teacher and student on one micro-batch, backpropagate its share of the step's loss, and
+    return its loss sums (total, kd, ce, hidden)."""
+    config, hs = run.config, run.config.hidden_states
+    t_logits, t_hidden = None, []
+    if config.kl_weight > 0 or hs is not None:
+        t_layers = [t for _, t in hs.layer_map] if hs else []
+        with torch.no_grad(), run.autocast(), capture_layer_outputs(run.teacher, t_layers) as t_hidden:
+            t_logits = run.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    with nullcontext() if sync else run.model.no_sync(), run.autocast():
+        s_logits, s_hidden = run.model(ids, mask)
+        ce_sum, kd_sum, _ = loss_sums(
+            s_logits, t_logits if config.kl_weight > 0 else None, ids, mask, config.temperature
+        )
+        loss = config.ce_weight * ce_sum
+        if kd_sum is not None:
+            loss = loss + config.kl_weight * kd_sum
+        hid = hidden_sum(s_hidden, t_hidden, mask) if hs else torch.zeros((), device=run.device)
+        if hs:
+            loss = loss + hs.weight * hid
+        # / n_valid of the whole step; times world_size undoes DDP's gradient averaging
+        (loss * run.world_size / n_valid).backward()
+    kd = kd_sum if kd_sum is not None else ce_sum * 0
+    return torch.stack([loss.detach(), kd.detach(), ce_sum.detach(), hid.detach()])
+
+
+def _report_step(run: _Training, mean: list[float], lr: float, callbacks: Callbacks) -> None:
+    """Rank 0: the step's losses (+ held-out perplexity every ``eval_every`` steps) as progress and metrics."""
+    config = run.config
+    last: dict[str, Any] = {"step": run.step, "tokens": run.tokens, "train_loss": mean[0], "ce_loss": mean[2]}
+    last["lr"] = lr
+    last["kd_loss"] = mean[1] if config.kl_weight > 0 else None
+    if run.resumed_from is not None and run.step == run.resumed_from + 1:
+        last["resumed_from_step"] = run.resumed_from  # the first step event after a resume says so
+    if config.hidden_states:
+        last["hidden_loss"] = mean[3]
+    if run.step % config.eval_every == 0 or run.step == run.steps:
+        run.eval_ppl = run.held_out_perplexity(run.student)
+        last["eval_perplexity"] = run.eval_ppl
+    run.last = last
+    callbacks.progress(run.step / run.steps, f"step {run.step}/{run.steps} loss {mean[0]:.4f}")
+    callbacks.metrics(dict(last))  # after progress: the runner's event carries this step's message
+
+
+def _facts(run: _Training) -> dict[str, Any]:
+    """What the report says about the distillation."""
+    config, last = run.config, run.last
+    return {
+        "steps": run.step,
+        "tokens": run.tokens,
+        "resumed_from_step": run.resumed_from,
+        "world_size": run.world_size,
+        "global_batch_rows": config.batch_size * config.grad_accum,
         "train_loss": last.get("train_loss"),
         "kd_loss": last.get("kd_loss"),
         "ce_loss": last.get("ce_loss"),
         "hidden_loss": last.get("hidden_loss"),
-        "teacher_eval_perplexity": teacher_ppl,
-        "eval_perplexity_before": ppl_before,
-        "eval_perplexity_after": eval_ppl,
-        "eval_tokens": int(eval_mask.sum()),
-        "teacher_params": _count_params(teacher),
-        "student_params": _count_params(student),
-        "student_config": _config_summary(student),
-        "teacher_config": _config_summary(teacher),
+        "teacher_eval_perplexity": run.teacher_ppl,
+        "eval_perplexity_before": run.ppl_before,
+        "eval_perplexity_after": run.eval_ppl,
+        "eval_tokens": int(run.data[3].sum()),
+        "teacher_params": _count_params(run.teacher),
+        "student_params": _count_params(run.student),
+        "student_config": _config_summary(run.student),
+        "teacher_config": _config_summary(run.teacher),
     }
-    return StepOutcome(model=student, facts=facts)
 
 
 def _check_stop(callbacks: Callbacks, dist: Any, device: torch.device) -> None:
@@ -710,20 +779,11 @@ def _comparable(config: DistillStep) -> dict[str, Any]:
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in _RESUME_IGNORES}
 
 
-def _save_checkpoint(
-    checkpoint_dir: Path,
-    trainee: Trainee,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    config: DistillStep,
-    step: int,
-    tokens: int,
-    rank: int,
-    dist: Any,
-    extra: dict[str, Any],
-) -> Path | None:
+def _save_checkpoint(checkpoint_dir: Path, run: _Training, extra: dict[str, Any]) -> Path | None:
     """Write ``step-NNNNNNNN`` atomically (a temp dir renamed last); return it on rank 0."""
     from safetensors.torch import save_model
+
+    rank, dist, step = run.rank, run.dist, run.step
 
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = checkpoint_dir / f".{final.name}.tmp"
@@ -737,9 +797,10 @@ def _save_checkpoint(
         dist.barrier()
     if rank != 0:
         return None
-    save_model(trainee, str(staging / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "trainer.pt")
-    state = {"step": step, "tokens": tokens, "config": _comparable(config), **extra}
+    save_model(run.trainee, str(staging / "model.safetensors"))
+    trainer = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+    torch.save(trainer, staging / "trainer.pt")
+    state = {"step": step, "tokens": run.tokens, "config": _comparable(run.config), **extra}
     (staging / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
@@ -749,26 +810,22 @@ def _save_checkpoint(
     return final
 
 
-def _load_checkpoint(
-    path: Path,
-    trainee: Trainee,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    config: DistillStep,
-    rank: int,
-) -> dict[str, Any]:
+def _load_checkpoint(path: Path, run: _Training) -> dict[str, Any]:
+    """Restore the trainee, optimizer, scheduler and this rank's RNG from ``path``; return its state.json."""
     from safetensors.torch import load_model
+
+    config = run.config
 
     state = json.loads((path / "state.json").read_text())
     if state["config"] != _comparable(config):
         changed = sorted(k for k in state["config"] if state["config"][k] != _comparable(config).get(k))
         raise EngineError(f"checkpoint {path.name} was written with a different distill config ({', '.join(changed)})")
-    device = device_of(trainee)
-    load_model(trainee, str(path / "model.safetensors"), device=str(device))
+    device = device_of(run.trainee)
+    load_model(run.trainee, str(path / "model.safetensors"), device=str(device))
     trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    rng_file = path / f"rng-rank{rank}.pt"
+    run.optimizer.load_state_dict(trainer["optimizer"])
+    run.scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = path / f"rng-rank{run.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than wrote it: those start fresh
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return state
