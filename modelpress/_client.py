@@ -565,7 +565,8 @@ class ModelPress:
 
     ``api_key`` defaults to ``$MODELPRESS_API_KEY`` and ``base_url`` to ``$MODELPRESS_BASE_URL`` (else
     ``http://127.0.0.1:8000``). Requests are retried with backoff on connection errors, 429 and 502-504
-    (``max_retries`` times). Use as a context manager, or call :meth:`close`.
+    (``max_retries`` times, the first wait up to ``backoff_s``, doubling). Use as a context manager, or
+    call :meth:`close`.
     """
 
     def __init__(
@@ -575,11 +576,11 @@ class ModelPress:
         *,
         timeout: float = 60.0,
         max_retries: int = 4,
+        backoff_s: float = 0.5,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._http = HTTPClient(
-            api_key, base_url, timeout=timeout, retry=RetryPolicy(max_retries=max_retries), http_client=http_client
-        )
+        retry = RetryPolicy(max_retries=max_retries, base_s=backoff_s)
+        self._http = HTTPClient(api_key, base_url, timeout=timeout, retry=retry, http_client=http_client)
         self.uploads = Uploads(self)
         self.jobs = Jobs(self)
         self.webhooks = Webhooks(self)
