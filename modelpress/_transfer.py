@@ -281,7 +281,7 @@ class Downloader:
                         bar.update(-have)
                         digest, have = hashlib.sha256(), 0
                     with staged.open("ab" if have else "wb") as out:
-                        for chunk in response.iter_bytes(CHUNK):
+                        for chunk in response.iter_bytes():  # as it arrives: a cut keeps every byte that came
                             out.write(chunk)
                             digest.update(chunk)
                             have += len(chunk)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelpress import ModelPress
-from tests.e2e.conftest import Stack, _start_stack
+from tests.e2e.conftest import Stack, _start_stack, production_stack  # noqa: F401 - a fixture used here
 from tests.sdk.proxy import FaultProxy
 
 MIB = 1024 * 1024
