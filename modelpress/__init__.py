@@ -12,6 +12,7 @@ job.download("./out")
 Importing this package loads httpx, pydantic and tqdm only: no torch, FastAPI, SQLAlchemy or Celery.
 """
 
+from modelpress._async import AsyncModelPress
 from modelpress._client import InputLike, Job, Jobs, ModelPress, Page, StepLike, Uploads
 from modelpress._errors import (
     APIConnectionError,
@@ -54,6 +55,7 @@ __all__ = [
     "ApiKeyCreated",
     "Artifact",
     "ArtifactList",
+    "AsyncModelPress",
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",

@@ -155,3 +155,24 @@ def test_cli_exit_codes_and_key_sources(proxied_stack: Stack, mp: ModelPress, tm
     assert [json.loads(line)["type"] for line in events] == ["job.queued", "job.cancelled"]
     # Server verbs still go to app.cli.
     assert "serve" in _cli("serve", "--help").stdout
+
+
+def test_async_client(proxied_stack: Stack, mp: ModelPress, tmp_path: Path) -> None:
+    import asyncio
+
+    from modelpress import AsyncModelPress
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+    async def scenario() -> tuple[str, list[str], str]:
+        async with AsyncModelPress(api_key=proxied_stack.key, base_url=mp.base_url) as amp:
+            upload = await amp.uploads.upload(folder)
+            job = await amp.jobs.create(model=upload.id, steps=[{"method": "quantize", "scheme": "w8a16"}])
+            await amp.jobs.cancel(job.id)
+            types = [event.type async for event in amp.jobs.stream(job.id)]
+            done = await amp.jobs.wait(job.id)
+            return upload.status, types, done.status
+
+    assert asyncio.run(scenario()) == ("complete", ["job.queued", "job.cancelled"], "cancelled")
