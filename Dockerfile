@@ -9,6 +9,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
+COPY modelpress ./modelpress
 
 FROM base AS api
 RUN pip install .

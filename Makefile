@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy app workers
+	$(BIN)/mypy app workers && $(BIN)/mypy --strict modelpress
 
 ## Benchmarks against llm-compressor on SmolLM2-135M (needs PyPI access; ~1 h on 2 CPU cores).
 bench: install

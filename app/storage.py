@@ -53,6 +53,7 @@ class Storage(Protocol):
     ) -> str: ...
     def finish_multipart(self, key: str, multipart_id: str) -> None: ...
     def abort_multipart(self, key: str, multipart_id: str) -> None: ...
+    def uploaded_parts(self, key: str, multipart_id: str) -> dict[int, int]: ...
     def check(self) -> None: ...
 
 
@@ -222,6 +223,14 @@ class LocalStorage:
     def abort_multipart(self, key: str, multipart_id: str) -> None:
         shutil.rmtree(self._path(f"{key}.parts"), ignore_errors=True)
 
+    def uploaded_parts(self, key: str, multipart_id: str) -> dict[int, int]:
+        """Part number → size of the parts of ``key`` PUT so far (a PUT becomes a part only once whole)."""
+        parts_dir = self._path(f"{key}.parts")
+        if not parts_dir.is_dir():
+            return {}
+        # Only committed parts: a PUT in flight writes to '<n>.<random>.part' first.
+        return {int(p.name): p.stat().st_size for p in parts_dir.iterdir() if p.name.isdigit() and p.is_file()}
+
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"storage directory not writable: {self.root}")
@@ -337,6 +346,14 @@ class S3Storage:
 
     def abort_multipart(self, key: str, multipart_id: str) -> None:
         self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+
+    def uploaded_parts(self, key: str, multipart_id: str) -> dict[int, int]:
+        """Part number → size of the parts of ``key`` PUT so far; empty once the upload was finished or aborted."""
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+        try:
+            return {int(p["PartNumber"]): int(p["Size"]) for page in pages for p in page.get("Parts", [])}
+        except self.client.exceptions.NoSuchUpload:
+            return {}
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

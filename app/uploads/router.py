@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from app.deps import JobsReader, JobsWriter, SessionDep, SettingsDep, StorageDep
 from app.uploads import service
 from app.uploads.models import Upload
-from app.uploads.schemas import FileIn, FileTarget, UploadCreate, UploadOut
+from app.uploads.schemas import FileIn, FileTarget, ReceivedFile, UploadCreate, UploadOut, UploadProgress
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
@@ -37,6 +37,18 @@ def create_upload(
 @router.get("/{upload_id}", response_model=UploadOut)
 def get_upload(upload_id: str, principal: JobsReader, session: SessionDep) -> UploadOut:
     return _out(service.get_upload(session, principal.tenant_id, upload_id))
+
+
+@router.get("/{upload_id}/parts", response_model=UploadProgress)
+def get_received(upload_id: str, principal: JobsReader, session: SessionDep, storage: StorageDep) -> UploadProgress:
+    """What storage holds so far: each file whole or not and, for multipart files, the parts PUT. To resume
+    an interrupted upload, PUT only what is missing (fresh URLs from ``POST /v1/uploads/{id}/urls``)."""
+    upload, files = service.received(session, principal.tenant_id, upload_id, storage)
+    return UploadProgress(
+        upload_id=upload.id,
+        status=upload.status,  # type: ignore[arg-type]
+        files=[ReceivedFile.model_validate(f) for f in files],
+    )
 
 
 @router.post("/{upload_id}/urls", response_model=UploadOut)

@@ -44,3 +44,25 @@ class UploadOut(BaseModel):
     completed_at: datetime | None
     expires_at: datetime
     targets: list[FileTarget] | None = Field(default=None, description="where to PUT each file (on creation only)")
+
+
+class ReceivedPart(BaseModel):
+    part_number: int
+    size: int
+
+
+class ReceivedFile(BaseModel):
+    path: str
+    size: int = Field(description="declared size")
+    received: bool = Field(description="the whole file is in storage (single PUT, or its parts assembled)")
+    part_size: int | None = Field(default=None, description="multipart files: size of every part but the last")
+    parts: list[ReceivedPart] | None = Field(default=None, description="multipart files: the parts PUT so far")
+
+
+class UploadProgress(BaseModel):
+    """What storage holds of a pending upload, so that a client resumes by PUTting only what is missing."""
+
+    object: Literal["upload_progress"] = "upload_progress"
+    upload_id: str
+    status: Literal["pending", "complete", "expired"]
+    files: list[ReceivedFile]

@@ -111,6 +111,34 @@ def renew_urls(
     return upload, targets
 
 
+def received(
+    session: Session, tenant_id: str, upload_id: str, storage: Storage
+) -> tuple[Upload, list[dict[str, object]]]:
+    """Per file of an upload: whether storage holds it whole and, for multipart files, which parts it has.
+
+    Read-only; a client resuming an interrupted upload PUTs only what is missing (after fresh URLs from
+    :func:`renew_urls`). Parts are reported with their stored size; their content is verified at completion.
+    """
+    upload = get_upload(session, tenant_id, upload_id)
+    # Listing parts is a storage round trip per multipart file: hold no database transaction meanwhile.
+    session.commit()
+    files: list[dict[str, object]] = []
+    for record in upload.files:
+        key = upload_key(upload.tenant_id, upload.id, record["path"])
+        stored = storage.size(key) if upload.status != "expired" else None
+        entry: dict[str, object] = {
+            "path": record["path"],
+            "size": record["size"],
+            "received": stored == record["size"],
+        }
+        if record.get("multipart_id"):
+            parts = storage.uploaded_parts(key, record["multipart_id"]) if upload.status == "pending" else {}
+            entry["part_size"] = record.get("part_size")
+            entry["parts"] = [{"part_number": n, "size": size} for n, size in sorted(parts.items())]
+        files.append(entry)
+    return upload, files
+
+
 def get_upload(session: Session, tenant_id: str, upload_id: str) -> Upload:
     upload = session.execute(
         select(Upload).where(Upload.id == upload_id, Upload.tenant_id == tenant_id)

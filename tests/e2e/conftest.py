@@ -70,12 +70,12 @@ def _start_stack(tmp: Path, env_overrides: dict[str, str]) -> Iterator[Stack]:
     port = free_port()
     env = {
         **os.environ,
-        **env_overrides,
         "MODELPRESS_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "PYTHONUNBUFFERED": "1",
         # Webhook receivers in these tests listen on loopback over plain http.
         "MODELPRESS_ALLOW_HTTP_URLS": "true",
         "MODELPRESS_URL_ALLOWLIST": '["127.0.0.1"]',
+        **env_overrides,  # e.g. a public base URL that is a proxy in front of the API (tests/sdk)
     }
     mp = pytest.MonkeyPatch()
     apply_env(mp, {k: v for k, v in env.items() if k.startswith("MODELPRESS_")})

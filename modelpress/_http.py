@@ -1,0 +1,158 @@
+"""The HTTP core: one ``httpx.Client``, authentication, retries with backoff, typed errors.
+
+Retried: connection errors, 429 (after ``Retry-After``), 502, 503 and 504, with exponential backoff and full
+jitter. A request is retried only where repeating it is safe: reads, PUTs and DELETEs, and POSTs the caller
+marks idempotent (job creation carries an ``Idempotency-Key`` reused on every retry). Other POSTs are retried
+only when the server cannot have acted: the connection was never made, or a 429 refused it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from modelpress._errors import APIConnectionError, error_from_response, parse_retry_after
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_REGISTRY: list[Operation] = []
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One API operation (method + path template). Every one the SDK calls is registered here, so a test
+    can check the client against the server's OpenAPI document."""
+
+    method: str
+    path: str
+    idempotent: bool = True
+
+    def __post_init__(self) -> None:
+        _REGISTRY.append(self)
+
+    def url(self, **params: str) -> str:
+        from urllib.parse import quote
+
+        return self.path.format(**{k: quote(v, safe="") for k, v in params.items()})
+
+
+def registered_operations() -> list[Operation]:
+    """Every operation this client can call (the SDK's side of the OpenAPI coverage test)."""
+    return list(_REGISTRY)
+
+
+@dataclass
+class RetryPolicy:
+    """``max_retries`` after the first try; delays ``base_s · 2^n`` capped at ``max_delay_s``, full jitter."""
+
+    max_retries: int = 4
+    base_s: float = 0.5
+    max_delay_s: float = 8.0
+    max_retry_after_s: float = 120.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after_s)
+        return random.uniform(0, min(self.max_delay_s, self.base_s * 2**attempt))
+
+
+def _retryable_error(exc: httpx.TransportError, idempotent: bool) -> bool:
+    # A connection that was never made sent nothing: safe to repeat any request.
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return True
+    return idempotent
+
+
+def sleep_before_retry(policy: RetryPolicy, attempt: int, response: httpx.Response | None) -> None:
+    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+    time.sleep(policy.delay(attempt, retry_after))
+
+
+class HTTPClient:
+    """Authenticated requests to the API, plus unauthenticated ones to presigned storage URLs."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = 60.0,
+        retry: RetryPolicy | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("MODELPRESS_API_KEY")
+        if not key:
+            raise ValueError("no API key: pass api_key= or set MODELPRESS_API_KEY")
+        self.base_url = (base_url or os.environ.get("MODELPRESS_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._owns = http_client is None
+        self.client = http_client or httpx.Client(timeout=timeout, follow_redirects=False)
+        self._auth = {"Authorization": f"Bearer {key}", "User-Agent": "modelpress-python"}
+
+    def close(self) -> None:
+        if self._owns:
+            self.client.close()
+
+    def request(
+        self,
+        op: Operation,
+        *,
+        path_params: Mapping[str, str] | None = None,
+        params: Any = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+        timeout: float | httpx.Timeout | object | None = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        """Send ``op`` with retries; return the 2xx response or raise the typed :class:`APIError`.
+
+        A DELETE retried after a lost answer may find the resource already gone: that 404 counts as done.
+        """
+        url = self.base_url + op.url(**(path_params or {}))
+        merged = {**self._auth, **(headers or {})}
+        safe = op.idempotent if idempotent is None else idempotent
+        attempt = 0
+        while True:
+            try:
+                response = self.client.request(
+                    op.method,
+                    url,
+                    params=params,
+                    json=json,
+                    headers=merged,
+                    timeout=timeout,  # type: ignore[arg-type]
+                )
+            except httpx.TransportError as exc:
+                if attempt >= self.retry.max_retries or not _retryable_error(exc, safe):
+                    raise APIConnectionError(f"{op.method} {url}: {exc}") from exc
+                sleep_before_retry(self.retry, attempt, None)
+                attempt += 1
+                continue
+            if response.is_success or (attempt and op.method == "DELETE" and response.status_code == 404):
+                return response
+            # A 429 refused the request before it did anything; 502-504 may follow a request that ran.
+            can_repeat = response.status_code == 429 or safe
+            if response.status_code in RETRY_STATUSES and can_repeat and attempt < self.retry.max_retries:
+                sleep_before_retry(self.retry, attempt, response)
+                attempt += 1
+                continue
+            raise error_from_response(response)
+
+    @contextmanager
+    def stream(
+        self, op: Operation, *, path_params: Mapping[str, str], headers: Mapping[str, str] | None = None
+    ) -> Iterator[httpx.Response]:
+        """An open streaming response (no retries here: the caller resumes, e.g. with ``Last-Event-ID``)."""
+        url = self.base_url + op.url(**path_params)
+        with self.client.stream(op.method, url, headers={**self._auth, **(headers or {})}) as response:
+            if not response.is_success:
+                response.read()
+                raise error_from_response(response)
+            yield response
