@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -22,7 +23,7 @@ def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from tests.conftest import service_env
 
     tmp = tmp_path_factory.mktemp("console")
-    stack_gen = _start_stack(tmp, service_env(tmp, stack="embedded"))
+    stack_gen = cast(Generator[Stack, None, None], _start_stack(tmp, service_env(tmp, stack="embedded")))
     stack = next(stack_gen)
     stack.start_worker()
     try:

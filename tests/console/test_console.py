@@ -18,7 +18,7 @@ from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-HOSTILE_META = "<script>window.__pwned=1</script><img src=x onerror=\"window.__pwned=2\">'\""
+HOSTILE_META = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">\'"'
 HOSTILE_FILE = "<img src=x onerror=window.__pwned=3>'\".bin"
 # Records every progress percentage the job page shows, to prove it changes in place without a reload.
 WATCH_PROGRESS = """() => {
@@ -39,7 +39,9 @@ def shared() -> dict[str, Any]:
 
 @pytest.fixture
 def page(browser: Browser, console_stack: Stack) -> Iterator[Page]:
-    context = browser.new_context(base_url=console_stack.base_url, accept_downloads=True, viewport={"width": 1280, "height": 860})
+    context = browser.new_context(
+        base_url=console_stack.base_url, accept_downloads=True, viewport={"width": 1280, "height": 860}
+    )
     page = context.new_page()
     page.set_default_timeout(30_000)
     errors: list[str] = []
@@ -68,7 +70,14 @@ def upload_via_api(client: httpx.Client, files: dict[str, bytes]) -> str:
 
 
 def test_every_console_response_has_the_csp(console_stack: Stack) -> None:
-    paths = ["/console", "/console/", "/console/static/app.js", "/console/static/console.css", "/console/static/missing.js", "/console/nope"]
+    paths = [
+        "/console",
+        "/console/",
+        "/console/static/app.js",
+        "/console/static/console.css",
+        "/console/static/missing.js",
+        "/console/nope",
+    ]
     with httpx.Client(base_url=console_stack.base_url) as client:
         for path in paths:
             response = client.get(path)
@@ -82,7 +91,9 @@ def test_every_console_response_has_the_csp(console_stack: Stack) -> None:
         assert "content-security-policy" not in client.get("/healthz").headers  # the API itself is unchanged
 
 
-def test_upload_quantize_watch_report_download(page: Page, console_stack: Stack, tmp_path: Path, shared: dict[str, Any]) -> None:
+def test_upload_quantize_watch_report_download(
+    page: Page, console_stack: Stack, tmp_path: Path, shared: dict[str, Any]
+) -> None:
     model_dir = write_model_dir(tmp_path / "tiny-llama")
     eval_file = tmp_path / "texts" / "eval.txt"
     eval_file.parent.mkdir()
@@ -167,7 +178,15 @@ def test_cancel_a_running_job(page: Page, console_stack: Stack, shared: dict[str
             json={
                 "model": {"upload_id": shared["model_upload"]},
                 "training": {"upload_id": shared["text_upload"]},
-                "steps": [{"method": "distill", "student": {"from_teacher": {"layers": [0]}}, "max_steps": 1_000_000, "batch_size": 2, "seq_len": 32}],
+                "steps": [
+                    {
+                        "method": "distill",
+                        "student": {"from_teacher": {"layers": [0]}},
+                        "max_steps": 1_000_000,
+                        "batch_size": 2,
+                        "seq_len": 32,
+                    }
+                ],
                 "metadata": {"suite": "console", "kind": "long"},
             },
         )
@@ -195,7 +214,14 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
     # A pickle file is refused by the worker with a reason that names it: the reason carries the markup.
     with console_stack.client() as client:
         upload = upload_via_api(client, {HOSTILE_FILE: b"not really a pickle", "config.json": b"{}"})
-        created = client.post("/v1/jobs", json={"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16"}], "metadata": {"note": HOSTILE_META}})
+        created = client.post(
+            "/v1/jobs",
+            json={
+                "model": {"upload_id": upload},
+                "steps": [{"method": "quantize", "scheme": "w8a16"}],
+                "metadata": {"note": HOSTILE_META},
+            },
+        )
         assert created.status_code == 201, created.text
     job = console_stack.wait_for(created.json()["id"], {"failed", "succeeded", "cancelled"})
     assert job["status"] == "failed" and "<img" in job["error"]["message"], job
@@ -209,26 +235,12 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
     shared["failed_id"] = job["id"]
 
 
-def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
+def test_keys_and_webhooks(page: Page, console_stack: Stack) -> None:
     from tests.app.conftest import make_caller
 
-    other = make_caller("console-other")
-    sign_in(page, other.key)
-    expect(page.get_by_text("No jobs yet")).to_be_visible()
-    for job_id in (shared["job_id"], shared["cancelled_id"], shared["failed_id"]):
-        page.goto(f"/console/#/jobs/{job_id}")
-        expect(page.get_by_role("alert")).to_contain_text("Not Found")
-        expect(page.locator("#job-status")).to_have_count(0)
-    page.get_by_role("link", name="API keys").click()
-    expect(page.get_by_role("heading", name="API keys")).to_be_visible()
-    expect(page.locator("#main")).not_to_contain_text(console_stack.key[:12])
-    page.get_by_role("link", name="Webhooks").click()
-    expect(page.get_by_role("heading", name="Webhooks")).to_be_visible()
-    expect(page.locator("#main")).not_to_contain_text("127.0.0.1:9")
-
-
-def test_keys_and_webhooks(page: Page, console_stack: Stack) -> None:
-    sign_in(page, console_stack.key)
+    # The stack's key has the default scopes; managing keys takes keys:manage.
+    manager = make_caller("console-keys", ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"])
+    sign_in(page, manager.key)
     page.get_by_role("link", name="API keys").click()
     page.get_by_label("Name").fill("read-only <b>bot</b>")
     page.get_by_label("jobs:write").uncheck()
@@ -242,7 +254,10 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack) -> None:
         assert client.post("/v1/uploads", json={"files": []}).status_code == 403
     page.locator("tr", has_text="read-only <b>bot</b>").get_by_role("button", name="Revoke").click()
     expect(page.locator("tr", has_text="read-only <b>bot</b>")).to_contain_text("revoked")
-    assert httpx.get(console_stack.base_url + "/v1/jobs", headers={"Authorization": f"Bearer {new_key}"}).status_code == 401
+    assert (
+        httpx.get(console_stack.base_url + "/v1/jobs", headers={"Authorization": f"Bearer {new_key}"}).status_code
+        == 401
+    )
 
     page.get_by_role("link", name="Webhooks").click()
     page.get_by_label("URL").fill("http://127.0.0.1:9/hook")
@@ -257,3 +272,21 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack) -> None:
     expect(page.locator("tr", has_text="http://127.0.0.1:9/hook")).to_contain_text("disabled")
     page.locator("tr", has_text="http://127.0.0.1:9/hook").get_by_role("button", name="Deliveries").click()
     expect(page.locator("#deliveries")).to_contain_text("No deliveries")
+
+
+def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
+    from tests.app.conftest import make_caller
+
+    other = make_caller("console-other")
+    sign_in(page, other.key)
+    expect(page.get_by_text("No jobs yet")).to_be_visible()
+    for job_id in (shared["job_id"], shared["cancelled_id"], shared["failed_id"]):
+        page.goto(f"/console/#/jobs/{job_id}")
+        expect(page.get_by_role("alert")).to_contain_text("Not Found")
+        expect(page.locator("#job-status")).to_have_count(0)
+    page.get_by_role("link", name="API keys").click()
+    expect(page.get_by_role("heading", name="API keys")).to_be_visible()
+    expect(page.locator("#main")).not_to_contain_text(console_stack.key[:16])
+    page.get_by_role("link", name="Webhooks").click()
+    expect(page.get_by_role("heading", name="Webhooks")).to_be_visible()
+    expect(page.locator("#main")).not_to_contain_text("127.0.0.1:9")

@@ -108,6 +108,17 @@ async function fetchArtifact(item, as, signal) {
   return as === "json" ? response.json() : response.text();
 }
 
+/** Scalar details inline; nested ones (per-layer errors, lists of modules) folded away. */
+function detailsCell(details) {
+  const entries = Object.entries(details);
+  const scalar = entries.filter(([, v]) => v === null || typeof v !== "object");
+  const nested = entries.filter(([, v]) => v !== null && typeof v === "object");
+  return [
+    h("ul", { class: "plain" }, scalar.map(([k, v]) => h("li", {}, h("code", {}, k), " ", String(v)))),
+    nested.map(([k, v]) => h("details", {}, h("summary", {}, k), h("pre", {}, JSON.stringify(v, null, 1)))),
+  ];
+}
+
 function reportSection(report, chart) {
   const summary = report.summary || {};
   const before = report.baseline || {};
@@ -146,7 +157,7 @@ function reportSection(report, chart) {
         "tbody",
         {},
         (report.steps || []).map((s) =>
-          h("tr", {}, h("td", {}, s.method), h("td", {}, h("code", {}, JSON.stringify(s.params))), h("td", { class: "num" }, fmtSeconds(s.duration_s)), h("td", {}, h("code", {}, JSON.stringify(s.details || {})))),
+          h("tr", {}, h("td", {}, s.method), h("td", {}, h("code", {}, JSON.stringify(s.params))), h("td", { class: "num" }, fmtSeconds(s.duration_s)), h("td", {}, detailsCell(s.details || {}))),
         ),
       ),
     ),
@@ -279,6 +290,7 @@ export async function jobView(root, jobId, { signal }) {
     signal,
     onEvent: (event) => {
       log.append(eventLine(event));
+      while (log.childElementCount > 500) log.firstElementChild.remove(); // a long distillation logs thousands
       if (event.type === "job.progress" && !TERMINAL.includes(job.status)) {
         // Show the fraction at once; the coalesced refresh brings the steps along.
         job = { ...job, progress: { fraction: event.data.progress ?? job.progress.fraction, message: event.data.message || "" } };

@@ -30,7 +30,7 @@ function row(job) {
     "tr",
     { dataset: { jobId: job.id } },
     h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id)),
-    h("td", {}, statusBadge(job.status), running ? ` ${Math.round(job.progress.fraction * 100)} %` : null),
+    h("td", {}, statusBadge(job.status), running ? h("span", { class: "nowrap" }, ` ${Math.round(job.progress.fraction * 100)} %`) : null),
     h("td", {}, methodsLabel(job.spec)),
     h("td", {}, h("code", {}, modelLabel(job.spec))),
     h("td", {}, Object.entries(job.metadata).map(([k, v]) => h("span", { class: "tag" }, `${k}=${v}`))),
