@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
+from app.signing import verify
 from tests.console.conftest import screenshot
 from tests.e2e.conftest import Stack
 from tests.tiny import sample_text, write_model_dir
@@ -122,6 +123,7 @@ def test_upload_quantize_watch_report_download(
     shared["text_upload"] = eval_upload.inner_text()
     page.locator('[data-path="evaluation.upload_id"] input').fill(shared["text_upload"])
     page.locator('[data-path="evaluation.seq_len"] input').fill("64")
+    page.locator('[data-path="evaluation.max_tokens"] input').fill("512")
     page.locator("#metadata").fill("suite=console")
     page.locator('[data-path="steps.0.scheme"] select').select_option("w8a16")
     page.locator('[data-path="steps.0.dampening_frac"] input').fill("2")
@@ -168,6 +170,40 @@ def test_upload_quantize_watch_report_download(
     expect(job_row).to_contain_text("quantize w8a16")
     expect(job_row).to_contain_text("suite=console")
     shared["job_id"] = job_id
+
+
+def test_an_interrupted_upload_resumes_without_sending_twice(page: Page, console_stack: Stack, tmp_path: Path) -> None:
+    files = {"alpha.txt": "alpha " * 500, "bravo.txt": "bravo " * 500}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    puts: list[str] = []
+
+    def storage(route: Route) -> None:
+        if route.request.method != "PUT":
+            route.continue_()
+            return
+        # The signed URL names the storage key it may write (a File body is not visible to the route).
+        payload = verify(console_stack.env["MODELPRESS_SIGNING_SECRET"], route.request.url.rsplit("/", 1)[-1])
+        name = str(payload["key"]).rsplit("/", 1)[-1]
+        puts.append(name)
+        if name == "bravo.txt" and puts.count("bravo.txt") == 1:
+            route.abort()  # the connection drops while the second file goes up
+        else:
+            route.continue_()
+
+    page.route("**/v1/storage/**", storage)
+    sign_in(page, console_stack.key)
+    page.goto("/console/#/new")
+    section = page.locator("section", has=page.locator("#text-files"))
+    page.set_input_files("#text-files", [tmp_path / name for name in files])
+    section.get_by_role("button", name="Upload").click()
+    expect(section.get_by_role("alert")).to_contain_text("Upload failed")
+    section.get_by_role("button", name="Upload").click()
+    expect(section.locator(".upload-id")).to_have_text(re.compile(r"^upl_"))
+    assert sorted(puts) == ["alpha.txt", "bravo.txt", "bravo.txt"], puts  # alpha went up once
+    with console_stack.client() as client:
+        upload = client.get(f"/v1/uploads/{section.locator('.upload-id').inner_text()}").json()
+    assert upload["status"] == "complete" and {f["path"] for f in upload["files"]} == set(files)
 
 
 def test_cancel_a_running_job(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
@@ -227,6 +263,7 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
     assert job["status"] == "failed" and "<img" in job["error"]["message"], job
     sign_in(page, console_stack.key)
     expect(page.locator(f'tr[data-job-id="{job["id"]}"] .tag')).to_have_text(f"note={HOSTILE_META}")
+    assert page.locator("#main script, #main img").count() == 0
     page.goto(f"/console/#/jobs/{job['id']}")
     expect(page.locator("#job-error-message")).to_have_text(job["error"]["message"])
     expect(page.locator("#metadata li")).to_have_text(f"note = {HOSTILE_META}")

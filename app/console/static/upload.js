@@ -13,6 +13,10 @@ export function uploadPath(file) {
 }
 
 async function sha256Hex(blob) {
+  if (!crypto.subtle) {
+    // Browsers offer WebCrypto only in secure contexts: https, or http on localhost.
+    throw new ApiError(0, { title: "Cannot hash files", detail: "open the console over https (or on localhost) to upload" });
+  }
   // WebCrypto has no incremental digest, so the file is read whole once; fine for the model sizes a browser
   // upload is for (the API and CLI take anything larger).
   const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());

@@ -5,6 +5,11 @@ import { errorBox, fmtBytes, h, replace } from "../dom.js";
 import { field, objectFieldset, resolve, showFieldErrors } from "../schemaform.js";
 import { uploadFiles } from "../upload.js";
 
+/** A random Idempotency-Key (crypto.randomUUID exists only in secure contexts; getRandomValues everywhere). */
+function newKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 let openapi = null; // the schema is read once per page load, at run time: the API is the only source
 
 async function loadSchema(signal) {
@@ -147,7 +152,7 @@ export async function newJobView(root, { signal }) {
   const result = h("div", { id: "submit-result" });
   const submit = h("button", { type: "submit", id: "submit-job" }, "Submit job");
   // One key per form: pressing Submit again after a lost answer cannot create the job twice.
-  let idempotencyKey = crypto.randomUUID();
+  let idempotencyKey = newKey();
 
   const form = h(
     "form",
@@ -160,7 +165,7 @@ export async function newJobView(root, { signal }) {
     result,
   );
   form.addEventListener("input", () => {
-    idempotencyKey = crypto.randomUUID(); // a changed spec is a new request
+    idempotencyKey = newKey(); // a changed spec is a new request
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
