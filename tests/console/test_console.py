@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
 from app.signing import verify
+from tests.app.test_webhooks import Receiver
+from tests.conftest import free_port
 from tests.console.conftest import screenshot
 from tests.e2e.conftest import Stack
 from tests.tiny import sample_text, write_model_dir
@@ -272,7 +275,7 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
     shared["failed_id"] = job["id"]
 
 
-def test_keys_and_webhooks(page: Page, console_stack: Stack) -> None:
+def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
     from tests.app.conftest import make_caller
 
     # The stack's key has the default scopes; managing keys takes keys:manage.
@@ -296,19 +299,47 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack) -> None:
         == 401
     )
 
-    page.get_by_role("link", name="Webhooks").click()
-    page.get_by_label("URL").fill("http://127.0.0.1:9/hook")
-    page.get_by_label("job.succeeded").check()
-    page.get_by_role("button", name="Create endpoint").click()
-    expect(page.locator("#webhook-notice .secret-value")).to_have_text(re.compile(r"^whsec_"))
-    endpoint_row = page.locator("tr", has_text="http://127.0.0.1:9/hook")
-    expect(endpoint_row).to_contain_text("enabled")
-    endpoint_row.get_by_role("button", name="Rotate secret").click()
-    expect(page.locator("#webhook-notice")).to_contain_text("New signing secret")
-    page.locator("tr", has_text="http://127.0.0.1:9/hook").get_by_role("button", name="Disable").click()
-    expect(page.locator("tr", has_text="http://127.0.0.1:9/hook")).to_contain_text("disabled")
-    page.locator("tr", has_text="http://127.0.0.1:9/hook").get_by_role("button", name="Deliveries").click()
-    expect(page.locator("#deliveries")).to_contain_text("No deliveries")
+    # Webhooks: a real receiver on loopback (the stack allows plain http to 127.0.0.1).
+    receiver = Receiver(port=free_port())
+    receiver.start()
+    try:
+        page.get_by_role("link", name="Webhooks").click()
+        page.get_by_label("URL").fill(receiver.url)
+        page.get_by_label("job.queued").check()
+        page.get_by_role("button", name="Create endpoint").click()
+        expect(page.locator("#webhook-notice .secret-value")).to_have_text(re.compile(r"^whsec_"))
+        endpoint_row = page.locator("tr", has_text=receiver.url)
+        expect(endpoint_row).to_contain_text("enabled")
+        with httpx.Client(
+            base_url=console_stack.base_url, headers={"Authorization": f"Bearer {manager.key}"}, timeout=30
+        ) as client:
+            upload = upload_via_api(client, {"config.json": b"{}"})
+            job = client.post(
+                "/v1/jobs", json={"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
+            )
+            assert job.status_code == 201, job.text
+        deadline = time.monotonic() + 60
+        while not receiver.accepted() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert receiver.accepted(), "the relay delivered nothing"
+        endpoint_row.get_by_role("button", name="Deliveries").click()
+        delivery = page.locator("#deliveries tr", has_text="job.queued")
+        expect(delivery).to_contain_text("delivered")
+        expect(delivery).to_contain_text("HTTP 200")
+        delivery.get_by_role("button", name="Redeliver").click()
+        expect(page.locator("#webhook-notice")).to_contain_text("queued again")
+        while len(receiver.requests) < 2 and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+        first, again = receiver.requests[0], receiver.requests[1]
+        assert again.headers["webhook-id"] == first.headers["webhook-id"]  # the same delivery, sent again
+
+        endpoint_row.get_by_role("button", name="Rotate secret").click()
+        expect(page.locator("#webhook-notice")).to_contain_text("New signing secret")
+        page.locator("tr", has_text=receiver.url).get_by_role("button", name="Disable").click()
+        expect(page.locator("tr", has_text=receiver.url)).to_contain_text("disabled")
+    finally:
+        receiver.stop()
+    shared["webhook_url"] = receiver.url
 
 
 def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
@@ -326,4 +357,4 @@ def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared
     expect(page.locator("#main")).not_to_contain_text(console_stack.key[:16])
     page.get_by_role("link", name="Webhooks").click()
     expect(page.get_by_role("heading", name="Webhooks")).to_be_visible()
-    expect(page.locator("#main")).not_to_contain_text("127.0.0.1:9")
+    expect(page.locator("#main")).not_to_contain_text(shared["webhook_url"])

@@ -157,7 +157,7 @@ function reportSection(report, chart) {
         "tbody",
         {},
         (report.steps || []).map((s) =>
-          h("tr", {}, h("td", {}, s.method), h("td", {}, h("code", {}, JSON.stringify(s.params))), h("td", { class: "num" }, fmtSeconds(s.duration_s)), h("td", {}, detailsCell(s.details || {}))),
+          h("tr", {}, h("td", {}, s.method), h("td", {}, detailsCell(s.params || {})), h("td", { class: "num" }, fmtSeconds(s.duration_s)), h("td", {}, detailsCell(s.details || {}))),
         ),
       ),
     ),

@@ -45,7 +45,8 @@ async function deliveriesPanel(endpoint, signal, notice) {
           h("td", { class: "num" }, String(d.attempt_count)),
           h("td", {}, d.last_status_code ? `HTTP ${d.last_status_code}` : d.last_error || "–"),
           h("td", {}, fmtDate(d.created_at)),
-          h("td", {}, again),
+          // A pending delivery is retried by the relay on its own; only a finished one can be sent again.
+          h("td", {}, d.status === "pending" ? h("span", { class: "muted" }, "next attempt ", fmtDate(d.next_attempt_at)) : again),
         );
       }),
     ),
