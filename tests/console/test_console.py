@@ -23,7 +23,8 @@ from tests.tiny import sample_text, write_model_dir
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 HOSTILE_META = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">\'"'
-HOSTILE_FILE = "<img src=x onerror=window.__pwned=3>'\".bin"
+# A file name cannot hold "/", so no closing tag here; the opening one must still come out as text.
+HOSTILE_FILE = "<script>window.__pwned=3<img src=x onerror=window.__pwned=4>'\".bin"
 # Records every progress percentage the job page shows, to prove it changes in place without a reload.
 WATCH_PROGRESS = """() => {
   window.__seen = [];
@@ -263,7 +264,7 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
         )
         assert created.status_code == 201, created.text
     job = console_stack.wait_for(created.json()["id"], {"failed", "succeeded", "cancelled"})
-    assert job["status"] == "failed" and "<img" in job["error"]["message"], job
+    assert job["status"] == "failed" and "<script>" in job["error"]["message"], job
     sign_in(page, console_stack.key)
     expect(page.locator(f'tr[data-job-id="{job["id"]}"] .tag')).to_have_text(f"note={HOSTILE_META}")
     assert page.locator("#main script, #main img").count() == 0
@@ -272,6 +273,16 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
     expect(page.locator("#metadata li")).to_have_text(f"note = {HOSTILE_META}")
     assert page.locator("#main script, #main img").count() == 0
     assert page.evaluate("window.__pwned") is None
+    # Even markup that did reach the DOM could not run: the browser enforces the CSP on inline script.
+    violated = page.evaluate(
+        """() => new Promise((resolve) => {
+          document.addEventListener('securitypolicyviolation', (e) => resolve(e.effectiveDirective), {once: true});
+          const s = document.createElement('script');
+          s.textContent = 'window.__inline = 1';
+          document.body.append(s);
+        })"""
+    )
+    assert violated.startswith("script-src") and page.evaluate("window.__inline") is None
     shared["failed_id"] = job["id"]
 
 
