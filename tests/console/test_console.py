@@ -106,6 +106,10 @@ def test_upload_quantize_watch_report_download(
 
     sign_in(page, console_stack.key)
     expect(page.get_by_text("No jobs yet")).to_be_visible()
+    # The key lives in this tab's sessionStorage only: not in the URL, a cookie or localStorage.
+    assert page.evaluate("sessionStorage.getItem('modelpress.api_key')") == console_stack.key
+    assert console_stack.key not in page.url and not page.context.cookies()
+    assert page.evaluate("localStorage.length") == 0
     page.get_by_role("link", name="New job").click()
     expect(page.get_by_role("heading", name="New job")).to_be_visible()
 
