@@ -253,6 +253,20 @@ def test_cancel_a_running_job(page: Page, console_stack: Stack, shared: dict[str
     expect(page.locator("#event-log")).to_contain_text("job.cancelled")
     shared["cancelled_id"] = job_id
 
+    # Filters go to the API (status=, metadata[k]=v) and stay in the address, so Back works.
+    page.goto("/console/#/jobs")
+    page.get_by_label("Metadata").fill("kind=long")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    expect(page.locator(f'tr[data-job-id="{job_id}"]')).to_be_visible()
+    page.get_by_label("Metadata").fill("")
+    page.get_by_label("Status").select_option("succeeded")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator(f'tr[data-job-id="{shared["job_id"]}"]')).to_be_visible()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    page.go_back()
+    expect(page.locator(f'tr[data-job-id="{job_id}"]')).to_be_visible()
+
 
 def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
     # A pickle file is refused by the worker with a reason that names it: the reason carries the markup.
