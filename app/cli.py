@@ -87,7 +87,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     os.environ.setdefault("MODELPRESS_PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     cmd_migrate(args)
     workers = [subprocess.Popen(worker_argv("cpu,gpu")), subprocess.Popen(maintenance_argv())]
-    print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs")
+    print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs, console at /console")
     print(f"  API key: {os.environ['MODELPRESS_BOOTSTRAP_API_KEY']}\n", flush=True)
     try:
         cmd_serve(argparse.Namespace(host=args.host, port=port))

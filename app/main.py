@@ -14,6 +14,7 @@ from app.auth.router import admin_router
 from app.auth.router import router as keys_router
 from app.auth.service import ensure_bootstrap_key
 from app.config import get_settings
+from app.console.router import install_console
 from app.db import session_scope
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
@@ -48,6 +49,7 @@ def create_app() -> FastAPI:
     app.include_router(storage_router)
     app.include_router(keys_router)
     app.include_router(admin_router)
+    install_console(app)
     return app
 
 

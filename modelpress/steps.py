@@ -8,7 +8,9 @@ Plain dicts work as well (``{"method": "quantize", "scheme": "w4a16"}``). These 
 import loads neither torch nor the server's web or database stack, and ``import modelpress`` does not load it.
 """
 
-# The one place the client names where the step models live.
-from app.jobs.spec import DistillStep, PruneStep, QuantizeStep
+# The one place the client names where the step models live: the engines' recipe vocabulary, and the
+# service's distill step (whose student may also be an upload or an s3:// model).
+from app.jobs.spec import DistillJobStep as DistillStep
+from workers.compression.recipe import PruneStep, QuantizeStep
 
 __all__ = ["DistillStep", "PruneStep", "QuantizeStep"]

@@ -1,0 +1,1 @@
+"""The web console: a static page and a few ES modules served at ``/console``, talking to the public API."""
