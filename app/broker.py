@@ -8,9 +8,18 @@ re-sends jobs that stayed queued too long).
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+from contextlib import suppress
 from functools import lru_cache
+from time import monotonic
+from typing import Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
 
 from app.config import Settings, get_settings
 
@@ -23,8 +32,49 @@ MAINTENANCE_QUEUE = "maintenance"
 log = logging.getLogger("modelpress.broker")
 
 
+class _WholeMessageChannel(filesystem.Channel):
+    """kombu's file-system channel, except that a message file appears only whole.
+
+    kombu writes each message in place, so a consumer polling at that moment can take an empty or half-written
+    file and die on it (celery/kombu#1551: the embedded maintenance worker stopped a few minutes after start,
+    and with it the reaper and the webhook relay). Here the message is written under a hidden temporary name,
+    which the consumer skips (it takes only ``*.<queue>.msg``), and renamed into place in one step.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        temporary = os.path.join(self.data_folder_out, f".{uuid.uuid4()}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(str_to_bytes(dumps(payload)))
+            os.replace(temporary, final)
+        except OSError as exc:
+            with suppress(OSError):
+                os.remove(temporary)
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class WholeMessageFilesystemTransport(filesystem.Transport):
+    """The embedded broker: kombu's file-system transport with :class:`_WholeMessageChannel`."""
+
+    Channel = _WholeMessageChannel
+
+
+EMBEDDED_TRANSPORT = "modelpress-filesystem"
+TRANSPORT_ALIASES.setdefault(EMBEDDED_TRANSPORT, f"{__name__}:WholeMessageFilesystemTransport")
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker URL, with the embedded ``filesystem://`` served by :class:`WholeMessageFilesystemTransport`."""
+    url = settings.resolved_broker_url()
+    if url.startswith("filesystem://"):
+        return EMBEDDED_TRANSPORT + url.removeprefix("filesystem")
+    return url
+
+
 def make_celery(settings: Settings) -> Celery:
-    celery = Celery("modelpress", broker=settings.resolved_broker_url())
+    celery = Celery("modelpress", broker=broker_url(settings))
     conf: dict[str, object] = {
         "task_ignore_result": True,
         "task_serializer": "json",
