@@ -41,7 +41,7 @@ class _WholeMessageChannel(filesystem.Channel):
     which the consumer skips (it takes only ``*.<queue>.msg``), and renamed into place in one step.
     """
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]  # kombu: (queue, message)
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         temporary = os.path.join(self.data_folder_out, f".{uuid.uuid4()}.tmp")
