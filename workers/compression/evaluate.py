@@ -449,34 +449,19 @@ def evaluate(
     config = getattr(model, "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or 0) or 2**31 - 1
     max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or 4096
-    prompt = torch.tensor([tokenizer(sample_prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
-    if prompt.numel() == 0:
-        raise EngineError("sample prompt tokenises to nothing")
+    prompt = _sample_prompt(tokenizer, sample_prompt, device)
     # At least 2 new tokens: the first comes from the prefill, decode speed times the rest.
     sample_tokens = max(2, min(sample_tokens, max_positions - prompt.shape[1]))
-    prompt = prompt.to(device)
 
     prefill_rate = decode_rate = None
-    speed: dict[str, int] | None = None  # not measured: null in the report, not an empty object
+    speed: dict[str, int] | None = None
     with torch.inference_mode(), _eval_mode(model), _PeakMemory(device) as memory:
         if measure_speed:
             length = max(1, min(prefill_tokens, max_positions))
             prefill_prompt = _speed_prompt(eval_ids, prompt, length, vocab).to(device)
-            prefill_times, decode_times = [], []
-            for run in range(speed_runs + 1):  # run 0 warms up kernels and allocator; discarded
-                callbacks.check()
-                seconds, _ = _timed(
-                    device, lambda: model(input_ids=prefill_prompt, use_cache=False, **_forward_kwargs(model))
-                )
-                decode_s, generated = _greedy_decode(model, prompt, sample_tokens)
-                if run > 0:
-                    prefill_times.append(seconds)
-                    decode_times.append(decode_s)
-                callbacks.progress(0.7 + 0.3 * (run + 1) / (speed_runs + 1), f"speed run {run + 1}/{speed_runs + 1}")
-            prefill_rate = length / statistics.median(prefill_times)
-            # The first new token comes from the prefill; the timed steps produce the other n - 1.
-            decode_steps = max(sample_tokens - 1, 1)
-            decode_rate = decode_steps / max(statistics.median(decode_times), 1e-9)
+            prefill_rate, decode_rate, generated = _timed_runs(
+                model, prefill_prompt, prompt, sample_tokens, speed_runs, callbacks
+            )
             speed = {
                 "prefill_tokens": length,
                 "decode_prompt_tokens": int(prompt.shape[1]),
@@ -513,6 +498,40 @@ def evaluate(
         speed=speed,
         duration_s=time.perf_counter() - started,
     )
+
+
+def _sample_prompt(tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
+    prompt = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    if prompt.numel() == 0:
+        raise EngineError("sample prompt tokenises to nothing")
+    return prompt.to(device)
+
+
+def _timed_runs(
+    model: nn.Module,
+    prefill_prompt: torch.Tensor,
+    prompt: torch.Tensor,
+    sample_tokens: int,
+    speed_runs: int,
+    callbacks: Callbacks,
+) -> tuple[float, float, list[int]]:
+    """Median prefill and decode tokens/s over ``speed_runs`` timed runs after one discarded warm-up (kernels,
+    allocator), and the greedy sample the last run generated."""
+    device = device_of(model)
+    prefill_times, decode_times = [], []
+    generated: list[int] = []
+    for run in range(speed_runs + 1):
+        callbacks.check()
+        seconds, _ = _timed(device, lambda: model(input_ids=prefill_prompt, use_cache=False, **_forward_kwargs(model)))
+        decode_s, generated = _greedy_decode(model, prompt, sample_tokens)
+        if run > 0:
+            prefill_times.append(seconds)
+            decode_times.append(decode_s)
+        callbacks.progress(0.7 + 0.3 * (run + 1) / (speed_runs + 1), f"speed run {run + 1}/{speed_runs + 1}")
+    prefill_rate = prefill_prompt.shape[1] / statistics.median(prefill_times)
+    # The first new token comes from the prefill; the timed steps produce the other n - 1.
+    decode_rate = max(sample_tokens - 1, 1) / max(statistics.median(decode_times), 1e-9)
+    return prefill_rate, decode_rate, generated
 
 
 def _describe_device(device: torch.device) -> str:
