@@ -352,8 +352,6 @@ def _quantize_streaming(
     run = prepare_quantization(model, config, calibration)
     layers = decoder_layers(model)
     inner: Any = model.model
-    lm_head: nn.Module = model.get_output_embeddings()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     outside_layers = [n for n, _ in inner.named_children() if n not in ("layers", "embed_tokens", "norm", "rotary_emb")]
     if outside_layers:
         raise EngineError(f"low-memory mode supports Llama-style models; unexpected modules: {outside_layers}")
@@ -393,26 +391,8 @@ def _quantize_streaming(
         release(layer)
         callbacks.progress(0.02 + 0.95 * (index + 1) / total, f"layer {index + 1}/{total}")
 
-    # Final norm and lm_head: score both evaluation streams; quantize lm_head if it is a target.
     callbacks.check()
-    materialize(inner.norm, "model.norm.", reader)
-    materialize(lm_head, "lm_head.", reader, source_prefix="model.embed_tokens." if tied else None)
-    with torch.no_grad():
-        before = _score(inner.norm, lm_head, eval_before, eval_ids)
-        if "lm_head" in run.targets:
-            absmax = None
-            if config.static_activations:
-                absmax = torch.stack(
-                    [inner.norm(b.hidden).reshape(-1, b.hidden.shape[-1]).abs().amax(0) for b in calib]
-                ).amax(0)
-            run.quantize_outside("lm_head", absmax)
-        after = _score(inner.norm, lm_head, eval_after, eval_ids)
-    run.enable_all()
-    writer.add({"model.norm." + k: v for k, v in inner.norm.state_dict().items()})
-    if not tied:
-        writer.add(compressed_tensors_of(lm_head, "lm_head."))
-    release(inner.norm)
-    release(lm_head)
+    before, after = _head(model, run, reader, writer, calib, (eval_before, eval_after), eval_ids)
     writer.finish()
 
     model.config.save_pretrained(out_dir)
@@ -428,6 +408,40 @@ def _quantize_streaming(
     facts.update({"mode": "layer_streaming", "peak_rss_bytes": peak, "checkpoint_float32_bytes": 4 * reader.elements})
     callbacks.metrics({"quantize_seconds": facts["seconds"], "mean_output_error": facts["mean_output_error"]})
     return StepOutcome(model=model, facts=facts), StreamResult(before, after, peak, model)
+
+
+def _head(
+    model: Any,
+    run: Any,
+    reader: CheckpointReader,
+    writer: ShardWriter,
+    calib: list[LayerBatch],
+    evals: tuple[list[LayerBatch], list[LayerBatch]],
+    eval_ids: torch.Tensor | None,
+) -> tuple[float | None, float | None]:
+    """Final norm and lm_head: score both evaluation streams (before, after), quantize lm_head if it is a
+    target, write both, free them."""
+    inner, lm_head = model.model, model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    materialize(inner.norm, "model.norm.", reader)
+    materialize(lm_head, "lm_head.", reader, source_prefix="model.embed_tokens." if tied else None)
+    with torch.no_grad():
+        before = _score(inner.norm, lm_head, evals[0], eval_ids)
+        if "lm_head" in run.targets:
+            absmax = None
+            if run.config.static_activations:
+                absmax = torch.stack(
+                    [inner.norm(b.hidden).reshape(-1, b.hidden.shape[-1]).abs().amax(0) for b in calib]
+                ).amax(0)
+            run.quantize_outside("lm_head", absmax)
+        after = _score(inner.norm, lm_head, evals[1], eval_ids)
+    run.enable_all()
+    writer.add({"model.norm." + k: v for k, v in inner.norm.state_dict().items()})
+    if not tied:
+        writer.add(compressed_tensors_of(lm_head, "lm_head."))
+    release(inner.norm)
+    release(lm_head)
+    return before, after
 
 
 def _advance(index: int, layer: nn.Module, batches: list[LayerBatch]) -> None:
