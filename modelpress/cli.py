@@ -308,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
     p.set_defaults(func=cmd_run)
 
+    _add_jobs_parser(sub, common)
+    _add_uploads_parser(sub, common)
+    _add_webhooks_parser(sub, common)
+    _add_keys_parser(sub, common)
+    p = sub.add_parser("limits", parents=[common], help="this tenant's limits and usage")
+    p.set_defaults(func=cmd_limits)
+    return parser
+
+
+def _add_jobs_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("jobs", help="list, inspect, follow, cancel and download jobs")
     jobs = p.add_subparsers(dest="jobs_command", required=True)
     j = jobs.add_parser("list", parents=[common])
@@ -327,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", required=True)
     p.set_defaults(func=cmd_jobs)
 
+
+def _add_uploads_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("uploads", help="upload files or folders")
     uploads = p.add_subparsers(dest="uploads_command", required=True)
     u = uploads.add_parser("create", parents=[common], help="upload a file or folder and complete it")
@@ -337,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     uploads.add_parser("parts", parents=[common]).add_argument("upload_id")
     p.set_defaults(func=cmd_uploads)
 
+
+def _add_webhooks_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("webhooks", help="webhook endpoints and their deliveries")
     hooks = p.add_subparsers(dest="webhooks_command", required=True)
     hooks.add_parser("list", parents=[common])
@@ -363,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("delivery_id")
     p.set_defaults(func=cmd_webhooks)
 
+
+def _add_keys_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("keys", help="this tenant's API keys")
     keys = p.add_subparsers(dest="keys_command", required=True)
     keys.add_parser("list", parents=[common]).add_argument("--include-revoked", action="store_true")
@@ -371,10 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scopes", help="comma-separated (default: the server's)")
     keys.add_parser("revoke", parents=[common]).add_argument("key_id")
     p.set_defaults(func=cmd_keys)
-
-    p = sub.add_parser("limits", parents=[common], help="this tenant's limits and usage")
-    p.set_defaults(func=cmd_limits)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
