@@ -25,14 +25,16 @@ control is scored beside every run to show the bar rejects noise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
-import select
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +289,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "python_present": has_python,
         "prompts": list(PROMPTS[: args.prompts]),
         "max_tokens": args.max_tokens,
+        "timing_prompts": args.timing_prompts,
         "rounds": args.rounds,
         "max_model_len": args.max_model_len,
         "threads": args.threads,
@@ -431,25 +434,32 @@ class Worker:
             text=True,
             bufsize=1,
         )
+        # A thread drains stdout into a queue: select() on a buffered text pipe misses lines already
+        # read into the buffer, and vLLM's own log lines share this pipe with the answers.
+        self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.reader = threading.Thread(target=self._drain, name=f"vllm-{name}", daemon=True)
+        self.reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                self.answers.put(dict(json.loads(line[len(PROTOCOL) :])))
+            else:
+                self.log.write(line)
+        self.answers.put({"event": "exited", "error": "worker exited"})
 
     def read(self, timeout: float) -> dict[str, Any]:
-        """The next protocol answer; other stdout lines go to the log. ``{"event": "timeout"|"exited"}``."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return {"event": "timeout", "error": f"no answer within {timeout:.0f} s"}
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            if not ready:
-                continue
-            line = self.proc.stdout.readline()
-            if not line:
+        """The next protocol answer, or ``{"event": "timeout"|"exited", ...}``."""
+        try:
+            answer = self.answers.get(timeout=timeout)
+        except queue.Empty:
+            return {"event": "timeout", "error": f"no answer within {timeout:.0f} s"}
+        if answer.get("event") == "exited":
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
-                return {"event": "exited", "error": f"worker exited with {self.proc.returncode}"}
-            if line.startswith(PROTOCOL):
-                return dict(json.loads(line[len(PROTOCOL) :]))
-            self.log.write(line)
+            answer["error"] = f"worker exited with {self.proc.returncode}"
+        return answer
 
     def generate(self, prompts: list[str], max_tokens: int, ignore_eos: bool, timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -468,6 +478,7 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+        self.reader.join(timeout=30)
         self.log.close()
 
     def failure_reason(self, answer: dict[str, Any]) -> str:
@@ -650,6 +661,7 @@ def run(args: argparse.Namespace) -> int:
                 "prompts": len(prompts),
                 "sample_tokens": args.sample_tokens,
                 "timing_tokens": timing_tokens,
+                "timing_prompts": min(args.timing_prompts, len(prompts)),
                 "sanity_bar_ppl": round(judge.bar, 3),
                 "random_control": control,
                 **machine,
@@ -717,7 +729,7 @@ def _check_one(
         order = [base] if worker is base else [worker, base] if round_index % 2 == 0 else [base, worker]
         answers = {}
         for who in order:
-            answers[id(who)] = who.generate(prompts, args.max_tokens, True, args.timeout)
+            answers[id(who)] = who.generate(prompts[: args.timing_prompts], args.max_tokens, True, args.timeout)
             if answers[id(who)].get("event") != "generated":
                 return {**out, "reason": f"timing failed: {who.failure_reason(answers[id(who)])}"}
         if round_index == 0:
@@ -762,7 +774,8 @@ def write_table(results_file: Path, out: Path) -> None:
             f"stop at EOS) each have perplexity under the float model ≤ {first['sanity_bar_ppl']:.2f} (the float "
             f"model's own perplexity on human-written `eval.txt`) and no token repeated {MAX_REPEAT} times in a row; "
             f"uniformly random tokens score ≥ {min(first['random_control']['ppl_under_float']):.0f} and fail. "
-            f"Speed: output tokens/s at batch 1 ({first['prompts']} prompts x {first['timing_tokens']} tokens, "
+            f"Speed: output tokens/s at batch 1 ({first.get('timing_prompts', first['prompts'])} prompts x "
+            f"{first['timing_tokens']} tokens per round, "
             "EOS ignored), the scheme and the unquantized model alternating in the same rounds; median and "
             "[min-max] of the per-round ratio; ⚠ = the range straddles 1.0 (not a measurable difference). "
             "On a shared CPU the per-CPU-second rate (output tokens per second of the engine process's own CPU "
@@ -834,6 +847,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--prompts", type=int, default=3, choices=range(1, len(PROMPTS) + 1))
     r.add_argument("--sample-tokens", type=int, default=32, help="greedy tokens judged for sanity (stops at EOS)")
     r.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt in a timing round (EOS ignored)")
+    r.add_argument("--timing-prompts", type=int, default=2, help="prompts per timing round (the first N)")
     r.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds for any one load or generation")
     r.add_argument("--eval-txt", type=Path, default=EVAL_TXT)

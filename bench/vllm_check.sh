@@ -36,7 +36,7 @@ if [[ "$device" == cpu ]]; then
 else
     VLLM_PYTHON="${VLLM_PYTHON:-bench/.venv-vllm-cuda/bin/python}"
     # A GPU is fast: more prompts and longer answers make the response time the user sees measurable.
-    defaults=(--prompts 4 --sample-tokens 64 --max-tokens 256 --rounds 5)
+    defaults=(--prompts 4 --timing-prompts 4 --sample-tokens 64 --max-tokens 256 --rounds 5)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
