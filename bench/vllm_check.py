@@ -118,18 +118,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_expectation(name: str) -> tuple[str, str] | None:
+def cpu_expectation(name: str, flags: set[str] | None = None) -> tuple[str, str] | None:
     """What vLLM's CPU backend is expected to do with a scheme it cannot run on this CPU:
     ``("load", reason)`` = the load fails, ``("generate", reason)`` = it loads, generation fails.
     ``None``: it should load and generate."""
     scheme = SCHEMES[name]
+    flags = cpu_flags() if flags is None else flags
     if scheme.cpu_unsupported:
         return "load", scheme.cpu_unsupported
     w4 = any(s.get("scheme") == "w4a16" for s in scheme.steps)
-    if w4 and "avx512f" not in cpu_flags():
+    if w4 and "avx512f" not in flags:
         return "generate", W4A16_AVX2
     static = any(s.get("activations") == "static" for s in scheme.steps)
-    if static and "avx512f" not in cpu_flags():
+    if static and "avx512f" not in flags:
         return "generate", W8A8_STATIC_AVX2
     return None
 
@@ -837,14 +838,16 @@ def write_table(results_file: Path, out: Path) -> None:
             "time) is the steadier number; wall-clock rates include waiting for the other tenants.",
             "",
             "| scheme | what | size MiB | loads on vLLM | sample text sane (worst ppl) | greedy agreement "
-            "| tok/s wall | x unquantized [range] | tok per CPU-s | x unquantized per CPU-s [range] | sample |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| tok/s wall | x unquantized [range] | tok per CPU-s | x unquantized per CPU-s [range] | sample "
+            "| known vLLM limit on this machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         order = list(SCHEMES)
         for row in sorted(group, key=lambda r: order.index(r["scheme"]) if r["scheme"] in order else 99):
-            loads_cell = "yes" if row["loads"] else f"no: {row.get('reason', '')[:160]}"
-            if row["loads"] and row.get("reason"):
-                loads_cell += f"; then {row['reason'][:160]}"
+            reason = " ".join(str(row.get("reason", "")).split()).replace("|", "\\|")
+            loads_cell = "yes" if row["loads"] else f"no: {reason[:300]}"
+            if row["loads"] and reason:
+                loads_cell += f"; then {reason[:200]}"
             sane = row.get("sane")
             sane_cell = "-"
             if sane is not None and row.get("ppl_under_float"):
@@ -859,6 +862,10 @@ def write_table(results_file: Path, out: Path) -> None:
                 if speed
                 else "-"
             )
+            if row["scheme"] == "baseline" and speed:
+                ratio = cpu_ratio_reference = "1 (reference)"
+            else:
+                cpu_ratio_reference = None
             cpu_tok = f"{speed['tok_per_cpu_s_median']:.1f}" if speed and speed.get("tok_per_cpu_s_median") else "-"
             cpu_ratio = (
                 f"{row['speedup_per_cpu_s_median']:.2f} [{row['speedup_per_cpu_s_min']:.2f}-"
@@ -866,12 +873,18 @@ def write_table(results_file: Path, out: Path) -> None:
                 if speed and row.get("speedup_per_cpu_s_min") is not None
                 else "-"
             )
+            if cpu_ratio_reference:
+                cpu_ratio = cpu_ratio_reference
+            limit = None
+            if device == "cpu" and row["scheme"] in SCHEMES:
+                limit = cpu_expectation(row["scheme"], {"avx512f"} if row.get("avx512") else set())
+            limit_cell = "-" if limit is None else f"{'load' if limit[0] == 'load' else 'generation'}: {limit[1]}"
             sample = (row.get("texts") or [""])[0].strip().replace("\n", " ").replace("|", "\\|")[:60]
             agreement = row.get("greedy_agreement_with_baseline")
             parts.append(
                 f"| `{row['scheme']}` | {row['description']} | {row['size_bytes'] / 2**20:.0f} | {loads_cell} | "
                 f"{sane_cell} | {'-' if agreement is None else f'{agreement:.2f}'} | {tok} | {ratio} | "
-                f"{cpu_tok} | {cpu_ratio} | {sample} |"
+                f"{cpu_tok} | {cpu_ratio} | {sample} | {limit_cell} |"
             )
         parts.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
