@@ -108,6 +108,11 @@ W8A8_STATIC_AVX2 = (
     "bf16 output on a CPU without AVX-512: ~50x slower matmuls"
 )
 
+# FP8: vLLM's CPU FP8 kernels all need AMX tiles (Sapphire Rapids or newer, `_is_amx_tile_supported`
+# in kernels/linear/scaled_mm/cpu.py); elsewhere `_POSSIBLE_FP8_KERNELS[PlatformEnum.CPU]` ends in
+# ChannelWiseTorchFP8ScaledMMLinearKernel, i.e. torch._scaled_mm on CPU, a slow generic path.
+FP8_NO_AMX = "no AMX: vLLM's CPU FP8 kernels need AMX tiles; the fallback (torch._scaled_mm on CPU) is slow"
+
 
 def cpu_flags() -> set[str]:
     """This CPU's feature flags (empty where /proc/cpuinfo is unreadable)."""
@@ -129,6 +134,8 @@ def cpu_expectation(name: str, flags: set[str] | None = None) -> tuple[str, str]
     w4 = any(s.get("scheme") == "w4a16" for s in scheme.steps)
     if w4 and "avx512f" not in flags:
         return "generate", W4A16_AVX2
+    if any(s.get("scheme") == "fp8" for s in scheme.steps) and "amx_tile" not in flags:
+        return "generate", FP8_NO_AMX
     static = any(s.get("activations") == "static" for s in scheme.steps)
     if static and "avx512f" not in flags:
         return "generate", W8A8_STATIC_AVX2
@@ -664,6 +671,7 @@ def _machine() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "avx512": "avx512f" in cpu_flags(),
+        "amx": "amx_tile" in cpu_flags(),
         "host": platform.node(),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -877,7 +885,8 @@ def write_table(results_file: Path, out: Path) -> None:
                 cpu_ratio = cpu_ratio_reference
             limit = None
             if device == "cpu" and row["scheme"] in SCHEMES:
-                limit = cpu_expectation(row["scheme"], {"avx512f"} if row.get("avx512") else set())
+                flags = {flag for flag, key in (("avx512f", "avx512"), ("amx_tile", "amx")) if row.get(key)}
+                limit = cpu_expectation(row["scheme"], flags)
             limit_cell = "-" if limit is None else f"{'load' if limit[0] == 'load' else 'generation'}: {limit[1]}"
             sample = (row.get("texts") or [""])[0].strip().replace("\n", " ").replace("|", "\\|")[:60]
             agreement = row.get("greedy_agreement_with_baseline")

