@@ -896,6 +896,10 @@ def write_table(results_file: Path, out: Path) -> None:
                 f"{cpu_tok} | {cpu_ratio} | {sample} | {limit_cell} |"
             )
         parts.append("")
+    # Hand-written reading of the latest run (what failed and why), kept beside the generated table.
+    findings = out.with_name(out.stem + "_findings.md")
+    if findings.is_file():
+        parts += [findings.read_text(encoding="utf-8").strip(), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts), encoding="utf-8")
     print(f"wrote {out}")
