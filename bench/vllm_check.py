@@ -60,7 +60,10 @@ PROMPTS = (
 SANE_MAX_PPL_FLOOR = 1.0  # the bar is the float model's ppl on human text; this only guards a broken bar
 # The exception line of a traceback, with or without vLLM's "[rank0]: " prefix.
 EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception)\b:?.*)$")
-MAX_REPEAT = 8  # the same token this many times in a row is degenerate output
+MAX_REPEAT = 8
+# Share of a sample's word 3-grams that already occurred earlier in it: above this it is looping text
+# ("is a universe that is a universe that ..."), which a low perplexity alone lets through.
+MAX_LOOP_SHARE = 0.5  # the same token this many times in a row is degenerate output
 
 GPTQ_G64: dict[str, Any] = {
     "method": "quantize",
@@ -589,9 +592,15 @@ class Judge:
         """Per-sample perplexities and whether every sample passes the bar and the repetition check."""
         ppls = [self.ppl(o["prompt_ids"], o["ids"]) for o in outputs]
         repeats = [_longest_run(o["ids"]) for o in outputs]
+        loops = [loop_share(o["text"]) for o in outputs if "text" in o] or [0.0]
         worst = max(ppls)
-        sane = worst <= self.bar and max(repeats) < MAX_REPEAT
-        return {"sane": sane, "ppl_under_float": [round(p, 3) for p in ppls], "longest_repeat": max(repeats)}
+        sane = worst <= self.bar and max(repeats) < MAX_REPEAT and max(loops) <= MAX_LOOP_SHARE
+        return {
+            "sane": sane,
+            "ppl_under_float": [round(p, 3) for p in ppls],
+            "longest_repeat": max(repeats),
+            "loop_share": [round(x, 3) for x in loops],
+        }
 
     def random_control(self, outputs: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
         """The same check on uniformly random tokens of the same lengths: it must fail."""
@@ -605,6 +614,20 @@ class Judge:
             for o in outputs
         ]
         return self.verdict(fake)
+
+
+def loop_share(text: str, n: int = 3) -> float:
+    """Share of the word ``n``-grams of ``text`` that repeat an earlier one (0: no loop, ~1: one loop)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeated = 0
+    for gram in grams:
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated / len(grams)
 
 
 def _longest_run(ids: list[int]) -> int:
@@ -836,7 +859,8 @@ def write_table(results_file: Path, out: Path) -> None:
             "",
             f"Sane text: greedy continuations of {first['prompts']} fixed prompts ({first['sample_tokens']} tokens, "
             f"stop at EOS) each have perplexity under the float model ≤ {first['sanity_bar_ppl']:.2f} (the float "
-            f"model's own perplexity on human-written `eval.txt`) and no token repeated {MAX_REPEAT} times in a row; "
+            f"model's own perplexity on human-written `eval.txt`), no token repeated {MAX_REPEAT} times in a row, and "
+            f"at most {MAX_LOOP_SHARE:.0%} of the word 3-grams repeating an earlier one (loop); "
             f"uniformly random tokens score ≥ {min(first['random_control']['ppl_under_float']):.0f} and fail. "
             f"Speed: output tokens/s at batch 1 ({first.get('timing_prompts', first['prompts'])} prompts x "
             f"{first['timing_tokens']} tokens per round, "
@@ -845,7 +869,7 @@ def write_table(results_file: Path, out: Path) -> None:
             "On a shared CPU the per-CPU-second rate (output tokens per second of the engine process's own CPU "
             "time) is the steadier number; wall-clock rates include waiting for the other tenants.",
             "",
-            "| scheme | what | size MiB | loads on vLLM | sample text sane (worst ppl) | greedy agreement "
+            "| scheme | what | size MiB | loads on vLLM | sample text sane (worst ppl, loop share) | greedy agreement "
             "| tok/s wall | x unquantized [range] | tok per CPU-s | x unquantized per CPU-s [range] | sample "
             "| known vLLM limit on this machine |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -859,7 +883,11 @@ def write_table(results_file: Path, out: Path) -> None:
             sane = row.get("sane")
             sane_cell = "-"
             if sane is not None and row.get("ppl_under_float"):
-                sane_cell = f"{'yes' if sane else 'NO'} ({max(row['ppl_under_float']):.2f})"
+                # Rows written before the loop check was added are judged on their stored texts.
+                loops = row.get("loop_share") or [loop_share(t) for t in row.get("texts") or []] or [0.0]
+                looping = max(loops) > MAX_LOOP_SHARE
+                sane = sane and not looping
+                sane_cell = f"{'yes' if sane else 'NO'} (ppl {max(row['ppl_under_float']):.2f}, loop {max(loops):.2f})"
                 if (row["prompts"], row["sample_tokens"]) != (first["prompts"], first["sample_tokens"]):
                     sane_cell += f" on {row['prompts']} prompt(s) x {row['sample_tokens']} tokens"
             speed = row.get("speed")
@@ -878,6 +906,7 @@ def write_table(results_file: Path, out: Path) -> None:
             cpu_ratio = (
                 f"{row['speedup_per_cpu_s_median']:.2f} [{row['speedup_per_cpu_s_min']:.2f}-"
                 f"{row['speedup_per_cpu_s_max']:.2f}]"
+                + (" ⚠" if row["speedup_per_cpu_s_min"] <= 1.0 <= row["speedup_per_cpu_s_max"] else "")
                 if speed and row.get("speedup_per_cpu_s_min") is not None
                 else "-"
             )
