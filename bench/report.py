@@ -400,8 +400,9 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def benchmarks_page(quant_prune: str, distill: str | None) -> str:
-    """``docs/BENCHMARKS.md``: this report (headings one level down) followed by the distillation report."""
+def benchmarks_page(quant_prune: str, distill: str | None, vllm: str | None = None) -> str:
+    """``docs/BENCHMARKS.md``: this report (headings one level down), then the distillation report and the
+    vLLM check (``docs/bench/vllm.md``, written by ``python -m bench.vllm_check table``)."""
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in quant_prune.splitlines())
     parts = [
         "# ModelPress benchmarks",
@@ -416,6 +417,8 @@ def benchmarks_page(quant_prune: str, distill: str | None) -> str:
     ]
     if distill:
         parts += [distill.strip(), ""]
+    if vllm:
+        parts += [vllm.strip(), ""]
     return "\n".join(parts)
 
 
@@ -429,7 +432,13 @@ def main() -> None:
     text = render()
     args.out.write_text(text, encoding="utf-8")
     distill = ROOT / "docs" / "bench" / "distill.md"
-    args.page.write_text(benchmarks_page(text, distill.read_text() if distill.is_file() else None), encoding="utf-8")
+    vllm = ROOT / "docs" / "bench" / "vllm.md"
+    args.page.write_text(
+        benchmarks_page(
+            text, distill.read_text() if distill.is_file() else None, vllm.read_text() if vllm.is_file() else None
+        ),
+        encoding="utf-8",
+    )
     print(f"wrote {args.out} and {args.page}")
 
 
