@@ -209,7 +209,7 @@ def build(model_dir: Path, out_root: Path, names: list[str], calib_txt: Path, ca
     """Write each scheme's output with ModelPress's engines and checkpoint writer (skips existing ones)."""
     import torch
 
-    from app.jobs.spec import PruneStep, QuantizeStep
+    from workers.compression.recipe import PruneStep, QuantizeStep
     from workers.compression.base import Callbacks
     from workers.compression.data import calibration_blocks
     from workers.compression.export import load_model, save_model
@@ -229,7 +229,7 @@ def build(model_dir: Path, out_root: Path, names: list[str], calib_txt: Path, ca
             for s in scheme.steps
         ]
         calibration = None
-        if any(step.needs_calibration for step in steps):
+        if any(step.calibration_reason is not None for step in steps):
             calibration = calibration_blocks(tokenizer, [calib_txt], 256, calib_samples)
         started = time.perf_counter()
         for step in steps:
