@@ -209,12 +209,12 @@ def build(model_dir: Path, out_root: Path, names: list[str], calib_txt: Path, ca
     """Write each scheme's output with ModelPress's engines and checkpoint writer (skips existing ones)."""
     import torch
 
-    from workers.compression.recipe import PruneStep, QuantizeStep
     from workers.compression.base import Callbacks
     from workers.compression.data import calibration_blocks
     from workers.compression.export import load_model, save_model
     from workers.compression.prune import prune
     from workers.compression.quantize import quantize
+    from workers.compression.recipe import PruneStep, QuantizeStep
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     out_root.mkdir(parents=True, exist_ok=True)
