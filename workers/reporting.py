@@ -1,8 +1,8 @@
 """The job report: ``report.json`` (schema below, documented in docs/report.md), ``report.png`` (a
 before/after chart) and ``README.md`` (a model card) for every job's artifacts.
 
-Torch-free on purpose: the API imports :func:`summary_from_report` to show a job's headline numbers,
-and the API image carries no torch. matplotlib is imported only inside :func:`render_chart`.
+Torch-free (the runner stores :func:`summary_from_report`'s headline numbers on the job row, which the API
+shows); matplotlib is imported only inside :func:`render_chart`.
 
 Schema versioning: ``version`` is ``"MAJOR.MINOR"``. Adding an optional field bumps MINOR; renaming,
 removing or changing the meaning of a field bumps MAJOR. Readers should accept unknown fields.
