@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://modelpress.dev/problems/"
+log = logging.getLogger("modelpress.api")
 
 
 class Problem(Exception):  # noqa: N818 - it is a response, raised
@@ -88,9 +90,87 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return problem_response(problem, request.url.path)
 
+    async def _infrastructure(request: Request, exc: Exception) -> JSONResponse:
+        dependency = unavailable_dependency(exc)
+        if dependency is None:  # e.g. a StorageError that is no outage: a bug, as any other
+            return _server_error(request, exc)
+        log.warning("%s unavailable on %s: %s", dependency, request.url.path, exc)
+        return problem_response(service_unavailable(dependency), request.url.path)
+
+    for exc_class in _infrastructure_exceptions():
+        app.add_exception_handler(exc_class, _infrastructure)
+
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-        import logging
+        return _server_error(request, exc)
 
-        logging.getLogger("modelpress.api").exception("unhandled error on %s", request.url.path)
-        return problem_response(Problem(500, "Internal Server Error", "an unexpected error occurred"), request.url.path)
+
+def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return problem_response(Problem(500, "Internal Server Error", "an unexpected error occurred"), request.url.path)
+
+
+def service_unavailable(dependency: str) -> Problem:
+    """503 with ``Retry-After``: an outage is transient, and the client should be able to tell it from a bug."""
+    from app.config import get_settings
+
+    retry_after = get_settings().unavailable_retry_after_s
+    return Problem(
+        503,
+        "Service Unavailable",
+        f"the {dependency} is unavailable; retry in {retry_after} s",
+        type_=TYPE_BASE + "unavailable",
+        headers={"Retry-After": str(retry_after)},
+        dependency=dependency,
+    )
+
+
+def _infrastructure_exceptions() -> dict[type[Exception], str]:
+    """Exception classes that mean "a dependency is unreachable", each with the dependency's name.
+
+    The database: connection-level DBAPI errors (refused, reset, server gone) and a pool that cannot
+    hand out a connection; an ``IntegrityError`` or a ``DataError`` is no outage. The broker: kombu's
+    and redis-py's connection errors. Storage: botocore's transport errors (endpoint unreachable,
+    connection closed, timeouts), not S3's answers (``NoSuchKey``, ``AccessDenied``).
+    """
+    import botocore.exceptions as boto
+    import kombu.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc as sa
+
+    from app.storage import StorageError
+
+    return {
+        sa.OperationalError: "database",
+        sa.InterfaceError: "database",
+        sa.TimeoutError: "database",
+        kombu.exceptions.OperationalError: "broker",
+        redis.exceptions.ConnectionError: "broker",
+        redis.exceptions.TimeoutError: "broker",
+        boto.ConnectionError: "storage",  # endpoint unreachable, connect timeout, proxy refused
+        boto.HTTPClientError: "storage",  # connection closed mid-request, read timeout
+        StorageError: "storage",  # only when it wraps one of the above (see unavailable_dependency)
+    }
+
+
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """The dependency (``database``, ``broker``, ``storage``) whose outage ``exc`` is, or None.
+
+    Follows ``__cause__``/``__context__``: a service may wrap a transport error in its own exception.
+    """
+    import sqlalchemy.exc as sa
+
+    from app.storage import StorageError
+
+    classes = _infrastructure_exceptions()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for exc_class, dependency in classes.items():
+            if isinstance(current, exc_class) and exc_class is not StorageError:
+                return dependency
+        if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
+            return "database"
+        current = current.__cause__ or current.__context__
+    return None

@@ -272,10 +272,15 @@ class S3Storage:
             raise StorageError(f"no such object: {key}") from exc
 
     def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError
+
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-        except Exception:
-            return None
+        except ClientError as exc:
+            # Only "no such object" is an answer; an unreachable endpoint must not read as "not uploaded".
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]

@@ -207,8 +207,11 @@ def create_job(
         if reservation is not None:
             _release_idempotency_key(session, reservation)
         raise
-    # Only after the commit: a worker must never receive a job it cannot read.
-    enqueue_job(job.id, job.queue, priority=limits.priority)
+    # Only after the commit: a worker must never receive a job it cannot read. If the broker is down the
+    # job stays queued, marked so the reaper rings it as soon as the broker answers again.
+    if not enqueue_job(job.id, job.queue, priority=limits.priority):
+        lifecycle.mark_unrung(session, job.id)
+        session.commit()
     return job, True
 
 
