@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
 
     # Limits
+    max_request_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="API request bodies (JSON); larger ones get 413"
+    )
     max_model_bytes: int = 50 * 1024**3
     max_upload_bytes: int = 100 * 1024**3
     max_upload_files: int = 512

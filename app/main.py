@@ -13,6 +13,7 @@ from app.artifacts.router import router as storage_router
 from app.auth.router import admin_router
 from app.auth.router import router as keys_router
 from app.auth.service import ensure_bootstrap_key
+from app.body_limit import BodyLimitMiddleware
 from app.config import get_settings
 from app.db import session_scope
 from app.errors import install_error_handlers
@@ -41,6 +42,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=get_settings().max_request_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs_router)
     app.include_router(uploads_router)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth.models import ApiKey, Tenant
 from app.auth.quotas import Limits
 from app.auth.service import DEFAULT_SCOPES
+from app.db import INT32_MAX, INT64_MAX
 
 Scope = Literal["jobs:read", "jobs:write", "webhooks:manage", "keys:manage", "admin"]
 
@@ -19,10 +20,15 @@ class QuotaOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_running_jobs: int | None = Field(default=None, ge=1, description="jobs running at once")
-    max_queued_jobs: int | None = Field(default=None, ge=1, description="jobs waiting in the queue")
-    max_upload_bytes: int | None = Field(default=None, ge=1, description="upload bytes per rolling 24 hours")
-    rate_limit_per_minute: int | None = Field(default=None, ge=1, description="requests per minute per key")
+    # Upper bounds: the database columns' (INTEGER, BIGINT); past them an operator gets a 422, not a 500.
+    max_running_jobs: int | None = Field(default=None, ge=1, le=INT32_MAX, description="jobs running at once")
+    max_queued_jobs: int | None = Field(default=None, ge=1, le=INT32_MAX, description="jobs waiting in the queue")
+    max_upload_bytes: int | None = Field(
+        default=None, ge=1, le=INT64_MAX, description="upload bytes per rolling 24 hours"
+    )
+    rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, le=INT32_MAX, description="requests per minute per key"
+    )
     priority: int | None = Field(default=None, ge=0, le=9, description="0 (lowest) … 9 (highest)")
 
 
