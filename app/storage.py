@@ -308,6 +308,9 @@ class S3Storage:
     def url_for_put(self, key: str, ttl_s: int, size: int | None = None) -> str:
         # A presigned PUT cannot bound the body's length (a presigned POST policy could); the size and
         # sha256 are verified when the upload is completed, and failed uploads expire and are deleted.
+        # Nor can it be revoked: until it expires (presign_ttl_s) it can replace a file of an upload that
+        # is already complete. The worker verifies every input's sha256 again when it fetches it
+        # (workers/runner.py), so a replaced file fails the job as invalid input, never compressed.
         return str(
             self.presign_client.generate_presigned_url(
                 "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s

@@ -206,7 +206,11 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
 
 def check_writable(session: Session, key: str) -> None:
     """A signed PUT URL may write only into a pending, unexpired upload: once an upload is complete its
-    files were verified and jobs may read them, so they are frozen (409); expired ones are being deleted."""
+    files were verified and jobs may read them, so they are frozen (409); expired ones are being deleted.
+
+    The local backend's URLs are API routes that call this; S3's presigned URLs cannot be revoked and stay
+    valid until they expire (see ``S3Storage.url_for_put``): there the worker's sha256 check at input
+    fetch is what stops a replaced file."""
     parts = key.split("/", 3)
     if len(parts) < 4 or parts[0] != "uploads":
         raise Problem(403, "Forbidden", "this URL does not write into an upload")
