@@ -51,6 +51,9 @@ class Base(DeclarativeBase):
 # (a 500), where the client deserves a 422 naming the field.
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+# BIGINT values a client sends are bounded here instead: the largest integer every JSON parser (and the
+# OpenAPI document's ``maximum``, read as a double by most tools) represents exactly.
+JSON_INT_MAX = 2**53 - 1
 
 
 def utcnow() -> datetime:

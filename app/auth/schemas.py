@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth.models import ApiKey, Tenant
 from app.auth.quotas import Limits
 from app.auth.service import DEFAULT_SCOPES
-from app.db import INT32_MAX, INT64_MAX
+from app.db import INT32_MAX, JSON_INT_MAX
 
 Scope = Literal["jobs:read", "jobs:write", "webhooks:manage", "keys:manage", "admin"]
 
@@ -18,13 +18,13 @@ Scope = Literal["jobs:read", "jobs:write", "webhooks:manage", "keys:manage", "ad
 class QuotaOverrides(BaseModel):
     """Per-tenant overrides; null (or absent at creation) means the operator default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `false` is not a quota of 0
 
     # Upper bounds: the database columns' (INTEGER, BIGINT); past them an operator gets a 422, not a 500.
     max_running_jobs: int | None = Field(default=None, ge=1, le=INT32_MAX, description="jobs running at once")
     max_queued_jobs: int | None = Field(default=None, ge=1, le=INT32_MAX, description="jobs waiting in the queue")
     max_upload_bytes: int | None = Field(
-        default=None, ge=1, le=INT64_MAX, description="upload bytes per rolling 24 hours"
+        default=None, ge=1, le=JSON_INT_MAX, description="upload bytes per rolling 24 hours"
     )
     rate_limit_per_minute: int | None = Field(
         default=None, ge=1, le=INT32_MAX, description="requests per minute per key"

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.db import INT64_MAX
+from app.db import JSON_INT_MAX
 
 # Names the local storage backend gives its own files beside an object: a partial write
 # (``<name>.<random>.part``) and a multipart upload's parts (``<name>.parts/00001``).
@@ -56,7 +56,7 @@ class FileIn(BaseModel):
         description="relative path inside the upload, e.g. 'model.safetensors': '/'-separated, no '..', no "
         "hidden or empty components, no control characters or backslashes, each component at most 255 bytes",
     )
-    size: int = Field(ge=0, le=INT64_MAX)
+    size: int = Field(ge=0, le=JSON_INT_MAX, strict=True)  # strict: `false` is no size
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("path")

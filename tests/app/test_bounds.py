@@ -12,6 +12,7 @@ from tests.app.helpers import quantize_job, upload_files
 from tests.conftest import sha256_bytes
 
 TOO_BIG = 2**63
+JSON_INT_MAX = 2**53 - 1
 
 
 def test_request_body_over_the_limit_is_413(client: TestClient, alice: Caller) -> None:
@@ -76,7 +77,7 @@ def test_event_cursor_past_int64_is_422(client: TestClient, alice: Caller) -> No
     events = client.get(f"/v1/jobs/{job_id}/events", params={"after": TOO_BIG}, headers=alice.headers)
     assert events.status_code == 422, events.text
     assert events.json()["errors"][0]["field"] == "query.after"
-    largest = client.get(f"/v1/jobs/{job_id}/events", params={"after": TOO_BIG - 1}, headers=alice.headers)
+    largest = client.get(f"/v1/jobs/{job_id}/events", params={"after": JSON_INT_MAX}, headers=alice.headers)
     assert largest.status_code == 200 and largest.json()["data"] == []
     stream = client.get(f"/v1/jobs/{job_id}/events/stream", headers={**alice.headers, "Last-Event-ID": str(TOO_BIG)})
     assert stream.status_code == 422, stream.text
@@ -86,23 +87,24 @@ def test_event_cursor_past_int64_is_422(client: TestClient, alice: Caller) -> No
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("max_upload_bytes", TOO_BIG),
-        ("max_running_jobs", 2**31),
+        ("max_upload_bytes", TOO_BIG),  # BIGINT, bounded by what JSON parsers read exactly (2^53 - 1)
+        ("max_upload_bytes", JSON_INT_MAX + 1),
+        ("max_running_jobs", 2**31),  # INTEGER columns
         ("max_queued_jobs", 2**31),
         ("rate_limit_per_minute", 2**31),
     ],
 )
 def test_tenant_quota_past_the_column_is_422(client: TestClient, field: str, value: int) -> None:
     admin = make_caller("operator", ["admin"])
-    tenant = client.post("/v1/admin/tenants", json={"name": f"t-{field}"}, headers=admin.headers)
+    tenant = client.post("/v1/admin/tenants", json={"name": f"t-{field}-{value}"}, headers=admin.headers)
     assert tenant.status_code == 201, tenant.text
     patched = client.patch(f"/v1/admin/tenants/{tenant.json()['id']}", json={field: value}, headers=admin.headers)
     assert patched.status_code == 422, patched.text
     assert patched.json()["errors"][0]["field"] == field
-    created = client.post("/v1/admin/tenants", json={"name": f"u-{field}", field: value}, headers=admin.headers)
+    created = client.post("/v1/admin/tenants", json={"name": f"u-{field}-{value}", field: value}, headers=admin.headers)
     assert created.status_code == 422, created.text
-    # The largest value the column holds is accepted.
-    ok = value - 1
+    # The largest value the schema allows is accepted.
+    ok = JSON_INT_MAX if field == "max_upload_bytes" else value - 1
     largest = client.patch(f"/v1/admin/tenants/{tenant.json()['id']}", json={field: ok}, headers=admin.headers)
     assert largest.status_code == 200, largest.text
     assert largest.json()["overrides"][field] == ok
