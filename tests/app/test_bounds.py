@@ -81,7 +81,7 @@ def test_event_cursor_past_int64_is_422(client: TestClient, alice: Caller) -> No
     assert largest.status_code == 200 and largest.json()["data"] == []
     stream = client.get(f"/v1/jobs/{job_id}/events/stream", headers={**alice.headers, "Last-Event-ID": str(TOO_BIG)})
     assert stream.status_code == 422, stream.text
-    assert stream.json()["errors"][0]["field"].lower() == "header.last-event-id"
+    assert stream.json()["errors"][0]["field"].lower().startswith("header.last-event-id")
 
 
 @pytest.mark.parametrize(
