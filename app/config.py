@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
 
     # Limits
+    max_request_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="API request bodies (JSON); larger ones get 413"
+    )
     max_model_bytes: int = 50 * 1024**3
     max_upload_bytes: int = 100 * 1024**3
     max_upload_files: int = 512
@@ -63,7 +66,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     job_time_limit_s: int = 24 * 3600
-    reaper_interval_s: float = 15.0
+    # A few seconds: the reaper also rings jobs whose doorbell could not be sent (broker down at creation).
+    reaper_interval_s: float = Field(default=5.0, gt=0)
     requeue_stale_queued_s: int = 300
     gpu_queue: bool = Field(default=False, description="route 'auto' jobs to the gpu queue (GPU workers exist)")
     worker_concurrency: int = 1
@@ -75,6 +79,9 @@ class Settings(BaseSettings):
     quota_upload_bytes_per_day: int = Field(default=1024**4, ge=1, description="upload bytes per rolling 24 h")
     quota_requests_per_minute: int = Field(default=600, ge=1, description="API requests per minute per key")
     quota_retry_after_s: int = Field(default=15, ge=1, description="Retry-After of a full queue; worker re-try")
+    unavailable_retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After of a 503 while the database, broker or storage is unreachable"
+    )
     default_priority: int = Field(default=5, ge=0, le=9, description="tenant priority 0 (low) … 9 (high)")
 
     # Auth

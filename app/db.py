@@ -46,6 +46,16 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
+# The largest values the database's integer columns hold (Postgres INTEGER and BIGINT). Every integer a
+# client sends that reaches a query is bounded by one of these in its schema: past them the driver raises
+# (a 500), where the client deserves a 422 naming the field.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+# BIGINT values a client sends are bounded here instead: the largest integer every JSON parser (and the
+# OpenAPI document's ``maximum``, read as a double by most tools) represents exactly.
+JSON_INT_MAX = 2**53 - 1
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

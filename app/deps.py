@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -44,7 +44,6 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     principal = authenticate(session, token.strip())
     if principal is None:
         raise Problem(401, "Unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-    session.commit()  # persist last_used_at
     # Counted per key after authentication: an unauthenticated flood costs a hash lookup, not a budget.
     decision = check_rate(get_settings(), principal.key_id, principal.rate_limit_per_minute)
     if not decision.allowed:
@@ -57,8 +56,9 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     return principal
 
 
-def require(scope: str) -> Callable[[Principal], Principal]:
-    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    # async: a pure check, run on the event loop instead of one more hop through the thread pool.
+    async def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise Problem(403, "Forbidden", f"this API key lacks the '{scope}' scope")
         return principal

@@ -13,10 +13,11 @@ from app.artifacts.router import router as storage_router
 from app.auth.router import admin_router
 from app.auth.router import router as keys_router
 from app.auth.service import ensure_bootstrap_key
+from app.body_limit import BodyLimitMiddleware
 from app.config import get_settings
 from app.console.router import install_console
 from app.db import session_scope
-from app.errors import install_error_handlers
+from app.errors import document_problems, install_error_handlers
 from app.jobs.router import router as jobs_router
 from app.uploads.router import router as uploads_router
 from app.webhooks.router import router as webhooks_router  # also registers the outbox listener
@@ -42,6 +43,8 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    document_problems(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=get_settings().max_request_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs_router)
     app.include_router(uploads_router)

@@ -281,10 +281,15 @@ class S3Storage:
             raise StorageError(f"no such object: {key}") from exc
 
     def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError
+
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-        except Exception:
-            return None
+        except ClientError as exc:
+            # Only "no such object" is an answer; an unreachable endpoint must not read as "not uploaded".
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
@@ -312,6 +317,9 @@ class S3Storage:
     def url_for_put(self, key: str, ttl_s: int, size: int | None = None) -> str:
         # A presigned PUT cannot bound the body's length (a presigned POST policy could); the size and
         # sha256 are verified when the upload is completed, and failed uploads expire and are deleted.
+        # Nor can it be revoked: until it expires (presign_ttl_s) it can replace a file of an upload that
+        # is already complete. The worker verifies every input's sha256 again when it fetches it
+        # (workers/runner.py), so a replaced file fails the job as invalid input, never compressed.
         return str(
             self.presign_client.generate_presigned_url(
                 "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s

@@ -47,8 +47,19 @@ def reap_once() -> dict[str, int]:
                 continue  # claimed or cancelled meanwhile
             requeued.append((job_id, queue, tenant_priority(session, tenant_id, settings)))
             counts["resent"] += 1
-    for job_id, queue, priority in requeued:  # after commit; the message keeps the tenant's priority
-        enqueue_job(job_id, queue, priority=priority)
+    # After commit; the message keeps the tenant's priority. With the broker down, the first failure
+    # stops the round (each try waits for a connection) and every job not rung is marked so the next
+    # pass, seconds later, rings it again.
+    unrung = [job_id for job_id, _, _ in requeued]
+    for job_id, queue, priority in requeued:
+        if not enqueue_job(job_id, queue, priority=priority):
+            break
+        unrung.remove(job_id)
+    if unrung:
+        with session_scope() as session:
+            for job_id in unrung:
+                lifecycle.mark_unrung(session, job_id)
+        counts["unrung"] = len(unrung)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     return counts

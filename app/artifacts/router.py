@@ -12,10 +12,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.db import get_sessionmaker
 from app.deps import SettingsDep, StorageDep
 from app.errors import Problem
 from app.signing import InvalidToken, verify
 from app.storage import LocalStorage, StorageError
+from app.uploads.service import check_writable
 
 router = APIRouter(prefix="/v1/storage", tags=["storage"], include_in_schema=False)
 
@@ -44,9 +46,16 @@ def download(token: str, settings: SettingsDep, storage: StorageDep) -> FileResp
     return FileResponse(path, filename=path.name)
 
 
+def _check_writable(key: str) -> None:
+    with get_sessionmaker()() as session:
+        check_writable(session, key)
+
+
 @router.put("/{token}", status_code=200)
 async def upload(token: str, request: Request, settings: SettingsDep, storage: StorageDep) -> Response:
     local, payload = _payload(token, "put", settings, storage)
+    # A completed upload's files are frozen (verified, maybe in use): its URLs write nothing any more.
+    await run_in_threadpool(_check_writable, str(payload["key"]))
     # The size declared when the URL was made (signed into it); a body longer than that is refused
     # as it arrives, so nothing past it is stored or held in memory.
     limit = min(int(payload.get("size", settings.max_upload_bytes)), settings.max_upload_bytes)
@@ -56,6 +65,8 @@ async def upload(token: str, request: Request, settings: SettingsDep, storage: S
             if sink.written + len(chunk) > limit:
                 raise Problem(413, "Content Too Large", f"this URL accepts at most {limit} bytes")
             await run_in_threadpool(sink.write, chunk)
+        # Again before the file appears: the upload may have been completed while this body streamed in.
+        await run_in_threadpool(_check_writable, str(payload["key"]))
         await run_in_threadpool(sink.commit)
     finally:
         sink.discard()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth.models import ApiKey, Tenant
 from app.auth.quotas import Limits
 from app.auth.service import DEFAULT_SCOPES
+from app.db import INT32_MAX, JSON_INT_MAX
 
 Scope = Literal["jobs:read", "jobs:write", "webhooks:manage", "keys:manage", "admin"]
 
@@ -17,12 +18,17 @@ Scope = Literal["jobs:read", "jobs:write", "webhooks:manage", "keys:manage", "ad
 class QuotaOverrides(BaseModel):
     """Per-tenant overrides; null (or absent at creation) means the operator default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `false` is not a quota of 0
 
-    max_running_jobs: int | None = Field(default=None, ge=1, description="jobs running at once")
-    max_queued_jobs: int | None = Field(default=None, ge=1, description="jobs waiting in the queue")
-    max_upload_bytes: int | None = Field(default=None, ge=1, description="upload bytes per rolling 24 hours")
-    rate_limit_per_minute: int | None = Field(default=None, ge=1, description="requests per minute per key")
+    # Upper bounds: the database columns' (INTEGER, BIGINT); past them an operator gets a 422, not a 500.
+    max_running_jobs: int | None = Field(default=None, ge=1, le=INT32_MAX, description="jobs running at once")
+    max_queued_jobs: int | None = Field(default=None, ge=1, le=INT32_MAX, description="jobs waiting in the queue")
+    max_upload_bytes: int | None = Field(
+        default=None, ge=1, le=JSON_INT_MAX, description="upload bytes per rolling 24 hours"
+    )
+    rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, le=INT32_MAX, description="requests per minute per key"
+    )
     priority: int | None = Field(default=None, ge=0, le=9, description="0 (lowest) … 9 (highest)")
 
 

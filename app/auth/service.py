@@ -139,9 +139,12 @@ def authenticate(session: Session, clear: str) -> Principal | None:
         return None
     key, rate_limit = row
     now = utcnow()
-    # Coarse last-used tracking: at most one write a minute per key.
+    # Coarse last-used tracking: at most one write a minute per key, committed at once. Every other
+    # request only reads here, so its transaction stays open for the route's own queries: no COMMIT and
+    # BEGIN between the key lookup and the work (two database round trips of a read that needs five).
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
         session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+        session.commit()
     return Principal(
         tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes), rate_limit_per_minute=rate_limit
     )

@@ -9,7 +9,7 @@ Each transition writes its event in the same transaction (the outbox rule).
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import CursorResult, select, update
@@ -124,6 +124,25 @@ def mark_rung(session: Session, job_id: str) -> bool:
     counts as fresh, so the reaper, which re-sends only jobs nobody rang for a while, adds no second
     doorbell loop. Not a transition, and no event."""
     return _guarded_update(session, job_id, (JobStatus.QUEUED,))
+
+
+# ``updated_at`` of a queued job whose doorbell could not be sent (the broker was down). Far older than
+# ``requeue_stale_queued_s``, so the reaper's next pass (every ``reaper_interval_s``, a few seconds)
+# re-sends it as soon as the broker answers, instead of after the stale-queue delay meant for lost messages.
+NEVER_RUNG = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def mark_unrung(session: Session, job_id: str) -> bool:
+    """No doorbell reached the broker for this queued job: let the reaper ring it on its next pass.
+    Not a transition, and no event."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(updated_at=NEVER_RUNG)
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
 
 
 def set_steps(session: Session, job_id: str, worker_id: str, steps: list[dict[str, Any]]) -> bool:

@@ -9,9 +9,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
-from app.db import get_sessionmaker
+from app.db import JSON_INT_MAX, get_sessionmaker
 from app.deps import JobsReader, JobsWriter, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
 from app.jobs.models import TERMINAL_STATUSES
@@ -76,7 +78,7 @@ def list_events(
     job_id: str,
     principal: JobsReader,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=JSON_INT_MAX, description="the last event id seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
     events, has_more = service.list_events(session, principal.tenant_id, job_id, after, limit)
@@ -88,8 +90,11 @@ async def stream_events(
     job_id: str,
     principal: JobsReader,
     session: SessionDep,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    # The bounds sit on the int, so the document shows them; SkipJsonSchema: the header is omitted, never "null".
+    last_event_id: Annotated[
+        Annotated[int, Field(ge=0, le=JSON_INT_MAX)] | SkipJsonSchema[None], Header(alias="Last-Event-ID")
+    ] = None,
+    after: Annotated[int, Query(ge=0, le=JSON_INT_MAX)] = 0,
 ) -> StreamingResponse:
     """Server-sent events; ids are the event ids, so reconnecting with ``Last-Event-ID`` resumes exactly."""
     service.ensure_exists(session, principal.tenant_id, job_id)

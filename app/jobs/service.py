@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import CursorResult, Select, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.auth import quotas
 from app.auth.service import Principal
@@ -43,7 +43,9 @@ def artifact_prefix(tenant_id: str, job_id: str, attempt: int | None = None) -> 
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.execute(_scoped(tenant_id).where(Job.id == job_id)).scalar_one_or_none()
+    # The metadata rows joined in: one query for the job read, not a second (selectin) round trip.
+    stmt = _scoped(tenant_id).where(Job.id == job_id).options(joinedload(Job.metadata_items))
+    job = session.execute(stmt).unique().scalar_one_or_none()
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -247,8 +249,11 @@ def create_job(
         if reservation is not None:
             _release_idempotency_key(session, reservation)
         raise
-    # Only after the commit: a worker must never receive a job it cannot read.
-    enqueue_job(job.id, job.queue, priority=limits.priority)
+    # Only after the commit: a worker must never receive a job it cannot read. If the broker is down the
+    # job stays queued, marked so the reaper rings it as soon as the broker answers again.
+    if not enqueue_job(job.id, job.queue, priority=limits.priority):
+        lifecycle.mark_unrung(session, job.id)
+        session.commit()
     return job, True
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timedelta
-from pathlib import PurePosixPath
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -26,11 +25,23 @@ def upload_key(tenant_id: str, upload_id: str, path: str = "") -> str:
     return f"uploads/{tenant_id}/{upload_id}/{path}"
 
 
-def _check_path(path: str) -> str:
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts or path != pure.as_posix() or not path or path.startswith("."):
-        raise unprocessable(f"invalid file path {path!r}: use a relative path without '..'")
-    return path
+def _check_paths(files: list[FileIn]) -> None:
+    """The paths together must fit every storage backend: unique, and none both a file and a directory
+    (``a`` beside ``a/b``: a directory cannot hold a file there). Each path alone is checked by the schema."""
+    seen: set[str] = set()
+    directories: set[str] = set()
+    for f in files:
+        parts = f.path.split("/")
+        directories.update("/".join(parts[:n]) for n in range(1, len(parts)))
+    errors = []
+    for index, f in enumerate(files):
+        if f.path in seen:
+            errors.append({"field": f"files.{index}.path", "message": f"duplicate path {f.path!r}"})
+        elif f.path in directories:
+            errors.append({"field": f"files.{index}.path", "message": f"{f.path!r} is also a directory of another"})
+        seen.add(f.path)
+    if errors:
+        raise unprocessable("; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]), errors)
 
 
 def create_upload(
@@ -40,9 +51,7 @@ def create_upload(
     files: list[FileIn] = body.files
     if len(files) > settings.max_upload_files:
         raise unprocessable(f"at most {settings.max_upload_files} files per upload")
-    paths = [_check_path(f.path) for f in files]
-    if len(set(paths)) != len(paths):
-        raise unprocessable("file paths must be unique")
+    _check_paths(files)
     total = sum(f.size for f in files)
     if total > settings.max_upload_bytes:
         raise Problem(
@@ -221,6 +230,28 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
     if upload.status != "complete":
         raise conflict("this upload expired while it was being verified; create a new one")
     return upload
+
+
+def check_writable(session: Session, key: str) -> None:
+    """A signed PUT URL may write only into a pending, unexpired upload: once an upload is complete its
+    files were verified and jobs may read them, so they are frozen (409); expired ones are being deleted.
+
+    The local backend's URLs are API routes that call this; S3's presigned URLs cannot be revoked and stay
+    valid until they expire (see ``S3Storage.url_for_put``): there the worker's sha256 check at input
+    fetch is what stops a replaced file."""
+    parts = key.split("/", 3)
+    if len(parts) < 4 or parts[0] != "uploads":
+        raise Problem(403, "Forbidden", "this URL does not write into an upload")
+    row = session.execute(
+        select(Upload.status, Upload.expires_at).where(Upload.id == parts[2], Upload.tenant_id == parts[1])
+    ).one_or_none()
+    if row is None:
+        raise not_found("upload", parts[2])
+    status, expires_at = row
+    if status == "pending" and expires_at < utcnow():
+        status = "expired"
+    if status != "pending":
+        raise conflict(f"upload {parts[2]} is {status}; its files can no longer be written")
 
 
 def require_complete(session: Session, tenant_id: str, upload_id: str, field: str) -> Upload:

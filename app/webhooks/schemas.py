@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
@@ -27,10 +28,14 @@ class EndpointCreate(_Strict):
 
 
 class EndpointUpdate(_Strict):
-    url: str | None = Field(default=None, min_length=1, max_length=2000)
+    # ``SkipJsonSchema[None]``: omitted is allowed, null is not, and the OpenAPI document says so.
+    # The length bounds sit on the str (on the union they would meet a null with len()).
+    url: Annotated[str, Field(min_length=1, max_length=2000)] | SkipJsonSchema[None] = None
     events: list[WebhookEventType] | None = Field(default=None, min_length=1)
-    description: str | None = Field(default=None, max_length=500)
-    enabled: bool | None = Field(default=None, description="true re-enables an endpoint disabled by a 410")
+    description: Annotated[str, Field(max_length=500)] | SkipJsonSchema[None] = None
+    enabled: bool | SkipJsonSchema[None] = Field(
+        default=None, description="true re-enables an endpoint disabled by a 410"
+    )
 
     @field_validator("url", "description", "enabled")
     @classmethod

@@ -99,6 +99,32 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
+REMOTE_CODE_KEY = "auto_map"
+
+
+def _read_json_config(path: Path) -> Any:
+    """Parse a JSON config and refuse it if any object in it, at any depth, has an ``auto_map`` key.
+
+    Keys are checked after parsing, not searched for in the text: JSON escapes (``"\\u0061uto_map"``),
+    nesting and duplicate keys all name the same key to transformers' parser, so they must to ours.
+    """
+    found: list[bool] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        # Called for every object, innermost first, with every pair (duplicates included).
+        if any(key == REMOTE_CODE_KEY for key, _ in items):
+            found.append(True)
+        return dict(items)
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise EngineError(f"{path.name} is not valid JSON: {exc}") from exc
+    if found:
+        raise EngineError(f"{path.name} uses custom code ('{REMOTE_CODE_KEY}'); remote code is not allowed")
+    return value
+
+
 def check_model_dir(model_dir: Path, *, max_bytes: int | None = None) -> dict[str, Any]:
     """Refuse unsafe or oversized model directories before loading; returns the parsed config."""
     model_dir = Path(model_dir)
@@ -111,16 +137,12 @@ def check_model_dir(model_dir: Path, *, max_bytes: int | None = None) -> dict[st
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise EngineError("config.json is missing from the model directory")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineError(f"config.json is not valid JSON: {exc}") from exc
+    config = _read_json_config(config_path)
     if not isinstance(config, dict):
         raise EngineError("config.json must hold a JSON object")
-    for name in ("config.json", "tokenizer_config.json"):
-        path = model_dir / name
-        if path.is_file() and '"auto_map"' in path.read_text(encoding="utf-8", errors="replace"):
-            raise EngineError(f"{name} uses custom code ('auto_map'); remote code is not allowed")
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        _read_json_config(tokenizer_config)
     weights = [p for p in files if p.suffix == ".safetensors"]
     if not weights:
         raise EngineError("no *.safetensors weights in the model directory")
