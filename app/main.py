@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +16,8 @@ from app.config import get_settings
 from app.db import session_scope
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
+from app.observability import http as observability
+from app.observability.logs import configure_logging
 from app.uploads.router import router as uploads_router
 from app.webhooks.router import router as webhooks_router  # also registers the outbox listener
 
@@ -33,7 +34,8 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    configure_logging(settings, "api")
     app = FastAPI(
         title="ModelPress",
         version="1.0.0",
@@ -41,6 +43,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    observability.install(app, settings)
     app.include_router(health.router)
     app.include_router(jobs_router)
     app.include_router(uploads_router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kombu import Queue
 
+import app.observability.celery
 import app.webhooks.service  # noqa: F401 - registers the webhook outbox listener: workers record job events too
 from app.broker import MAINTENANCE_QUEUE, REAP_TASK, make_celery
 from app.config import get_settings

@@ -20,6 +20,7 @@ from app.auth import quotas
 from app.config import get_settings
 from app.db import utcnow
 from app.jobs.models import Job, JobEvent
+from app.observability import jobs as observe
 
 EventListener = Callable[[Session, JobEvent], None]
 _listeners: list[EventListener] = []
@@ -29,6 +30,10 @@ def on_event(listener: EventListener) -> EventListener:
     """Register a function called (inside the same transaction) for every job event, e.g. the webhook outbox."""
     _listeners.append(listener)
     return listener
+
+
+# Job metrics and the job's log lines come from its events, so every transition is counted once, here.
+on_event(observe.observe_job_event)
 
 
 def json_safe(value: Any) -> Any:
@@ -104,6 +109,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: int) -> st
         Job.worker_id == worker_id,
         lease_expires_at=utcnow() + timedelta(seconds=lease_s),
     )
+    observe.heartbeat(worker_id, ok)
     if not ok:
         return None
     return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
@@ -121,6 +127,7 @@ def set_progress(
         progress_message=message[:500],
     )
     if ok:
+        observe.progress(worker_id, fraction)
         payload = {"progress": round(fraction, 4), "message": message, **(data or {})}
         record_event(session, job_id, _tenant_of(session, job_id), "job.progress", payload)
     return ok
