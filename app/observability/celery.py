@@ -57,7 +57,11 @@ def _carry_request_id(headers: dict[str, Any] | None = None, **_: Any) -> None:
 @signals.task_prerun.connect
 def _task_context(task: Any = None, args: Any = None, **_: Any) -> None:
     context.clear_job()
-    correlation_id.set(getattr(task.request, REQUEST_ID_HEADER, None) if task is not None else None)
+    request = getattr(task, "request", None)
+    carried = getattr(request, REQUEST_ID_HEADER, None) or (getattr(request, "headers", None) or {}).get(
+        REQUEST_ID_HEADER
+    )
+    correlation_id.set(carried)
     if task is not None and task.name == RUN_JOB_TASK and args:
         context.job_id.set(str(args[0]))
 

@@ -65,6 +65,8 @@ class RequestContextMiddleware:
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Wire request ids, metrics and ``/metrics`` (and traces, when configured) into the API."""
+    # Connects the Celery publish hook that carries the request id into the job's message.
+    from app.observability import celery as _celery_signals  # noqa: F401
     from app.observability import tracing
 
     app.add_middleware(RequestContextMiddleware, count_in_flight=settings.metrics_enabled)
