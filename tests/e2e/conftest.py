@@ -40,7 +40,12 @@ class Stack:
         n = len(self.workers)
         argv = worker_argv("cpu", hostname=f"w{n}@%h")
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env={**self.env, **(extra_env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.workers.append(proc)
         return proc

@@ -29,7 +29,7 @@ class Receiver(ThreadingHTTPServer):
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 receiver.deliveries[self.headers["webhook-id"]] = body["type"]
                 self.send_response(200)
