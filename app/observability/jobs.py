@@ -113,6 +113,8 @@ def observe_job_event(session: Session, event: JobEvent) -> None:
         actions.append(lambda: m.JOBS_FINISHED.labels(queue, methods, status, error).inc())
         if run_time is not None:
             actions.append(lambda: m.JOB_RUN_TIME.labels(methods, status).observe(run_time))
+        if status == "succeeded" and worker_id:
+            actions.append(lambda: m.WORKER_PROGRESS.labels(m.worker_label(worker_id)).set(1.0))
         if kind == "job.cancelled" and started_at is None:  # cancelled while queued
             actions.append(lambda: m.JOB_CANCEL_REQUESTS.labels("queued").inc())
     elif kind == "job.cancelling":
