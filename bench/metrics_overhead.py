@@ -1,7 +1,7 @@
 """Overhead of the instrumentation on ``GET /v1/jobs/{id}``: two API processes side by side, one with
 metrics on (``MODELPRESS_METRICS_ENABLED=true``, the default) and one with them off, against the same
 Postgres database; short rounds alternate between them so that load from elsewhere on the machine hits
-both alike. Both log JSON lines at INFO, as in production (the request-id middleware is always on).
+both alike. Both log JSON lines at INFO without access lines (the request-id middleware is always on).
 
     TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
     TEST_REDIS_URL=redis://127.0.0.1:6379/0 python bench/metrics_overhead.py --rounds 6 --seconds 5
@@ -59,10 +59,11 @@ def _prepare(env: dict[str, str]) -> tuple[str, str]:
 
 
 def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    # No access log: a line per request would cost more than the metrics and blur the comparison.
+    argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [*argv, "--no-access-log"], cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
     for _ in range(200):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
