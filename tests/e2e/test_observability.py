@@ -18,7 +18,7 @@ from tests.e2e.conftest import Stack, _start_stack, clean_production_state
 from tests.e2e.test_stack import _model_files, _upload_dir
 from tests.tiny import sample_text, write_model_dir
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 class Receiver(ThreadingHTTPServer):
@@ -137,7 +137,7 @@ def test_one_job_moves_metrics_and_logs_by_exactly_what_happened(
         stack.start_worker(
             {"MODELPRESS_METRICS_PORT": str(worker_port), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom-worker")}
         )
-        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"})
+        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=480)
         assert done["status"] == "succeeded", done
 
     worker = scrape(f"http://127.0.0.1:{worker_port}/metrics")
