@@ -53,8 +53,13 @@ def configure(settings: Settings, service: str) -> bool:
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # endpoint etc. from OTEL_* variables
     trace.set_tracer_provider(provider)
-    # Patches create_engine: engines are made lazily, after this (see app.db.get_engine).
-    SQLAlchemyInstrumentor().instrument()
+    from app.db import get_engine
+
+    # app.db imported create_engine before it could be patched: its engine is traced by name (made here if
+    # it was not yet); engines made elsewhere later go through the patched create_engine.
+    # skip_dep_check: the instrumentation declares sqlalchemy < 2.1 and would silently do nothing on 2.1,
+    # whose engine events it uses are unchanged (tests/app/test_tracing.py checks the SQL spans arrive).
+    SQLAlchemyInstrumentor().instrument(engine=get_engine(), skip_dep_check=True)
     HTTPXClientInstrumentor().instrument()
     BotocoreInstrumentor().instrument()
     CeleryInstrumentor().instrument()
