@@ -87,9 +87,12 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
 
     folder = multiprocess_dir()
     if folder:
-        # Files of an earlier run would add their counts to this one's.
+        # Files of an earlier run would add their counts to this one's. This process's own files stay: it
+        # imported its metrics already and keeps writing to the files it opened (pool children come later).
+        mine = f"_{os.getpid()}.db"
         for stale in Path(folder).glob("*.db"):
-            stale.unlink(missing_ok=True)
+            if not stale.name.endswith(mine):
+                stale.unlink(missing_ok=True)
     elif "prefork" in pool:
         log.warning("PROMETHEUS_MULTIPROC_DIR is not set: the pool processes' job metrics will be missing")
     start_http_server(settings.metrics_port, addr=settings.metrics_bind, registry=serving_registry())
