@@ -71,11 +71,17 @@ def maintenance_argv(*, hostname: str | None = None, schedule: Path | None = Non
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from app.observability.celery import prepare_metrics_dir
+
+    prepare_metrics_dir()
     os.execv(sys.executable, worker_argv(args.queues, args.concurrency))
     return 0  # not reached
 
 
 def cmd_maintenance(_args: argparse.Namespace) -> int:
+    from app.observability.celery import prepare_metrics_dir
+
+    prepare_metrics_dir()
     os.execv(sys.executable, maintenance_argv())
     return 0  # not reached
 

@@ -99,6 +99,27 @@ class Settings(BaseSettings):
         default=30, gt=0, description="finished deliveries and their attempt log are deleted after this"
     )
 
+    # Observability (app/observability): logs, Prometheus metrics, OpenTelemetry traces.
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="'json': one JSON object a line (production); 'text': human-readable (make dev)"
+    )
+    log_level: str = "INFO"
+    metrics_enabled: bool = Field(default=True, description="record Prometheus metrics and serve /metrics")
+    metrics_token: str | None = Field(
+        default=None, description="when set, the API's /metrics answers only 'Authorization: Bearer <token>'"
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="worker and maintenance processes: serve /metrics on this port"
+    )
+    metrics_bind: str = Field(default="127.0.0.1", description="address the worker/maintenance /metrics binds")
+    # The OpenTelemetry SDK's own variable names, so the usual collector set-ups work unchanged.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT",
+        description="traces are exported (OTLP/HTTP) only when this is set",
+    )
+    otel_service_name: str | None = Field(default=None, validation_alias="OTEL_SERVICE_NAME")
+
     @model_validator(mode="after")
     def _own_bucket_is_no_source(self) -> Settings:
         # Every tenant's uploads and artifacts live in the service's bucket: as an s3:// source it would

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +18,8 @@ from app.console.router import install_console
 from app.db import session_scope
 from app.errors import document_problems, install_error_handlers
 from app.jobs.router import router as jobs_router
+from app.observability import http as observability
+from app.observability.logs import configure_logging
 from app.uploads.router import router as uploads_router
 from app.webhooks.router import router as webhooks_router  # also registers the outbox listener
 
@@ -35,7 +36,8 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    configure_logging(settings, "api")
     app = FastAPI(
         title="ModelPress",
         version="1.0.0",
@@ -44,7 +46,8 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     document_problems(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=get_settings().max_request_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    observability.install(app, settings)
     app.include_router(health.router)
     app.include_router(jobs_router)
     app.include_router(uploads_router)

@@ -19,6 +19,7 @@ from app.auth import quotas
 from app.config import get_settings
 from app.db import utcnow
 from app.jobs.models import HOLDS_WORKER, Job, JobEvent, JobStatus
+from app.observability import jobs as observe
 
 
 def json_safe(value: Any) -> Any:
@@ -34,7 +35,8 @@ def json_safe(value: Any) -> Any:
 
 
 def record_event(session: Session, job_id: str, tenant_id: str, type_: str, data: dict[str, Any]) -> JobEvent:
-    """Append a job event and its webhook deliveries (the outbox) to the caller's transaction."""
+    """Append a job event and its webhook deliveries (the outbox) to the caller's transaction; its metrics and
+    log line follow the commit. Every transition is counted here, once, by every process."""
     event = JobEvent(job_id=job_id, tenant_id=tenant_id, type=type_, data=json_safe(data))
     session.add(event)
     session.flush()
@@ -42,6 +44,7 @@ def record_event(session: Session, job_id: str, tenant_id: str, type_: str, data
     from app.webhooks.service import enqueue_for_event
 
     enqueue_for_event(session, event)
+    observe.observe_job_event(session, event)
     return event
 
 
@@ -97,6 +100,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: int) -> st
         Job.worker_id == worker_id,
         lease_expires_at=utcnow() + timedelta(seconds=lease_s),
     )
+    observe.heartbeat(worker_id, ok)
     if not ok:
         return None
     return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
@@ -114,6 +118,7 @@ def set_progress(
         progress_message=message[:500],
     )
     if ok:
+        observe.progress(worker_id, fraction)
         payload = {"progress": round(fraction, 4), "message": message, **(data or {})}
         record_event(session, job_id, _tenant_of(session, job_id), "job.progress", payload)
     return ok

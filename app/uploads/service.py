@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
@@ -11,9 +12,10 @@ from sqlalchemy.orm import Session
 
 from app.auth import quotas
 from app.auth.service import Principal
-from app.config import Settings
+from app.config import Settings, get_settings
 from app.db import utcnow
 from app.errors import Problem, conflict, not_found, unprocessable
+from app.observability import metrics
 from app.storage import Storage, sha256_of
 from app.uploads.models import Upload
 from app.uploads.schemas import FileIn, UploadCreate
@@ -185,6 +187,8 @@ def expire_uploads(session: Session, storage: Storage, now: datetime | None = No
         storage.delete_prefix(upload_key(upload.tenant_id, upload.id))
         upload.status = "expired"
     session.commit()
+    if stale and get_settings().metrics_enabled:
+        metrics.UPLOADS_EXPIRED.inc(len(stale))
     return len(stale)
 
 
@@ -197,6 +201,7 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
         raise conflict("this upload expired before it was completed; create a new one")
     # End the read transaction: hashing gigabytes takes minutes and must not hold a database connection.
     session.commit()
+    started = time.monotonic()
     problems = []
     for record in upload.files:
         key = upload_key(upload.tenant_id, upload.id, record["path"])
@@ -214,6 +219,9 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
             problems.append({"field": record["path"], "message": f"size is {size}, declared {record['size']}"})
         elif sha256_of(storage, key) != record["sha256"]:
             problems.append({"field": record["path"], "message": "sha256 does not match the declared digest"})
+    observe = get_settings().metrics_enabled
+    if observe:
+        metrics.UPLOAD_VERIFY.labels("invalid" if problems else "ok").observe(time.monotonic() - started)
     if problems:
         raise unprocessable(
             "upload verification failed: " + "; ".join(p["field"] + ": " + p["message"] for p in problems), problems
@@ -229,6 +237,8 @@ def complete_upload(session: Session, principal: Principal, upload_id: str, stor
     session.refresh(upload)
     if upload.status != "complete":
         raise conflict("this upload expired while it was being verified; create a new one")
+    if observe:
+        metrics.UPLOAD_BYTES.inc(sum(int(record["size"]) for record in upload.files))
     return upload
 
 

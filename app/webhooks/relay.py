@@ -37,6 +37,7 @@ from standardwebhooks import Webhook
 from app.config import Settings, get_settings
 from app.db import session_scope, utcnow
 from app.netsafety import Resolver, UnsafeURLError, check_url, pinned_request
+from app.observability import metrics
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger("modelpress.webhooks")
@@ -89,6 +90,10 @@ class Claim:
     secrets: tuple[str, ...]
     body: str
     attempt_count: int
+    # For the delivery's metrics and log line: which job and event, and when the event was written.
+    job_id: str | None = None
+    event_type: str = ""
+    created_at: datetime | None = None
 
 
 @dataclass
@@ -199,6 +204,9 @@ class Relay:
                         secrets=tuple(secrets),
                         body=json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True),
                         attempt_count=delivery.attempt_count,
+                        job_id=delivery.job_id,
+                        event_type=delivery.event_type,
+                        created_at=delivery.created_at,
                     )
                 )
         return claims
@@ -266,13 +274,16 @@ class Relay:
         if code is not None and 200 <= code < 300:
             values.update(status="delivered", delivered_at=now, next_attempt_at=None)
             stats.delivered += 1
+            next_state = "delivered"
         elif gone or attempts >= self.settings.webhook_max_attempts:
             values.update(status="failed", next_attempt_at=None)
             stats.failed += 1
+            next_state = "failed"
         else:
             delay = outcome.retry_after_s if outcome.retry_after_s is not None else backoff_delay(attempts)
             values.update(next_attempt_at=now + timedelta(seconds=delay))
             stats.retrying += 1
+            next_state = "retrying"
         with session_scope() as session:
             result = session.execute(
                 update(WebhookDelivery)
@@ -301,6 +312,34 @@ class Relay:
                 )
                 stats.disabled_endpoints.append(claim.endpoint_id)
                 log.warning("webhook endpoint %s disabled: 410 Gone", claim.endpoint_id)
+        self._observe(claim, outcome, next_state, now)
+
+    def _observe(self, claim: Claim, outcome: Outcome, result: str, now: datetime) -> None:
+        """The attempt's metrics and its log line (with the job it was about), once it is recorded."""
+        code = outcome.status_code
+        if code is None:
+            status_class = "refused" if (outcome.error or "").startswith("refused") else (
+                "timeout" if (outcome.error or "").startswith("timed out") else "error"
+            )  # fmt: skip
+        else:
+            status_class = f"{code // 100}xx"
+        if self.settings.metrics_enabled:
+            metrics.WEBHOOK_ATTEMPTS.labels(status_class, result).inc()
+            if result == "delivered" and claim.created_at is not None:
+                metrics.WEBHOOK_LAG.observe(max((now - claim.created_at).total_seconds(), 0.0))
+            if code == 410:
+                metrics.WEBHOOK_DISABLED.inc()
+        log.info(
+            "webhook %s %s to %s: %s after %d ms (%s, attempt %d)",
+            claim.delivery_id,
+            claim.event_type,
+            claim.endpoint_id,
+            code if code is not None else outcome.error,
+            outcome.latency_ms,
+            result,
+            claim.attempt_count + 1,
+            extra={"job_id": claim.job_id, "delivery_id": claim.delivery_id, "event": claim.event_type},
+        )
 
     # one round / several rounds -------------------------------------------------------------------
 

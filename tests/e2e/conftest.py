@@ -35,12 +35,17 @@ class Stack:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60)
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
         n = len(self.workers)
         argv = worker_argv("cpu", hostname=f"w{n}@%h")
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env={**self.env, **(extra_env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.workers.append(proc)
         return proc
@@ -63,7 +68,9 @@ class Stack:
         raise AssertionError(f"job {job_id} did not reach {statuses}: {job}\n{logs}")
 
 
-def _start_stack(tmp: Path, env_overrides: dict[str, str]) -> Iterator[Stack]:
+def _start_stack(
+    tmp: Path, env_overrides: dict[str, str], maintenance_env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     from tests.app.conftest import make_caller
     from tests.conftest import apply_env, migrate
 
@@ -104,7 +111,7 @@ def _start_stack(tmp: Path, env_overrides: dict[str, str]) -> Iterator[Stack]:
     maintenance = subprocess.Popen(
         maintenance_argv(hostname="maintenance@%h", schedule=tmp / "beat-schedule"),
         cwd=ROOT,
-        env=env,
+        env={**env, **(maintenance_env or {})},
         stdout=(tmp / "maintenance.log").open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -125,13 +132,12 @@ def _start_stack(tmp: Path, env_overrides: dict[str, str]) -> Iterator[Stack]:
         reset_caches()
 
 
-@pytest.fixture
-def production_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator[Stack]:
-    """API + worker against Postgres, Redis and the S3 server."""
+def clean_production_state() -> None:
+    """Empty Redis and the tables, so a stack starts from nothing."""
     import redis
     from sqlalchemy import create_engine, text
 
-    from tests.conftest import PG_URL, REDIS_URL, service_env
+    from tests.conftest import PG_URL, REDIS_URL
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     engine = create_engine(PG_URL)
@@ -145,6 +151,14 @@ def production_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Ite
                 )
             )
     engine.dispose()
+
+
+@pytest.fixture
+def production_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator[Stack]:
+    """API + worker against Postgres, Redis and the S3 server."""
+    from tests.conftest import service_env
+
+    clean_production_state()
     yield from _start_stack(tmp_path, service_env(tmp_path, stack="production", s3_endpoint=s3_endpoint))
 
 
