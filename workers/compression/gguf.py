@@ -30,6 +30,7 @@ The K-quant types (``q4_k_m``, ``q5_k_m``, ``q6_k``) are made by llama.cpp's own
 
 from __future__ import annotations
 
+import ctypes
 import json
 import tempfile
 import time
@@ -42,7 +43,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT
+from gguf import GGMLQuantizationType as QType
 from torch import nn
 
 from workers.compression.base import Callbacks, EngineError
@@ -50,8 +51,8 @@ from workers.compression.gguf_types import K_QUANT_TYPES
 
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 QTYPES = {
-    "f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0,
-    "q5_1": QT.Q5_1, "q5_0": QT.Q5_0, "q4_1": QT.Q4_1, "q4_0": QT.Q4_0,
+    "f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0,
+    "q5_1": QType.Q5_1, "q5_0": QType.Q5_0, "q4_1": QType.Q4_1, "q4_0": QType.Q4_0,
 }  # fmt: skip
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
@@ -60,7 +61,7 @@ FILE_TYPES = {
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
     "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
 }  # fmt: skip
-CARRIED = (QT.Q8_0, QT.Q4_1, QT.Q4_0)
+CARRIED = (QType.Q8_0, QType.Q4_1, QType.Q4_0)
 QK = 32  # weights per Q4_0 / Q4_1 / Q8_0 / Q5_x block (ggml's QK4_0 = QK8_0 = 32)
 _QPARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "input_scale", "input_zero_point")
 
@@ -71,15 +72,15 @@ class _Tensor:
 
     name: str
     source: str
-    qtype: QT
+    qtype: QType
     shape: tuple[int, ...]
     how: str  # "carried" | "quantized" | "float"
     make: Callable[[], np.ndarray]
 
     @property
     def nbytes(self) -> int:
-        if self.qtype in (QT.F32, QT.F16):
-            return int(np.prod(self.shape)) * (4 if self.qtype == QT.F32 else 2)
+        if self.qtype in (QType.F32, QType.F16):
+            return int(np.prod(self.shape)) * (4 if self.qtype == QType.F32 else 2)
         return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
 
 
@@ -106,7 +107,7 @@ def export_gguf(
         return _export_k_quant(model, tokenizer, out_path, gguf_type, callbacks, started)
     if gguf_type not in QTYPES:
         raise EngineError(f"GGUF type {gguf_type!r} cannot be written here; resolve 'auto' first")
-    config = model.config
+    config: Any = model.config
     arch = _architecture(config)
     plan = _plan(model, arch, QTYPES[gguf_type], full_precision)
     writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[arch])
@@ -114,7 +115,7 @@ def export_gguf(
         _add_hyperparameters(writer, config, arch, gguf_type)
         tokenizer_facts = _add_tokenizer(writer, tokenizer, int(config.vocab_size))
         for t in plan:
-            dtype = {QT.F32: np.float32, QT.F16: np.float16}.get(t.qtype, np.uint8)
+            dtype = {QType.F32: np.float32, QType.F16: np.float16}.get(t.qtype, np.uint8)
             shape = t.shape if dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
             writer.add_tensor_info(t.name, shape, np.dtype(dtype), t.nbytes, raw_dtype=t.qtype)
         writer.write_header_to_file()
@@ -151,9 +152,9 @@ def _architecture(config: Any) -> gguf.MODEL_ARCH:
 # ---------------------------------------------------------------- which tensor gets which type
 
 
-def _plan(model: nn.Module, arch: gguf.MODEL_ARCH, file_qtype: QT, policy: str) -> list[_Tensor]:
+def _plan(model: nn.Module, arch: gguf.MODEL_ARCH, file_qtype: QType, policy: str) -> list[_Tensor]:
     """Every GGUF tensor of ``model`` in file order, each with its type and how its data is made."""
-    config = model.config
+    config: Any = model.config
     names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     modules = dict(model.named_modules())
@@ -175,35 +176,35 @@ def _plan_tensor(
     name: str,
     tensor: torch.Tensor,
     module: nn.Module | None,
-    file_qtype: QT,
+    file_qtype: QType,
     policy: str,
     tied: bool,
     permute: Callable[[np.ndarray], np.ndarray],
 ) -> _Tensor:
     shape = tuple(tensor.shape)
     if tensor.ndim == 1:  # norms and biases: F32, as llama.cpp's converter keeps every 1-D tensor
-        return _Tensor(name, source, QT.F32, shape, "float", lambda: permute(_float_rows(tensor)))
+        return _Tensor(name, source, QType.F32, shape, "float", lambda: permute(_float_rows(tensor)))
     scheme = getattr(module, "quantization_scheme", None) if source.endswith(".weight") else None
     if scheme is not None and file_qtype in CARRIED and _carriable(module, file_qtype):
         assert module is not None
         return _Tensor(name, source, file_qtype, shape, "carried", lambda: permute(carry(module, file_qtype)))
     qtype = _full_precision_type(name, file_qtype, policy, tied)
-    if qtype in (QT.F32, QT.F16, QT.BF16) or shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = qtype if qtype in (QT.F32, QT.F16, QT.BF16) else QT.F16
+    if qtype in (QType.F32, QType.F16, QType.BF16) or shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = qtype if qtype in (QType.F32, QType.F16, QType.BF16) else QType.F16
         return _Tensor(name, source, qtype, shape, "float", lambda: permute(_encode(_float_rows(tensor), qtype)))
     return _Tensor(name, source, qtype, shape, "quantized", lambda: permute(_encode(_float_rows(tensor), qtype)))
 
 
-def _full_precision_type(name: str, file_qtype: QT, policy: str, tied: bool) -> QT:
+def _full_precision_type(name: str, file_qtype: QType, policy: str, tied: bool) -> QType:
     """The type of a matrix the recipe left in full precision (or one the file type re-quantizes)."""
     if policy == "f16":
-        return QT.F16 if file_qtype not in (QT.F32, QT.BF16) else file_qtype
-    if file_qtype in (QT.F32, QT.F16, QT.BF16):
+        return QType.F16 if file_qtype not in (QType.F32, QType.BF16) else file_qtype
+    if file_qtype in (QType.F32, QType.F16, QType.BF16):
         return file_qtype
     if policy == "q8_0":
-        return QT.Q8_0
+        return QType.Q8_0
     is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-    return QT.Q8_0 if is_output else file_qtype
+    return QType.Q8_0 if is_output else file_qtype
 
 
 def _rope_permutation(config: Any, arch: gguf.MODEL_ARCH, name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -225,7 +226,7 @@ def _float_rows(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float32).cpu().numpy()
 
 
-def _encode(rows: np.ndarray, qtype: QT) -> np.ndarray:
+def _encode(rows: np.ndarray, qtype: QType) -> np.ndarray:
     """Float rows in ``qtype`` by the ``gguf`` package (llama.cpp's reference quantizers)."""
     return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)
 
@@ -246,12 +247,12 @@ class _Codes:
 def integer_codes(module: nn.Module) -> _Codes:
     """The codes and qparams of a Linear quantized by compressed-tensors, recovered exactly from its
     quantize-dequantized ``weight`` (``(q - zp) · s`` in the weight's dtype), per 32-column block."""
-    args = module.quantization_scheme.weights  # type: ignore[union-attr]
+    args: Any = getattr(getattr(module, "quantization_scheme", None), "weights", None)
     if args is None or str(args.type) != "int" or getattr(module, "weight_g_idx", None) is not None:
         raise EngineError("only integer weights without activation-order indices can be carried")
-    weight = module.weight.detach().to(torch.float32)  # type: ignore[union-attr]
+    weight = _param(module, "weight").to(torch.float32)
     rows, cols = weight.shape
-    scale = module.weight_scale.detach().to(torch.float32).reshape(rows, -1)  # type: ignore[union-attr]
+    scale = _param(module, "weight_scale").to(torch.float32).reshape(rows, -1)
     zp_param = getattr(module, "weight_zero_point", None)
     zero = (
         zp_param.detach().to(torch.float32).reshape(rows, -1)
@@ -273,22 +274,28 @@ def integer_codes(module: nn.Module) -> _Codes:
     )
 
 
-def _carriable(module: nn.Module | None, qtype: QT) -> bool:
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor)
+    return value.detach()
+
+
+def _carriable(module: nn.Module | None, qtype: QType) -> bool:
     """Whether ``module``'s scheme fits ``qtype``'s blocks (the codes are checked again when carried)."""
-    args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+    args: Any = getattr(getattr(module, "quantization_scheme", None), "weights", None)
     weight = getattr(module, "weight", None)
     if args is None or weight is None or str(args.type) != "int" or weight.shape[-1] % QK:
         return False
     if getattr(module, "weight_g_idx", None) is not None:
         return False
-    if qtype == QT.Q8_0:
+    if qtype == QType.Q8_0:
         return args.symmetric or args.num_bits == 4  # int4 (q - zp) is within int8
-    if qtype == QT.Q4_0:
+    if qtype == QType.Q4_0:
         return bool(args.symmetric) and args.num_bits == 4
     return args.num_bits == 4  # Q4_1
 
 
-def carry(module: nn.Module, qtype: QT) -> np.ndarray:
+def carry(module: nn.Module, qtype: QType) -> np.ndarray:
     """``module``'s codes as ``qtype`` blocks (uint8 ``[rows, bytes]``), checked against its weight by
     dequantizing them with ``gguf.quants``; :class:`EngineError` if a scale is no float16 value."""
     c = integer_codes(module)
@@ -301,14 +308,14 @@ def carry(module: nn.Module, qtype: QT) -> np.ndarray:
         )
     codes = c.codes.reshape(rows, cols // QK, QK)
     d_bytes = d.numpy().view(np.uint8).reshape(rows, cols // QK, 2)
-    if qtype == QT.Q8_0:
+    if qtype == QType.Q8_0:
         values = (codes - c.zero_point.unsqueeze(-1)).numpy().astype(np.int8).view(np.uint8)
         blocks = np.concatenate([d_bytes, values], axis=-1)
     else:
         nibbles = (codes + 8).numpy().astype(np.uint8)  # int4 codes -8..7 as 0..15
         packed = nibbles[..., :16] | (nibbles[..., 16:] << np.uint8(4))
         parts = [d_bytes, packed]
-        if qtype == QT.Q4_1:
+        if qtype == QType.Q4_1:
             m = -(c.zero_point.to(torch.float32) + 8) * c.scale
             m16 = m.to(torch.float16)
             if not torch.equal(m16.to(torch.float32), m):
@@ -320,9 +327,9 @@ def carry(module: nn.Module, qtype: QT) -> np.ndarray:
     return out
 
 
-def _check_carried(blocks: np.ndarray, qtype: QT, module: nn.Module) -> None:
+def _check_carried(blocks: np.ndarray, qtype: QType, module: nn.Module) -> None:
     """The blocks, dequantized by llama.cpp's reference code, must give the model's weight exactly."""
-    weight = module.weight.detach()  # type: ignore[union-attr]
+    weight = _param(module, "weight")
     restored = torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).to(weight.dtype)
     if not torch.equal(restored, weight.cpu()):
         worst = float((restored.float() - weight.float().cpu()).abs().max())
@@ -451,7 +458,7 @@ def _export_k_quant(
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = int(FILE_TYPES[gguf_type])
         params.nthread = max(torch.get_num_threads(), 1)
-        if llama_cpp.llama_model_quantize(str(f16).encode(), str(out_path).encode(), params) != 0:
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(out_path).encode(), ctypes.byref(params)) != 0:
             raise EngineError(f"llama.cpp could not quantize the model to {gguf_type}")
     callbacks.progress(1.0, f"quantized to {gguf_type} by llama.cpp")
     reader = gguf.GGUFReader(out_path)
@@ -460,9 +467,9 @@ def _export_k_quant(
         "type": gguf_type,
         "file_type": FILE_TYPES[gguf_type].name,
         "file_bytes": out_path.stat().st_size,
-        "tensor_types": dict(Counter(QT(int(t.tensor_type)).name for t in reader.tensors)),
+        "tensor_types": dict(Counter(QType(int(t.tensor_type)).name for t in reader.tensors)),
         "carried_tensors": 0,
-        "quantized_tensors": {t.name: QT(int(t.tensor_type)).name for t in reader.tensors if len(t.shape) > 1},
+        "quantized_tensors": {t.name: QType(int(t.tensor_type)).name for t in reader.tensors if len(t.shape) > 1},
         "full_precision_policy": "llama-quantize",
         "seconds": round(time.perf_counter() - started, 3),
     }

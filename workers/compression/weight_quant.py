@@ -48,7 +48,7 @@ def gguf_exact_scales() -> Iterator[None]:
     ``m = -d (zero_point + 8)`` (4 bits more) is a float16 too; their zero-points are recomputed from
     the rounded scale. The codes are then computed with these scales as usual (RTN, GPTQ, AWQ), so
     the model, its compressed-tensors checkpoint and the GGUF file hold the same numbers. The change
-    to the scales is at most 2⁻¹² (2⁻⁸ asymmetric) of their value; without this block nothing changes.
+    to the scales is at most 2⁻¹¹ (2⁻⁷ asymmetric) of their value; without this block nothing changes.
     """
     token = _GGUF_SCALES.set(True)
     try:
