@@ -385,6 +385,9 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     """
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [s.get("type") for s in steps]
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        # llama.cpp's BPE never prepends a space; transformers would, and every first word would differ.
+        raise EngineError("a ByteLevel pre-tokenizer with add_prefix_space has no llama.cpp equivalent")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):

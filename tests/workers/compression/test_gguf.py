@@ -189,8 +189,13 @@ def test_pre_tokenizer_names_follow_the_tokenizer_structure() -> None:
         return json.loads(tok.to_str())["pre_tokenizer"]
 
     assert pre_tokenizer_name(spec(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
-    smollm = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel()])
-    assert pre_tokenizer_name(spec(smollm)) == "smollm"
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    assert (
+        pre_tokenizer_name(spec(pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])))
+        == "smollm"
+    )
+    with pytest.raises(EngineError, match="add_prefix_space"):  # llama.cpp never prepends a space
+        pre_tokenizer_name(spec(pre_tokenizers.ByteLevel(add_prefix_space=True)))
     with pytest.raises(EngineError, match=r"no llama\.cpp equivalent"):
         pre_tokenizer_name(spec(pre_tokenizers.Whitespace()))
 
