@@ -400,8 +400,8 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def benchmarks_page(quant_prune: str, distill: str | None) -> str:
-    """``docs/BENCHMARKS.md``: this report (headings one level down) followed by the distillation report."""
+def benchmarks_page(quant_prune: str, distill: str | None, gguf: str | None = None) -> str:
+    """``docs/BENCHMARKS.md``: this report (headings one level down) followed by the distillation and GGUF reports."""
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in quant_prune.splitlines())
     parts = [
         "# ModelPress benchmarks",
@@ -416,6 +416,8 @@ def benchmarks_page(quant_prune: str, distill: str | None) -> str:
     ]
     if distill:
         parts += [distill.strip(), ""]
+    if gguf:
+        parts += [gguf.strip(), ""]
     return "\n".join(parts)
 
 
@@ -429,7 +431,15 @@ def main() -> None:
     text = render()
     args.out.write_text(text, encoding="utf-8")
     distill = ROOT / "docs" / "bench" / "distill.md"
-    args.page.write_text(benchmarks_page(text, distill.read_text() if distill.is_file() else None), encoding="utf-8")
+    gguf = ROOT / "docs" / "bench" / "gguf.md"  # written by bench/gguf_bench.py
+    args.page.write_text(
+        benchmarks_page(
+            text,
+            distill.read_text() if distill.is_file() else None,
+            gguf.read_text() if gguf.is_file() else None,
+        ),
+        encoding="utf-8",
+    )
     print(f"wrote {args.out} and {args.page}")
 
 

@@ -5,6 +5,7 @@ measurement reports interleaved speeds with their spread."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,19 @@ TEXT = (
 )
 
 
-def _trained(arch: str, steps: int = 20, **overrides: Any) -> tuple[torch.nn.Module, Any, torch.Tensor]:
+def _trained(arch: str) -> tuple[torch.nn.Module, Any, torch.Tensor]:
     """A tiny model trained a few steps on the test corpus, so that perplexity means something (~5 rather
-    than ~vocab size for random weights or ~1 once memorised). Returns it, its tokenizer and 64-token windows."""
+    than ~vocab size for random weights or ~1 once memorised). Returns a fresh copy of it, its tokenizer
+    and 64-token windows."""
+    model, tokenizer, windows = _train(arch)
+    return copy.deepcopy(model), tokenizer, windows
+
+
+@functools.cache
+def _train(arch: str, steps: int = 20) -> tuple[torch.nn.Module, Any, torch.Tensor]:
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer(VOCAB)
-    model = tiny_model(arch, vocab_size=VOCAB, **overrides)
+    model = tiny_model(arch, vocab_size=VOCAB)
     ids = tokenizer(sample_text(), return_tensors="pt").input_ids[0]
     windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -133,7 +141,7 @@ def test_llama_cpp_tokenizes_like_transformers(tmp_path: Path, pre: Any, name: s
 
 
 def test_structured_pruned_and_quantized_model_runs_in_llama_cpp(tmp_path: Path) -> None:
-    model, tokenizer, windows = _trained("llama", steps=30)
+    model, tokenizer, windows = _trained("llama")
     model = prune(model, PruneStep(algorithm="structured", targets={"heads": 0.5, "mlp": 0.3})).model
     assert model.config.num_attention_heads == 2 and model.config.intermediate_size % 32  # uneven MLP width
     with gguf_exact_scales():  # down_proj's input width is no multiple of 32: it stays out of the groups
