@@ -54,7 +54,7 @@ def more_bits_layers(n_layers: int) -> list[int]:
     return [i for i in range(n_layers) if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2]
 
 
-def modelpress_files(fresh: bool) -> dict[str, Any]:
+def modelpress_files(fresh: bool, only: list[str] | None = None) -> dict[str, Any]:
     """The three ModelPress exports, and ModelPress's own (transformers) perplexity of each model."""
     import torch
 
@@ -86,14 +86,16 @@ def modelpress_files(fresh: bool) -> dict[str, Any]:
         facts["mp-f16"] = {"export": export_gguf(model, tokenizer, OUT / "mp-f16.gguf", "f16")}
         facts["mp-f16"]["transformers_ppl"] = perplexity(model, windows)
     for name, (step, policy) in recipes.items():
-        if not fresh and (OUT / f"{name}.gguf").exists():
+        if (not fresh and (OUT / f"{name}.gguf").exists()) or (only is not None and name not in only):
             continue
         model = common.load_model()
         started = time.perf_counter()
         with torch.no_grad(), gguf_exact_scales():
             quantize(model, step, calibration=calibration)
         seconds = time.perf_counter() - started
-        export = export_gguf(model, tokenizer, OUT / f"{name}.gguf", "q4_0", full_precision=policy)
+        partial = OUT / f"{name}.partial.gguf"  # another run may be waiting for the file: rename when whole
+        export = export_gguf(model, tokenizer, partial, "q4_0", full_precision=policy)
+        partial.rename(OUT / f"{name}.gguf")
         facts[name] = {
             "quantize_s": round(seconds, 1),
             "export": export,
@@ -186,13 +188,59 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def page(record: dict[str, Any]) -> str:
+    """docs/bench/gguf.md: the table with the machine, load, date and what each line is."""
+    mp = record["modelpress"]
+    lines = [
+        "## GGUF: ModelPress exports against llama.cpp's own pipeline (issue 22)",
+        "",
+        f"_Measured {record['time']} by `bench/gguf_bench.py` on {record['env']['cpu']} "
+        f"(2 logical cores, shared); {record['env']['threads']} threads, batch 1; 1-minute load average "
+        f"{record['load_avg_before'][0]:.1f} before, {record['load_avg'][0]:.1f} after._",
+        "",
+        f"Every file is scored by the same llama.cpp code (`workers.compression.llamacpp`): perplexity from "
+        f"llama.cpp's logits over {record['eval_windows'][0]} x {record['eval_windows'][1]}-token windows of "
+        f"eval.txt (the windows `bench.common.perplexity` uses); prefill {record['prefill']} tokens, then "
+        f"{record['decode']} single-token decode steps, all files interleaved in the same {record['rounds']} "
+        "rounds. Speeds: median (min..max over rounds); speed-ups are per-round paired ratios against "
+        "`mp-f16`, `n.s.` where the range contains 1.0.",
+        "",
+        table(record),
+        "",
+        "- `mp-*`: ModelPress (`workers.compression.gguf.export_gguf`). `mp-gptq-q4_0`: GPTQ W4A16 g32 "
+        "symmetric under `gguf_exact_scales()`, `type: auto` (the GPTQ codes carried into Q4_0; tied "
+        "embedding/output Q8_0). `mp-gptq-mixed`: the same GPTQ, with attn_v and ffn_down of the layers "
+        "where llama.cpp's Q4_K_M uses Q6_K left out of GPTQ and written Q8_0 (`full_precision: q8_0`).",
+        "- `lc-*`: llama.cpp's converter (`convert_hf_to_gguf.py --outtype f16`) and `llama-quantize` "
+        "(Q4_0, Q4_K_M; `-imatrix`: with `llama-imatrix` over calib.txt, 32 chunks x 256 tokens).",
+    ]
+    for name in ("mp-gptq-q4_0", "mp-gptq-mixed"):
+        if name in mp and name in record["files"]:
+            ours, theirs = mp[name]["transformers_ppl"], record["files"][name]["perplexity"]
+            lines.append(
+                f"- `{name}`: ModelPress's own (transformers) perplexity of the quantized model {ours:.3f}; "
+                f"llama.cpp's of the file {theirs:.3f} ({100 * (theirs / ours - 1):+.2f} %)."
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fresh", action="store_true", help="remake every file")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--report", action="store_true", help="only re-render docs/bench/gguf.md from the last result")
+    parser.add_argument("--make", nargs="+", help="only make these ModelPress files, no measurement")
     args = parser.parse_args()
+    doc = common.ROOT / "docs" / "bench" / "gguf.md"
+    if args.report:
+        last = (common.RESULTS / "gguf.jsonl").read_text(encoding="utf-8").splitlines()[-1]
+        doc.write_text(page(json.loads(last)), encoding="utf-8")
+        return
     common.limit_threads()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.make:
+        print(json.dumps(modelpress_files(args.fresh, only=args.make), default=str))
+        return
     load_before = common.load_avg()
     started = time.perf_counter()
     modelpress = modelpress_files(args.fresh)
@@ -209,6 +257,8 @@ def main() -> None:
         "total_s": round(time.perf_counter() - started, 1),
     }
     common.write_result("gguf.jsonl", record)
+    last = (common.RESULTS / "gguf.jsonl").read_text(encoding="utf-8").splitlines()[-1]
+    doc.write_text(page(json.loads(last)), encoding="utf-8")
     print(table(result))
 
 
