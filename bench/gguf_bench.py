@@ -230,6 +230,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--report", action="store_true", help="only re-render docs/bench/gguf.md from the last result")
     parser.add_argument("--make", nargs="+", help="only make these ModelPress files, no measurement")
+    parser.add_argument("--measure", action="store_true", help="only measure the files already made")
     args = parser.parse_args()
     doc = common.ROOT / "docs" / "bench" / "gguf.md"
     if args.report:
@@ -243,9 +244,10 @@ def main() -> None:
         return
     load_before = common.load_avg()
     started = time.perf_counter()
-    modelpress = modelpress_files(args.fresh)
-    pipeline_s = llama_cpp_files(args.fresh)
+    modelpress = modelpress_files(args.fresh, only=[] if args.measure else None)
+    pipeline_s = {} if args.measure else llama_cpp_files(args.fresh)
     files = ["mp-f16", "mp-gptq-q4_0", "mp-gptq-mixed", "lc-f16", "lc-q4_0", "lc-q4_k_m", "lc-q4_k_m-imatrix"]
+    files = [name for name in files if (OUT / f"{name}.gguf").exists()]
     result = measure(files, args.rounds)
     record = {
         "bench": "gguf",
