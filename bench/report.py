@@ -400,9 +400,10 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def benchmarks_page(quant_prune: str, distill: str | None, vllm: str | None = None) -> str:
-    """``docs/BENCHMARKS.md``: this report (headings one level down), then the distillation report and the
-    vLLM check (``docs/bench/vllm.md``, written by ``python -m bench.vllm_check table``)."""
+def benchmarks_page(quant_prune: str, distill: str | None, *sections: str | None) -> str:
+    """``docs/BENCHMARKS.md``: this report (headings one level down), then the distillation report and the other
+    benchmark pages given (``docs/bench/gguf.md`` from bench/gguf_bench.py, ``docs/bench/vllm.md`` from
+    ``python -m bench.vllm_check table``)."""
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in quant_prune.splitlines())
     parts = [
         "# ModelPress benchmarks",
@@ -417,8 +418,9 @@ def benchmarks_page(quant_prune: str, distill: str | None, vllm: str | None = No
     ]
     if distill:
         parts += [distill.strip(), ""]
-    if vllm:
-        parts += [vllm.strip(), ""]
+    for section in sections:
+        if section:
+            parts += [section.strip(), ""]
     return "\n".join(parts)
 
 
@@ -432,10 +434,12 @@ def main() -> None:
     text = render()
     args.out.write_text(text, encoding="utf-8")
     distill = ROOT / "docs" / "bench" / "distill.md"
-    vllm = ROOT / "docs" / "bench" / "vllm.md"
+    pages = [ROOT / "docs" / "bench" / name for name in ("gguf.md", "vllm.md")]
     args.page.write_text(
         benchmarks_page(
-            text, distill.read_text() if distill.is_file() else None, vllm.read_text() if vllm.is_file() else None
+            text,
+            distill.read_text() if distill.is_file() else None,
+            *(page.read_text() if page.is_file() else None for page in pages),
         ),
         encoding="utf-8",
     )

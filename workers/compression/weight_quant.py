@@ -24,6 +24,9 @@ from compressed_tensors.quantization.utils import calculate_qparams, calculate_r
 # whose point is its footprint, runs the torch loops instead (a few seconds slower on a 135M model).
 _COMPILED_KERNELS: ContextVar[bool] = ContextVar("compiled_kernels", default=True)
 
+# Integer weight scales made exactly representable as GGUF block scales (see gguf_exact_scales).
+_GGUF_SCALES: ContextVar[bool] = ContextVar("gguf_exact_scales", default=False)
+
 
 @contextmanager
 def without_compiled_kernels() -> Iterator[None]:
@@ -33,6 +36,25 @@ def without_compiled_kernels() -> Iterator[None]:
         yield
     finally:
         _COMPILED_KERNELS.reset(token)
+
+
+@contextmanager
+def gguf_exact_scales() -> Iterator[None]:
+    """Within the block, integer weight scales are ones a GGUF block stores exactly, so that a GGUF export
+    can carry the codes and scales with no re-rounding (:mod:`workers.compression.gguf`).
+
+    GGUF block scales are float16: every scale is rounded to a value that both float16 and the weight's
+    dtype hold. Asymmetric scales keep at most 7 significant bits, so that ``Q4_1``'s minimum
+    ``m = -d (zero_point + 8)`` (4 bits more) is a float16 too; their zero-points are recomputed from
+    the rounded scale. The codes are then computed with these scales as usual (RTN, GPTQ, AWQ), so
+    the model, its compressed-tensors checkpoint and the GGUF file hold the same numbers. The change
+    to the scales is at most 2⁻¹¹ (2⁻⁷ asymmetric) of their value; without this block nothing changes.
+    """
+    token = _GGUF_SCALES.set(True)
+    try:
+        yield
+    finally:
+        _GGUF_SCALES.reset(token)
 
 
 def use_compiled_kernels(device: torch.device) -> bool:
@@ -79,7 +101,26 @@ def weight_qparams(
     if group is None:
         lo, hi = lo.reshape(rows, 1), hi.reshape(rows, 1)
     scale, zero_point = calculate_qparams(lo, hi, args)
+    if _GGUF_SCALES.get() and args.type == QuantizationType.INT:
+        scale, zero_point = _gguf_representable(scale, zero_point, lo, args, weight.dtype)
     return scale.to(weight.dtype), zero_point
+
+
+def _gguf_representable(
+    scale: torch.Tensor, zero_point: torch.Tensor, lo: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` rounded to a float16 value that ``dtype`` holds too (see :func:`gguf_exact_scales`), and
+    the zero-point recomputed from it as ``calculate_qparams`` does."""
+    s = scale.to(torch.float32)
+    if not args.symmetric:
+        mantissa, exponent = torch.frexp(s)
+        s = torch.ldexp(torch.round(mantissa * 128) / 128, exponent)  # 7 significant bits
+    s = s.to(dtype).to(torch.float16).to(torch.float32)
+    if args.symmetric:
+        return s, zero_point
+    q_min, q_max = calculate_range(args, s.device)
+    zp = torch.clamp(torch.round(q_min - torch.clamp(lo, max=0.0) / s), float(q_min), float(q_max))
+    return s, zp.to(zero_point.dtype)
 
 
 # Range shrink factors tried by the clip search (1.0 = plain min/max).
