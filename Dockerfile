@@ -20,6 +20,11 @@ CMD ["modelpress", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
 # torch==2.13.0 from PyPI is the CUDA build on Linux: the same image serves GPU and CPU workers.
-RUN pip install ".[worker]"
+# llama-cpp-python (GGUF exports measured in llama.cpp) compiles at install: the library alone, portable AVX2.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
+       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+       pip install ".[worker,gguf]" \
+    && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 USER modelpress
 CMD ["modelpress", "worker", "--queues", "cpu"]

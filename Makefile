@@ -6,11 +6,18 @@ PORT   ?= 8000
 
 .PHONY: dev test test-fast install lint typecheck bench clean
 
+# llama.cpp (the `gguf` extra: GGUF exports measured in the runtime that serves them) builds from source at
+# install: the library alone, portable AVX2 (these machines change CPU between sessions), no tools or examples.
+# pip's wheel cache keeps the build, so only the first install pays for it (22 min on 2 loaded cores).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DGGML_OPENMP=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+
 $(BIN)/modelpress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build this project is developed and tested with.
-	$(BIN)/pip install --quiet -e ".[worker,dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet -e ".[worker,gguf,dev]"
 	@touch $@
 
 install: $(BIN)/modelpress

@@ -38,7 +38,7 @@ def test_dockerfile_api_image_has_no_torch() -> None:
     assert {"base", "api", "worker"} <= set(stages)
     api_stage = text.split("FROM base AS api", 1)[1].split("FROM base AS worker", 1)[0]
     assert "pip install .\n" in api_stage and "[worker]" not in api_stage
-    assert 'pip install ".[worker]"' in text
+    assert 'pip install ".[worker,gguf]"' in text.split("FROM base AS worker", 1)[1]
 
 
 def test_api_process_never_loads_torch() -> None:
