@@ -11,6 +11,6 @@ import loads neither torch nor the server's web or database stack, and ``import 
 # The one place the client names where the step models live: the engines' recipe vocabulary, and the
 # service's distill step (whose student may also be an upload or an s3:// model).
 from app.jobs.spec import DistillJobStep as DistillStep
-from workers.compression.recipe import PruneStep, QuantizeStep
+from workers.compression.recipe import ExportStep, PruneStep, QuantizeStep
 
-__all__ = ["DistillStep", "PruneStep", "QuantizeStep"]
+__all__ = ["DistillStep", "ExportStep", "PruneStep", "QuantizeStep"]

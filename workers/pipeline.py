@@ -6,8 +6,10 @@ load the model safely, measure it, run the steps in order, save, measure again, 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,8 +28,10 @@ from workers.compression.recipe import (
     PruneStep,
     QuantizeStep,
     Recipe,
+    export_type,
     group_size_problem,
 )
+from workers.compression.weight_quant import gguf_exact_scales
 from workers.reporting import build_report, write_report_files
 
 StepHook = Callable[[int, str, dict[str, Any]], None]
@@ -114,9 +118,11 @@ class _StepContext:
     """What an engine call may need besides its model and config."""
 
     index: int
+    steps: list[Any]
     tokenizer: Any
     texts: _Texts
     inputs: PipelineInputs
+    out_dir: Path
     callbacks: Callbacks
 
 
@@ -164,10 +170,26 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
     )
 
 
+def _export_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
+    from workers.compression.gguf import export_gguf
+
+    try:
+        gguf_type = export_type(ctx.steps, ctx.index)
+    except ValueError as exc:  # refused at submission; a recipe file reaches here unchecked only by hand
+        raise EngineError(f"steps[{ctx.index}] (export): {exc}") from exc
+    path = ctx.out_dir / "model.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    facts = export_gguf(
+        model, ctx.tokenizer, path, gguf_type, full_precision=step.full_precision, callbacks=ctx.callbacks
+    )
+    return StepOutcome(model=model, facts=facts)
+
+
 ENGINES: dict[str, Callable[[nn.Module, Any, _StepContext], StepOutcome]] = {
     "quantize": _quantize_step,
     "prune": _prune_step,
     "distill": _distill_step,
+    "export": _export_step,
 }
 """A step's ``method`` → the call of its engine (the one place a step type meets its engine)."""
 
@@ -203,8 +225,8 @@ def run_pipeline(
     on_step: StepHook | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` on the model in ``inputs.model_dir``; write ``out_dir/{model/, report.json, report.png,
-    README.md}`` and return the report. Raises :class:`EngineError` for problems the user can fix and
-    ``StepCancelled`` when ``callbacks.should_stop()`` turns true."""
+    README.md}`` (+ ``model.gguf`` for an export step) and return the report. Raises :class:`EngineError` for
+    problems the user can fix and ``StepCancelled`` when ``callbacks.should_stop()`` turns true."""
     callbacks = callbacks or Callbacks()
     on_step = on_step or (lambda _i, _s, _e: None)
     started = time.perf_counter()
@@ -220,72 +242,120 @@ def run_pipeline(
     check_shapes(recipe, model)
 
     callbacks.progress(0.01, "measuring the original model")
-    baseline = evaluate(
-        model,
-        tokenizer,
-        eval_ids=texts.eval_ids,
-        model_dir=inputs.model_dir,
-        measure_speed=inputs.measure_speed,
-        callbacks=callbacks.scaled(0.01, 0.1),
-    )
+    measure = partial(evaluate, tokenizer=tokenizer, eval_ids=texts.eval_ids, measure_speed=inputs.measure_speed)
+    baseline = measure(model, model_dir=inputs.model_dir, callbacks=callbacks.scaled(0.01, 0.1))
+    with tempfile.TemporaryDirectory(prefix="modelpress-runtime-") as scratch:
+        runtime = GgufRuntime.prepare(recipe, model, tokenizer, inputs, Path(scratch), callbacks.scaled(0.1, 0.12))
 
-    step_records: list[dict[str, Any]] = []
-    span = 0.75 / len(recipe.steps)
-    for index, step in enumerate(recipe.steps):
+        def run_one(index: int, step: Any, current: Any, step_callbacks: Callbacks) -> StepOutcome:
+            ctx = _StepContext(index, recipe.steps, tokenizer, texts, inputs, out_dir, step_callbacks)
+            return ENGINES[step.method](current, step, ctx)
+
+        with gguf_exact_scales() if runtime.exports else nullcontext():
+            step_records, model = _run_steps(recipe, run_one, callbacks.scaled(0.12, 0.85), on_step, model)
+
         callbacks.check()
-        on_step(index, "running", {})
-        begin = time.perf_counter()
-        label = f"step {index + 1}/{len(recipe.steps)} ({step.method})"
-        step_callbacks = callbacks.scaled(0.1 + index * span, 0.1 + (index + 1) * span)
-        labelled = Callbacks(
-            progress=partial(_labelled_progress, step_callbacks, label),
-            should_stop=callbacks.should_stop,
-            metrics=partial(_step_metrics, callbacks, index),
-        )
-        try:
-            outcome = ENGINES[step.method](model, step, _StepContext(index, tokenizer, texts, inputs, labelled))
-        except BaseException:
-            on_step(index, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
-            raise
-        model = outcome.model
-        duration = round(time.perf_counter() - begin, 3)
-        on_step(index, "succeeded", {"duration_s": duration})
-        step_records.append(
-            {
-                "method": step.method,
-                "params": step.model_dump(mode="json"),
-                "duration_s": duration,
-                "details": outcome.facts,
-            }
-        )
-
-    callbacks.check()
-    callbacks.progress(0.85, "saving the compressed model")
-    model_out = out_dir / "model"
-    save_model(model, tokenizer, model_out)
-
-    # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
-    callbacks.progress(0.9, "measuring the compressed model")
-    del model
-    reloaded, _ = load_model(model_out)
-    result = evaluate(
-        reloaded,
-        tokenizer,
-        eval_ids=texts.eval_ids,
-        model_dir=model_out,
-        measure_speed=inputs.measure_speed,
-        callbacks=callbacks.scaled(0.9, 0.99),
-    )
+        callbacks.progress(0.85, "saving the compressed model")
+        model_out = out_dir / "model"
+        save_model(model, tokenizer, model_out)
+        # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
+        callbacks.progress(0.88, "measuring the compressed model")
+        del model
+        reloaded, _ = load_model(model_out)
+        result = measure(reloaded, model_dir=model_out, callbacks=callbacks.scaled(0.88, 0.93))
+        runtimes = runtime.measure(out_dir, texts.eval_ids, callbacks.scaled(0.93, 0.99))
     report = build_report(
         baseline,
         result,
         step_records,
         duration_s=round(time.perf_counter() - started, 3),
         evaluation_info=texts.evaluation_info(),
+        runtimes=runtimes,
+        notes=runtime.notes,
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")
     return report
+
+
+def _run_steps(
+    recipe: Recipe,
+    run_one: Callable[[int, Any, Any, Callbacks], StepOutcome],
+    callbacks: Callbacks,
+    on_step: StepHook,
+    model: Any = None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """The step loop of both memory modes: ``run_one(index, step, model, callbacks)`` runs a step on the model
+    the steps before it made (``model`` at first); here are each step's progress share and label, its state
+    changes through ``on_step`` and its record for the report. Returns the records and the last model."""
+    records: list[dict[str, Any]] = []
+    span = 1.0 / len(recipe.steps)
+    for index, step in enumerate(recipe.steps):
+        callbacks.check()
+        on_step(index, "running", {})
+        begin = time.perf_counter()
+        label = f"step {index + 1}/{len(recipe.steps)} ({step.method})"
+        labelled = Callbacks(
+            progress=partial(_labelled_progress, callbacks.scaled(index * span, (index + 1) * span), label),
+            should_stop=callbacks.should_stop,
+            metrics=partial(_step_metrics, callbacks, index),
+        )
+        try:
+            outcome = run_one(index, step, model, labelled)
+        except BaseException:
+            on_step(index, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
+            raise
+        model = outcome.model
+        duration = round(time.perf_counter() - begin, 3)
+        on_step(index, "succeeded", {"duration_s": duration})
+        params = step.model_dump(mode="json")
+        records.append({"method": step.method, "params": params, "duration_s": duration, "details": outcome.facts})
+    return records, model
+
+
+@dataclass
+class GgufRuntime:
+    """An export step's serving-runtime measurement: the original model exported unquantized (F16) before the
+    steps run, then both files run by llama.cpp (the report's ``runtimes``), so that a speed-up compares like
+    with like. Nothing when the recipe exports nothing; a note instead when llama.cpp cannot measure."""
+
+    exports: bool
+    baseline: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def prepare(
+        cls, recipe: Recipe, model: nn.Module, tokenizer: Any, inputs: PipelineInputs, scratch: Path, cb: Callbacks
+    ) -> GgufRuntime:
+        runtime = cls(exports=any(step.method == "export" for step in recipe.steps))
+        if not runtime.exports:
+            return runtime
+        if not inputs.measure_speed:
+            runtime.notes.append("The GGUF file was not measured in llama.cpp (speed measurement was off).")
+            return runtime
+        from workers.compression.gguf import export_gguf
+        from workers.compression.llamacpp import load_llama_cpp
+
+        try:
+            load_llama_cpp()
+        except EngineError as exc:
+            runtime.notes.append(f"The GGUF file was not measured in llama.cpp: {exc}")
+            return runtime
+        cb.progress(0.0, "exporting the original model to GGUF (F16) for the runtime baseline")
+        runtime.baseline = scratch / "baseline-f16.gguf"
+        export_gguf(model, tokenizer, runtime.baseline, "f16", callbacks=cb)
+        return runtime
+
+    def measure(self, out_dir: Path, eval_ids: torch.Tensor | None, cb: Callbacks) -> dict[str, Any] | None:
+        if self.baseline is None:
+            return None
+        if eval_ids is None:
+            self.notes.append("The GGUF file was not measured in llama.cpp: no evaluation text to score it on.")
+            return None
+        from workers.compression.llamacpp import measure_gguf
+
+        cb.progress(0.0, "measuring the GGUF files in llama.cpp")
+        return {"llama.cpp": measure_gguf(out_dir / "model.gguf", self.baseline, eval_ids, callbacks=cb)}
 
 
 # ---------------------------------------------------------------- low-memory mode (layer streaming)
@@ -331,10 +401,9 @@ def _run_low_memory(
     """:func:`run_pipeline` for a one-quantize-step recipe, through the layer-streaming engine."""
     from workers.compression.evaluate import count_parameters, directory_size
     from workers.compression.export import check_model_dir, load_tokenizer
-    from workers.compression.streaming import meta_model, quantize_streaming
+    from workers.compression.streaming import StreamResult, meta_model, quantize_streaming
 
-    step = recipe.steps[0]
-    assert isinstance(step, QuantizeStep)
+    assert isinstance(recipe.steps[0], QuantizeStep)
     callbacks.progress(0.0, "reading the model config (low-memory mode)")
     check_model_dir(inputs.model_dir, max_bytes=inputs.max_model_bytes)
     tokenizer = load_tokenizer(inputs.model_dir)
@@ -343,23 +412,19 @@ def _run_low_memory(
     texts = _prepare_texts(tokenizer, recipe, inputs)
     original_params, original_mix = count_parameters(meta_model(inputs.model_dir))
 
-    on_step(0, "running", {})
-    begin = time.perf_counter()
     model_out = out_dir / "model"
-    try:
+    streamed: list[StreamResult] = []
+
+    def run_one(_index: int, step: Any, _model: Any, step_callbacks: Callbacks) -> StepOutcome:
         outcome, stream = quantize_streaming(
-            inputs.model_dir,
-            step,
-            model_out,
-            calibration=texts.calibration,
-            eval_ids=texts.eval_ids,
-            callbacks=callbacks.scaled(0.02, 0.97),
-        )
-    except BaseException:
-        on_step(0, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
-        raise
-    duration = round(time.perf_counter() - begin, 3)
-    on_step(0, "succeeded", {"duration_s": duration})
+            inputs.model_dir, step, model_out, calibration=texts.calibration, eval_ids=texts.eval_ids,
+            callbacks=step_callbacks,
+        )  # fmt: skip
+        streamed.append(stream)
+        return outcome
+
+    step_records, _ = _run_steps(recipe, run_one, callbacks.scaled(0.02, 0.97), on_step)
+    stream = streamed[0]
     params, mix = count_parameters(stream.model)
 
     def metrics(perplexity: float | None, parameters: int, dtypes: dict[str, int], size: int) -> dict[str, Any]:
@@ -381,14 +446,7 @@ def _run_low_memory(
     report = build_report(
         metrics(stream.perplexity_before, original_params, original_mix, directory_size(inputs.model_dir)),
         metrics(stream.perplexity_after, params, mix, directory_size(model_out)),
-        [
-            {
-                "method": step.method,
-                "params": step.model_dump(mode="json"),
-                "duration_s": duration,
-                "details": outcome.facts,
-            }
-        ],
+        step_records,
         duration_s=round(time.perf_counter() - started, 3),
         evaluation_info=texts.evaluation_info(),
         notes=[LOW_MEMORY_NOTE],

@@ -95,8 +95,19 @@ class Summary(_Schema):
 
     size_ratio: float | None = Field(description="result size / baseline size (0.25 = 4x smaller)")
     perplexity_delta_pct: float | None = Field(description="(result - baseline) / baseline * 100; + is worse")
-    decode_speedup: float | None = Field(description="result decode tokens/s / baseline (>1 = faster)")
+    decode_speedup: float | None = Field(
+        description="result decode tokens/s / baseline (>1 = faster), in the serving runtime named by speed_runtime"
+    )
     prefill_speedup: float | None = Field(description="result prefill tokens/s / baseline (>1 = faster)")
+    speed_runtime: str | None = Field(
+        default=None,
+        description="where the speed-ups were measured: 'llama.cpp' (the exported GGUF against the same model "
+        "exported F16) or 'transformers' (eager PyTorch, where quantized weights run dequantized)",
+    )
+    speedup_significant: bool | None = Field(
+        default=None,
+        description="llama.cpp only: false when the per-round decode speed-ups straddle 1.0 (machine noise)",
+    )
     parameters_ratio: float | None = Field(default=None, description="result parameters / baseline")
     memory_ratio: float | None = Field(default=None, description="result peak memory / baseline")
 
@@ -135,6 +146,12 @@ class Report(_Schema):
     evaluation: EvaluationInfo
     environment: Environment
     warnings: list[str] = Field(default_factory=list, description="things a reader should know about the numbers")
+    runtimes: dict[str, Any] | None = Field(
+        default=None,
+        description="measurements in serving runtimes, by name: 'llama.cpp' for a GGUF export (size, perplexity "
+        "from its own logits on the same windows, prefill/decode tokens/s at batch 1 with spreads and CPU time, "
+        "paired speed-ups against the F16 export)",
+    )
 
 
 def report_json_schema() -> dict[str, Any]:
@@ -186,13 +203,15 @@ def build_report(
     evaluation_info: Mapping[str, Any],
     environment: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    runtimes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble and validate report.json as a plain dict.
 
     ``baseline``/``result``: :class:`~workers.compression.evaluate.Evaluation` objects or their dicts.
     ``steps``: ``{"method", "params", "duration_s", "details"}`` per step. ``evaluation_info``:
     ``{"source", "seq_len", "tokens"}`` (+ optional ``windows``). ``environment`` overrides the
-    detected package versions and device. ``notes`` are added to the warnings as they are.
+    detected package versions and device. ``notes`` are added to the warnings as they are. ``runtimes``: the
+    serving-runtime measurements (``{"llama.cpp": ...}``); their speed-ups become the summary's headline.
     """
     base, res = _as_dict(baseline), _as_dict(result)
     warnings: list[str] = list(notes)
@@ -236,6 +255,7 @@ def build_report(
         "environment": env,
         "warnings": warnings,
         "summary": {},
+        "runtimes": dict(runtimes) if runtimes else None,
     }
     # Validate first (NaN -> null happens here), then compute the summary from the clean numbers.
     model = Report.model_validate({**draft, "summary": _EMPTY_SUMMARY})
@@ -248,9 +268,22 @@ def build_report(
         perplexity_delta_pct=ppl_delta,
         decode_speedup=_ratio(r.decode_tokens_per_s, b.decode_tokens_per_s),
         prefill_speedup=_ratio(r.prefill_tokens_per_s, b.prefill_tokens_per_s),
+        speed_runtime="transformers" if r.decode_tokens_per_s is not None else None,
         parameters_ratio=_ratio(r.parameters, b.parameters),
         memory_ratio=_ratio(r.peak_memory_bytes, b.peak_memory_bytes),
     )
+    llama = (model.runtimes or {}).get("llama.cpp")
+    if llama:
+        # The number a user sees where they serve the model: the GGUF against the same model in F16, in llama.cpp.
+        model.summary.decode_speedup = llama["decode_speedup"]["median"]
+        model.summary.prefill_speedup = llama["prefill_speedup"]["median"]
+        model.summary.speed_runtime = "llama.cpp"
+        model.summary.speedup_significant = bool(llama["decode_speedup"]["significant"])
+        if not model.summary.speedup_significant:
+            model.warnings.append(
+                "The llama.cpp decode speed-up is within this machine's noise (its per-round ratios straddle 1.0): "
+                "not a measured difference."
+            )
     report = model.model_dump(mode="json")
     validate_report(report)
     return report
@@ -362,6 +395,11 @@ def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = N
         ("Prefill speed", "tokens/s", "speed", base.get("prefill_tokens_per_s"), res.get("prefill_tokens_per_s"), 1.0),
         ("Decode speed", "tokens/s", "speed", base.get("decode_tokens_per_s"), res.get("decode_tokens_per_s"), 1.0),
     ]
+    llama = (report.get("runtimes") or {}).get("llama.cpp")
+    if llama:  # the serving runtime's speeds: the GGUF against the F16 export, both in llama.cpp
+        for index, key, name in ((2, "prefill_tok_s", "Prefill"), (3, "decode_tok_s", "Decode")):
+            before, after = llama["baseline"][key]["median"], llama["result"][key]["median"]
+            panels[index] = (f"{name} (llama.cpp)", "tokens/s", "speed", before, after, 1.0)
     colors = ("#9aa5b1", "#2f6fdf")  # grey = original, blue = compressed
     fig, axes = plt.subplots(1, len(panels), figsize=CHART_SIZE_IN, dpi=CHART_DPI)
     try:
@@ -447,18 +485,64 @@ def _short(value: float) -> str:
 
 
 def model_card(report: Mapping[str, Any], *, model_name: str, model_path: str = "./model") -> str:
-    """README.md for the compressed model: what was done, the numbers, how to load it.
+    """README.md for the compressed model: what was done, the numbers (the serving runtime's first), how to run it.
 
     ``model_path`` is the model directory as a reader of this README should write it: the default
-    ``./model`` matches the artifact layout (README.md beside ``model/``); pass ``"."`` for a README
-    placed inside the model directory.
+    ``./model`` matches the artifact layout (README.md beside ``model/``, ``model.gguf`` beside both); pass
+    ``"."`` for a README placed inside the model directory.
     """
     base, res = report["baseline"], report["result"]
-    evaluation = report.get("evaluation") or {}
     env = report.get("environment") or {}
-    quantized = any(
-        not kind.startswith(("float", "bfloat")) or kind.startswith("float8") for kind in res.get("dtypes") or {}
-    )
+    exported = any(s.get("method") == "export" for s in report.get("steps", []))
+    parent = model_path.rstrip("/").rsplit("/", 1)[0] if "/" in model_path else "."
+    gguf_path = "../model.gguf" if model_path == "." else f"{parent}/model.gguf"
+    step_lines = []
+    for index, step in enumerate(report.get("steps", []), start=1):
+        params = json.dumps(step.get("params") or {}, sort_keys=True)
+        step_lines.append(f"{index}. **{step.get('method')}** ({step.get('duration_s', 0):.1f} s): `{params}`")
+    mix = ", ".join(f"{kind}: {format_count(n)}" for kind, n in (res.get("dtypes") or {}).items()) or "n/a"
+    tags = ["modelpress", "compressed", *sorted({str(s.get("method")) for s in report.get("steps", [])})]
+    lines = [
+        "---", "library_name: transformers", "tags:", *[f"- {tag}" for tag in tags], "---", "",
+        f"# {model_name} (compressed by ModelPress)", "",
+        f"**Pipeline:** {steps_line(report)}", "",
+        "## What was done", "", *step_lines, "",
+        f"Total job time: {report.get('duration_s', 0):.1f} s.", "",
+        *_runtime_lines(report),
+        "## Results in transformers" if exported else "## Results", "",
+        *_results_table(base, res), "",
+        f"Parameter mix after compression: {mix}.", "",
+        *_method_lines(report),
+        "### Sample (greedy)", "",
+        f"Prompt: `{base.get('sample_prompt') or res.get('sample_prompt') or ''}`", "",
+        f"- Original: {_quote(base.get('sample'))}",
+        f"- Compressed: {_quote(res.get('sample'))}", "",
+        *_usage_lines(model_path, gguf_path if exported else None),
+    ]  # fmt: skip
+    notes = list(report.get("warnings") or [])
+    if _is_quantized(res):
+        notes.append(
+            "The weights are stored in the compressed-tensors format: transformers needs "
+            "`pip install compressed-tensors` to load them; vLLM reads the format natively."
+        )
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    lines += [
+        "## Environment",
+        "",
+        f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
+        f"report schema {report.get('version', '?')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _is_quantized(metrics: Mapping[str, Any]) -> bool:
+    kinds = metrics.get("dtypes") or {}
+    return any(not kind.startswith(("float", "bfloat")) or kind.startswith("float8") for kind in kinds)
+
+
+def _results_table(base: Mapping[str, Any], res: Mapping[str, Any]) -> list[str]:
     # (label, report key, formatter, how to phrase the change; None = plain percentage)
     rows: list[tuple[str, str, Any, str | None]] = [
         ("Size on disk", "size_bytes", format_bytes, "size"),
@@ -473,95 +557,87 @@ def model_card(report: Mapping[str, Any], *, model_name: str, model_path: str = 
         before, after = base.get(key), res.get(key)
         change = _change(kind, before, after) if kind else _pct_change(before, after)
         table.append(f"| {label} | {fmt(before)} | {fmt(after)} | {change} |")
+    return table
 
-    step_lines = []
-    for index, step in enumerate(report.get("steps", []), start=1):
-        params = json.dumps(step.get("params") or {}, sort_keys=True)
-        step_lines.append(f"{index}. **{step.get('method')}** ({step.get('duration_s', 0):.1f} s): `{params}`")
 
-    mix = ", ".join(f"{kind}: {format_count(n)}" for kind, n in (res.get("dtypes") or {}).items()) or "n/a"
-    notes = list(report.get("warnings") or [])
-    if quantized:
-        notes.append(
-            "The weights are stored in the compressed-tensors format: transformers needs "
-            "`pip install compressed-tensors` to load them; vLLM reads the format natively."
-        )
-    tags = ["modelpress", "compressed", *sorted({str(s.get("method")) for s in report.get("steps", [])})]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        *[f"- {tag}" for tag in tags],
-        "---",
+def _runtime_lines(report: Mapping[str, Any]) -> list[str]:
+    """The serving runtime's numbers, first: the GGUF against the same model exported F16, both in llama.cpp."""
+    llama = (report.get("runtimes") or {}).get("llama.cpp")
+    if not llama:
+        return []
+    base, res = llama["baseline"], llama["result"]
+
+    def speed(side: Mapping[str, Any], key: str) -> str:
+        value = side[key]
+        return f"{value['median']:.1f} ({value['min']:.1f}-{value['max']:.1f})"
+
+    def ratio(value: Mapping[str, Any]) -> str:
+        flag = "" if value.get("significant") else " (within noise)"
+        return f"x{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f}){flag}"
+
+    return [
+        "## Results in llama.cpp (where this GGUF runs)",
         "",
-        f"# {model_name} (compressed by ModelPress)",
+        "| Metric | F16 export | model.gguf | Change |",
+        "|---|---:|---:|---|",
+        f"| File size | {format_bytes(base['file_bytes'])} | {format_bytes(res['file_bytes'])} | "
+        f"{llama['size_ratio']:.2f}x smaller |",
+        f"| Perplexity | {_fmt_number(base['perplexity'])} | {_fmt_number(res['perplexity'])} | "
+        f"{_pct_change(base['perplexity'], res['perplexity'])} |",
+        f"| Prefill (tokens/s) | {speed(base, 'prefill_tok_s')} | {speed(res, 'prefill_tok_s')} | "
+        f"{ratio(llama['prefill_speedup'])} |",
+        f"| Decode (tokens/s) | {speed(base, 'decode_tok_s')} | {speed(res, 'decode_tok_s')} | "
+        f"{ratio(llama['decode_speedup'])} |",
         "",
-        f"**Pipeline:** {steps_line(report)}",
+        f"llama.cpp {llama.get('version') or ''} at batch 1 on {llama['threads']} threads: the two files timed in the "
+        f"same {llama['rounds']} rounds, order alternating; medians with (min-max) over rounds, speed-ups the median "
+        f"of per-round ratios (per CPU-second: decode x{llama['decode_speedup_per_cpu_s']['median']:.2f}). "
+        "Perplexity from llama.cpp's own logits on the same windows as below.",
         "",
-        "## What was done",
-        "",
-        *step_lines,
-        "",
-        f"Total job time: {report.get('duration_s', 0):.1f} s.",
-        "",
-        "## Results",
-        "",
-        *table,
-        "",
-        f"Parameter mix after compression: {mix}.",
-        "",
+    ]
+
+
+def _method_lines(report: Mapping[str, Any]) -> list[str]:
+    evaluation, env = report.get("evaluation") or {}, report.get("environment") or {}
+    return [
         f"Perplexity was measured on **{evaluation.get('source', '?')}** text: "
         f"{evaluation.get('tokens', 0):,} tokens in non-overlapping windows of {evaluation.get('seq_len', '?')} "
         "tokens, each scored independently. Speed is batch 1 "
-        f"on {env.get('device', '?')}: prefill over a prompt, decode as greedy generation with the KV cache; "
-        "one warm-up, median of the timed runs. See `report.json` for every number and `report.png` for a chart.",
+        f"on {env.get('device', '?')} in eager PyTorch (quantized weights run dequantized there): prefill over a "
+        "prompt, decode as greedy generation with the KV cache; one warm-up, median of the timed runs. See "
+        "`report.json` for every number and `report.png` for a chart.",
         "",
-        "### Sample (greedy)",
-        "",
-        f"Prompt: `{base.get('sample_prompt') or res.get('sample_prompt') or ''}`",
-        "",
-        f"- Original: {_quote(base.get('sample'))}",
-        f"- Compressed: {_quote(res.get('sample'))}",
-        "",
-        "## How to use",
-        "",
-        "transformers:",
-        "",
+    ]
+
+
+def _usage_lines(model_path: str, gguf_path: str | None) -> list[str]:
+    lines = [
+        "## How to use", "",
+        "transformers:", "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{model_path}", dtype="auto")',
         f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
         'inputs = tokenizer("Hello, my name is", return_tensors="pt").to(model.device)',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
-        "```",
-        "",
-        "vLLM (server, OpenAI-compatible API):",
-        "",
-        "```bash",
-        f"vllm serve {model_path}",
-        "```",
-        "",
-        "vLLM (offline):",
-        "",
-        "```python",
-        "from vllm import LLM",
-        "",
+        "```", "",
+        "vLLM (server, OpenAI-compatible API):", "",
+        "```bash", f"vllm serve {model_path}", "```", "",
+        "vLLM (offline):", "",
+        "```python", "from vllm import LLM", "",
         f'llm = LLM(model="{model_path}")',
         'print(llm.generate("Hello, my name is")[0].outputs[0].text)',
-        "```",
-        "",
-    ]
-    if notes:
-        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
-    lines += [
-        "## Environment",
-        "",
-        f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
-        f"report schema {report.get('version', '?')}.",
-        "",
-    ]
-    return "\n".join(lines)
+        "```", "",
+    ]  # fmt: skip
+    if gguf_path:
+        lines += [
+            "llama.cpp (the GGUF file carries the tokenizer and chat template):", "",
+            "```bash",
+            f'llama-cli -m {gguf_path} -p "Hello, my name is" -n 32',
+            f"llama-server -m {gguf_path} --port 8080   # OpenAI-compatible API",
+            "```", "",
+        ]  # fmt: skip
+    return lines
 
 
 def _pct_change(before: float | None, after: float | None) -> str:

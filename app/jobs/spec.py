@@ -19,6 +19,7 @@ from workers.compression.recipe import (
     CalibrationOptions,
     DistillStep,
     EvaluationOptions,
+    ExportStep,
     PruneStep,
     QuantizeStep,
     Recipe,
@@ -78,7 +79,7 @@ class DistillJobStep(DistillStep):
     student: StudentSource
 
 
-JobStep = Annotated[QuantizeStep | PruneStep | DistillJobStep, Field(discriminator="method")]
+JobStep = Annotated[QuantizeStep | PruneStep | DistillJobStep | ExportStep, Field(discriminator="method")]
 
 
 class JobSpec(StrictModel):

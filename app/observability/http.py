@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from functools import lru_cache
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -63,6 +64,16 @@ class RequestContextMiddleware:
             self.in_flight.dec()
 
 
+@lru_cache(maxsize=1)
+def _http_metrics() -> Any:
+    """The instrumentator's request counter and latency histograms, made once per process: each app built in
+    the same process (the tests build several) records into them. The library's own default registers them
+    per app and, finding them registered already, silently instruments the second app with nothing."""
+    from prometheus_fastapi_instrumentator import metrics
+
+    return metrics.default(latency_lowr_buckets=LATENCY_BUCKETS)
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Wire request ids, metrics and ``/metrics`` (and traces, when configured) into the API."""
     # Connects the Celery publish hook that carries the request id into the job's message.
@@ -80,7 +91,7 @@ def install(app: FastAPI, settings: Settings) -> None:
             # In-flight requests are counted by RequestContextMiddleware: the instrumentator's gauge is made
             # per app and collides in a process that builds the app twice (the tests do).
             excluded_handlers=["/metrics"],
-        ).instrument(app, latency_lowr_buckets=LATENCY_BUCKETS)
+        ).add(_http_metrics()).instrument(app)
         _add_metrics_route(app, settings)
     # Outermost: every line of the request, the access line included, has its id.
     app.add_middleware(

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 # Types ModelPress writes. "auto" resolves to one of the others (resolve_export_type). The K-quants
 # are made by llama.cpp's own quantizer (llama-cpp-python) from an F16 export; the rest in Python
 # with the `gguf` package's reference quantizers (bit-exact with ggml's *_ref functions).
@@ -42,32 +40,6 @@ CARRY_TYPES = ("q8_0", "q4_1", "q4_0")
 
 GgufType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q4_k_m"]
 FullPrecisionPolicy = Literal["llama.cpp", "q8_0", "f16"]
-
-
-class ExportStep(BaseModel):
-    """Write the model as a single GGUF file (``model.gguf``) that llama.cpp runs with nothing else.
-
-    Last in a recipe. ``type: "auto"`` carries a preceding quantize step's codes losslessly (see the
-    module docstring); an explicit type re-quantizes from the model's weights with llama.cpp's
-    quantizers, except where it matches the carried layout.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["export"] = "export"
-    format: Literal["gguf"] = "gguf"
-    type: GgufType = Field(
-        default="auto",
-        description="GGUF tensor type: auto = the quantize step's own codes (Q4_0 / Q4_1 / Q8_0), "
-        "or f16 without one; or an explicit type to (re-)quantize to",
-    )
-    full_precision: FullPrecisionPolicy = Field(
-        default="llama.cpp",
-        description="type of the matrices the recipe left in full precision (embeddings, lm_head, "
-        "ignored Linears): 'llama.cpp' = what llama-quantize gives them for this file type (output / "
-        "tied embedding Q8_0, the rest the file's type), or 'q8_0' / 'f16' for all of them. "
-        "Norms and biases are always F32.",
-    )
 
 
 def resolve_export_type(requested: str, quantize: dict[str, Any] | None) -> str:
@@ -85,8 +57,8 @@ def resolve_export_type(requested: str, quantize: dict[str, Any] | None) -> str:
         return "f16"  # nothing to carry: llama.cpp's converter default
     scheme = quantize.get("scheme")
     symmetric = bool(quantize.get("symmetric", True))
-    group_size = quantize.get("group_size")
-    if group_size is not None and int(group_size) % 32:
+    group_size = quantize.get("group_size")  # 'auto' picks 128, 64 or 32: whole blocks of 32 either way
+    if isinstance(group_size, int) and group_size % 32:
         raise ValueError(
             f"group_size {group_size} cannot be stored losslessly in GGUF blocks of 32; "
             "use a group_size that is a multiple of 32 or an explicit type such as q8_0"

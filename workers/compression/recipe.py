@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from workers.compression.gguf_types import FullPrecisionPolicy, GgufType, resolve_export_type
 from workers.compression.matching import MAX_PATTERNS, check_patterns
 
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -360,12 +361,65 @@ class DistillStep(StrictModel):
         return None
 
 
-AnyStep = QuantizeStep | PruneStep | DistillStep
+# ---------------------------------------------------------------- export
+
+
+class ExportStep(StrictModel):
+    """Write the model as one GGUF file (``model.gguf``, beside ``model/``) that llama.cpp runs with nothing else.
+
+    Last in a recipe. ``type: "auto"`` carries a preceding quantize step's integer codes and scales into GGUF
+    blocks with no re-rounding (symmetric int4 → Q4_0, asymmetric int4 → Q4_1, symmetric int8 → Q8_0;
+    :mod:`workers.compression.gguf_types`), or writes f16 without one; an explicit type re-quantizes with
+    llama.cpp's quantizers where the codes cannot be carried.
+    """
+
+    method: Literal["export"] = "export"
+    format: Literal["gguf"] = "gguf"
+    type: GgufType = Field(
+        default="auto",
+        description="GGUF tensor type: auto = the quantize step's own codes (Q4_0 / Q4_1 / Q8_0), or f16 "
+        "without one; or an explicit type to (re-)quantize to",
+    )
+    full_precision: FullPrecisionPolicy = Field(
+        default="llama.cpp",
+        description="type of the matrices the recipe left in full precision (embeddings, lm_head, ignored "
+        "Linears): 'llama.cpp' = what llama-quantize gives them for this file type (output / tied embedding "
+        "Q8_0, the rest the file's type), or 'q8_0' / 'f16' for all of them. Norms and biases are always F32.",
+    )
+
+    @property
+    def calibration_reason(self) -> str | None:
+        return None
+
+
+AnyStep = QuantizeStep | PruneStep | DistillStep | ExportStep
 Step = Annotated[AnyStep, Field(discriminator="method")]
 
 
+def export_type(steps: list[Any], index: int) -> str:
+    """The concrete GGUF type of the export step ``steps[index]``, given the quantize step before it;
+    ``ValueError`` naming the fields when its codes cannot be stored as asked."""
+    quantize = next((s for s in reversed(steps[:index]) if s.method == "quantize"), None)
+    return resolve_export_type(steps[index].type, quantize.model_dump() if quantize is not None else None)
+
+
+def check_export(steps: list[Any]) -> None:
+    """An export step comes last, and its type fits the quantize step before it."""
+    for index, step in enumerate(steps):
+        if step.method != "export":
+            continue
+        if index != len(steps) - 1:
+            raise ValueError(f"steps[{index}] (export) must be the last step")
+        try:
+            export_type(steps, index)
+        except ValueError as exc:
+            raise ValueError(f"steps[{index}] (export): {exc}") from exc
+
+
 def check_steps_inputs(steps: list[Any], has_calibration: bool, has_training: bool) -> None:
-    """``ValueError`` naming the first step whose calibration or training text is missing."""
+    """``ValueError`` naming the first step whose calibration or training text is missing, or an export step
+    out of place (:func:`check_export`)."""
+    check_export(steps)
     for index, step in enumerate(steps):
         reason = step.calibration_reason
         if reason is not None and not has_calibration:
@@ -400,6 +454,11 @@ class Recipe(StrictModel):
     low_memory: bool | None = Field(default=None, description=LOW_MEMORY_DESCRIPTION)
 
     _check_low_memory = field_validator("low_memory")(check_low_memory)
+
+    @model_validator(mode="after")
+    def _export_last(self) -> Recipe:
+        check_export(self.steps)
+        return self
 
     @property
     def needs_calibration(self) -> bool:

@@ -16,8 +16,9 @@ from app.jobs.spec import QuantizeStep
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import EngineError
 from workers.compression.gguf import export_gguf, pre_tokenizer_name
-from workers.compression.gguf_types import ExportStep, resolve_export_type
+from workers.compression.gguf_types import resolve_export_type
 from workers.compression.quantize import quantize
+from workers.compression.recipe import ExportStep
 from workers.compression.weight_quant import gguf_exact_scales
 
 VOCAB = 512  # the tiny tokenizer learns ~150 merges below this
