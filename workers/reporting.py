@@ -214,12 +214,45 @@ def build_report(
     serving-runtime measurements (``{"llama.cpp": ...}``); their speed-ups become the summary's headline.
     """
     base, res = _as_dict(baseline), _as_dict(result)
-    warnings: list[str] = list(notes)
+    info = dict(evaluation_info)
+    env = {
+        "device": res.get("device") or base.get("device") or "unknown",
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "compressed_tensors": _version("compressed-tensors"),
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
+    env.update(environment or {})
+    draft = {
+        "version": REPORT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "baseline": base,
+        "result": res,
+        "steps": [dict(s) for s in steps],
+        "duration_s": duration_s,
+        "evaluation": info,
+        "environment": env,
+        "warnings": [*notes, *_warnings(base, res, info, steps)],
+        "summary": _EMPTY_SUMMARY,
+        "runtimes": dict(runtimes) if runtimes else None,
+    }
+    # Validate first (NaN -> null happens here), then compute the summary from the clean numbers.
+    model = Report.model_validate(draft)
+    _summarize(model)
+    report = model.model_dump(mode="json")
+    validate_report(report)
+    return report
+
+
+def _warnings(
+    base: Mapping[str, Any], res: Mapping[str, Any], info: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """What a reader should know about these numbers."""
+    warnings: list[str] = []
     for label, metrics in (("original", base), ("compressed", res)):
         value = metrics.get("perplexity")
         if isinstance(value, float) and not math.isfinite(value):
             warnings.append(f"The {label} model's perplexity is not finite ({value}): its outputs are broken.")
-    info = dict(evaluation_info)
     if info.get("source") == "none":
         warnings.append("No evaluation, calibration or training text was given: perplexity was not measured.")
     elif info.get("source") in ("calibration_heldout", "training_heldout"):
@@ -234,31 +267,11 @@ def build_report(
             "Peak memory on CPU is the whole worker process's resident set (sampled), so it includes anything "
             "else the process held at the time; compare it with care."
         )
+    return warnings
 
-    env = {
-        "device": res.get("device") or base.get("device") or "unknown",
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "compressed_tensors": _version("compressed-tensors"),
-        "python": ".".join(map(str, sys.version_info[:3])),
-    }
-    env.update(environment or {})
 
-    draft = {
-        "version": REPORT_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "baseline": base,
-        "result": res,
-        "steps": [dict(s) for s in steps],
-        "duration_s": duration_s,
-        "evaluation": info,
-        "environment": env,
-        "warnings": warnings,
-        "summary": {},
-        "runtimes": dict(runtimes) if runtimes else None,
-    }
-    # Validate first (NaN -> null happens here), then compute the summary from the clean numbers.
-    model = Report.model_validate({**draft, "summary": _EMPTY_SUMMARY})
+def _summarize(model: Report) -> None:
+    """The headline ratios; the speed-ups from the serving runtime where one was measured."""
     b, r = model.baseline, model.result
     ppl_delta = None
     if b.perplexity is not None and r.perplexity is not None and b.perplexity > 0:
@@ -284,9 +297,6 @@ def build_report(
                 "The llama.cpp decode speed-up is within this machine's noise (its per-round ratios straddle 1.0): "
                 "not a measured difference."
             )
-    report = model.model_dump(mode="json")
-    validate_report(report)
-    return report
 
 
 _EMPTY_SUMMARY = {"size_ratio": None, "perplexity_delta_pct": None, "decode_speedup": None, "prefill_speedup": None}
@@ -377,19 +387,13 @@ def steps_line(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- chart
 
 
-def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = None) -> Path:
-    """Draw report.png: four before/after panels (size, perplexity, prefill and decode speed), each
-    bar labelled with its value and each panel titled with the change. Exactly :data:`CHART_SIZE_PX`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless workers; must precede pyplot
-    from matplotlib import pyplot as plt
-
+def _chart_panels(report: Mapping[str, Any]) -> list[tuple[str, str, str, Any, Any, float]]:
+    """(title, unit, kind, before, after, scale) of each panel; the speeds are llama.cpp's where it measured."""
     base, res = report["baseline"], report["result"]
     # One unit for both size bars, picked from the larger so a 7B model reads "14.2 GB", not "14,200 MB".
     size_top = max(v for v in (base.get("size_bytes"), res.get("size_bytes"), 1) if v is not None)
     size_unit, size_scale = next((u, f) for u, f in (("GB", 1e-9), ("MB", 1e-6), ("kB", 1e-3)) if size_top * f >= 1)
-    panels = [
+    panels: list[tuple[str, str, str, Any, Any, float]] = [
         ("Size on disk", size_unit, "size", base.get("size_bytes"), res.get("size_bytes"), size_scale),
         ("Perplexity", "lower is better", "lower_better", base.get("perplexity"), res.get("perplexity"), 1.0),
         ("Prefill speed", "tokens/s", "speed", base.get("prefill_tokens_per_s"), res.get("prefill_tokens_per_s"), 1.0),
@@ -400,6 +404,18 @@ def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = N
         for index, key, name in ((2, "prefill_tok_s", "Prefill"), (3, "decode_tok_s", "Decode")):
             before, after = llama["baseline"][key]["median"], llama["result"][key]["median"]
             panels[index] = (f"{name} (llama.cpp)", "tokens/s", "speed", before, after, 1.0)
+    return panels
+
+
+def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = None) -> Path:
+    """Draw report.png: four before/after panels (size, perplexity, prefill and decode speed), each
+    bar labelled with its value and each panel titled with the change. Exactly :data:`CHART_SIZE_PX`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless workers; must precede pyplot
+    from matplotlib import pyplot as plt
+
+    panels = _chart_panels(report)
     colors = ("#9aa5b1", "#2f6fdf")  # grey = original, blue = compressed
     fig, axes = plt.subplots(1, len(panels), figsize=CHART_SIZE_IN, dpi=CHART_DPI)
     try:
@@ -441,7 +457,7 @@ def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = N
                 )
         evaluation = report.get("evaluation") or {}
         env = report.get("environment") or {}
-        runs = (res.get("speed") or {}).get("runs")
+        runs = (report["result"].get("speed") or {}).get("runs")
         fig.suptitle(title or f"ModelPress: {steps_line(report)}", fontsize=14, fontweight="bold")
         if evaluation.get("source") == "none":
             ppl_note = "Perplexity: not measured (no text given)."

@@ -284,3 +284,41 @@ def test_end_to_end_with_real_evaluations(tmp_path: Path) -> None:
     assert report["summary"]["decode_speedup"] > 0 and report["summary"]["prefill_speedup"] > 0
     card = write_report_files(report, tmp_path / "artifacts")[2].read_text()
     assert re.search(r"\| Perplexity \| [\d,.]+ \| [\d,.]+ \|", card)
+
+
+def _llama_runtime(decode: tuple[float, float, float]) -> dict[str, Any]:
+    def rates(value: float) -> dict[str, float]:
+        return {"median": value, "min": value * 0.9, "max": value * 1.1}
+
+    side = {
+        "file_bytes": 1000,
+        "perplexity": 9.0,
+        **{k: rates(50.0) for k in ("prefill_tok_s", "decode_tok_s", "prefill_tok_per_cpu_s", "decode_tok_per_cpu_s")},
+    }
+    median, low, high = decode
+    ratio = {"median": median, "min": low, "max": high, "significant": not low <= 1.0 <= high}
+    return {
+        "version": "0.3.36", "threads": 2, "batch": 1, "rounds": 5, "result": side, "baseline": {**side, "file_bytes": 4000},
+        "size_ratio": 4.0, "perplexity_change": 0.01, "decode_speedup": ratio, "prefill_speedup": ratio,
+        "decode_speedup_per_cpu_s": ratio, "prefill_speedup_per_cpu_s": ratio,
+    }  # fmt: skip
+
+
+def test_the_serving_runtime_is_the_headline_and_noise_is_flagged(tmp_path: Path) -> None:
+    fast = build_report(
+        metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO,
+        runtimes={"llama.cpp": _llama_runtime((2.1, 1.9, 2.3))},
+    )  # fmt: skip
+    assert fast["summary"]["decode_speedup"] == 2.1 and fast["summary"]["speed_runtime"] == "llama.cpp"
+    assert fast["summary"]["speedup_significant"] is True
+    assert not any("noise" in w for w in fast["warnings"])
+    noisy = build_report(
+        metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO,
+        runtimes={"llama.cpp": _llama_runtime((1.05, 0.8, 1.3))},
+    )  # fmt: skip
+    assert noisy["summary"]["speedup_significant"] is False
+    assert any("within this machine's noise" in w for w in noisy["warnings"])
+    card = model_card(noisy, model_name="m")
+    assert "## Results in llama.cpp" in card and "(within noise)" in card
+    plain = build_report(metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO)
+    assert plain["summary"]["speed_runtime"] == "transformers" and plain["runtimes"] is None
