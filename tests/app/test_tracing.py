@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,10 +15,17 @@ from tests.app.conftest import Caller
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_nothing_of_opentelemetry_sdk_loads_without_an_endpoint() -> None:
-    code = "import sys, app.main, workers.tasks; print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def test_no_tracing_is_set_up_without_an_endpoint() -> None:
+    """No tracer provider and no instrumentation package is loaded unless OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    (redis-py imports parts of the OpenTelemetry SDK by itself where it is installed; that sets nothing up.)"""
+    code = (
+        "import sys, app.main, workers.tasks; from opentelemetry import trace; "
+        "print(type(trace.get_tracer_provider()).__name__, "
+        "sorted(m for m in sys.modules if m.startswith('opentelemetry.instrumentation.')))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "ProxyTracerProvider []"
 
 
 def test_request_is_traced_to_an_otlp_collector(pg_stack: dict[str, str], alice: Caller) -> None:
