@@ -140,10 +140,12 @@ def test_upload_quantize_watch_report_download(
     expect(page.locator('[data-path="steps.0.dampening_frac"] input')).to_have_attribute("aria-invalid", "true")
     page.locator('[data-path="steps.0.dampening_frac"] input').fill("")
     # A rule of the step as a whole is shown on the step's fieldset.
-    page.locator('[data-path="steps.0.group_size"] input').fill("7")
+    page.locator('[data-path="steps.0.activations"] select').select_option("static")
     page.get_by_role("button", name="Submit job").click()
-    expect(page.locator('[data-path="steps.0"] > .field-error')).to_contain_text("group_size must be 32, 64, 128")
-    page.locator('[data-path="steps.0.group_size"] input').fill("")
+    expect(page.locator('[data-path="steps.0"] > .field-error')).to_contain_text("activations applies to w8a8 only")
+    page.locator('[data-path="steps.0.activations"] select').select_option("")
+    # group_size null (one scale per output channel) is a choice of its own, not the default ('auto').
+    page.locator('[data-path="steps.0.group_size"] select').select_option(label="null")
     page.locator('[data-path="steps.0.algorithm"] select').select_option("rtn")
 
     page.evaluate(WATCH_PROGRESS)

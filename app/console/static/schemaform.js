@@ -4,6 +4,7 @@
 import { h } from "./dom.js";
 
 let uid = 0;
+const NULL_OPTION = "\u0000null";
 const nextId = (path) => `f${++uid}-${path.replace(/[^a-zA-Z0-9]+/g, "-")}`;
 
 /** Resolve a local $ref against the OpenAPI document. */
@@ -76,8 +77,15 @@ export function field(doc, name, rawSchema, path, required = false) {
       { id, name: path, "aria-describedby": describedBy, required: required && !nullable },
       !required || nullable || schema.default === undefined ? h("option", { value: "" }, schema.default !== undefined && schema.default !== null ? `default (${schema.default})` : "—") : null,
       schema.enum.map((v) => h("option", { value: String(v) }, String(v))),
+      // A nullable enum's null is a choice of its own (e.g. group_size null = one scale per output channel).
+      nullable ? h("option", { value: NULL_OPTION }, "null") : null,
     );
-    return wrap(select, () => (select.value === "" ? undefined : schema.enum.find((v) => String(v) === select.value)));
+    const read = () => {
+      if (select.value === "") return undefined;
+      if (select.value === NULL_OPTION) return null;
+      return schema.enum.find((v) => String(v) === select.value);
+    };
+    return wrap(select, read);
   }
   if (schema.type === "boolean") {
     if (nullable || schema.default === undefined) {
