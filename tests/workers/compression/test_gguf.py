@@ -33,7 +33,7 @@ def _quantized(arch: str, step: QuantizeStep, **overrides: object) -> tuple[torc
     model = tiny_model(arch, vocab_size=VOCAB, **overrides)
     tokenizer = tiny_tokenizer(VOCAB)
     with gguf_exact_scales():
-        quantize(model, step, calibration=_calibration(tokenizer) if step.needs_calibration else None)
+        quantize(model, step, calibration=_calibration(tokenizer) if step.calibration_reason else None)
     return model, tokenizer
 
 
