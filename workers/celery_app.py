@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from kombu import Queue
 
+# Celery signal handlers: the metrics server, job log context and request ids, traces (connected on import).
+import app.observability.celery  # noqa: F401
 from app.broker import MAINTENANCE_QUEUE, REAP_TASK, make_celery
 from app.config import get_settings
 from app.uploads.service import EXPIRE_UPLOADS_TASK
