@@ -466,10 +466,15 @@ def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = N
                 f"Perplexity: {evaluation.get('source', '?')} text, {evaluation.get('tokens', 0):,} tokens "
                 f"in windows of {evaluation.get('seq_len', '?')}."
             )
-        footnote = (
-            f"{ppl_note}   Speed: batch 1 on {env.get('device', '?')}, "
-            f"median of {runs if runs else 'several'} runs after a warm-up."
+        llama = (report.get("runtimes") or {}).get("llama.cpp")
+        speed_note = (
+            f"Speed: llama.cpp, batch 1, {llama['threads']} threads, the GGUF against the F16 export, median of "
+            f"{llama['rounds']} interleaved rounds."
+            if llama
+            else f"Speed: batch 1 on {env.get('device', '?')}, median of {runs if runs else 'several'} runs after a "
+            "warm-up."
         )
+        footnote = f"{ppl_note}   {speed_note}"
         fig.text(0.5, 0.02, footnote, ha="center", fontsize=9.5, color="#555555")
         fig.subplots_adjust(left=0.05, right=0.99, top=0.76, bottom=0.14, wspace=0.38)
         path = Path(path)
