@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from workers.compression.gguf_types import FullPrecisionPolicy, GgufType, resolve_export_type
-from workers.compression.matching import MAX_PATTERNS, check_patterns
+from workers.compression.matching import MAX_PATTERNS, ModuleMatcher, check_patterns
 
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -165,8 +165,6 @@ def llama_layout_widths(config: dict[str, Any], ignore: list[str]) -> list[int] 
         head_dim = int(config.get("head_dim") or hidden // heads)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    from workers.compression.matching import ModuleMatcher
-
     ignored = ModuleMatcher(ignore)
     widths = {"lm_head": hidden}
     for index in range(min(layers, 512)):  # names by index, so 'ignore' of one layer counts as it will
