@@ -244,7 +244,9 @@ def run_pipeline(
     callbacks.progress(0.01, "measuring the original model")
     measure = partial(evaluate, tokenizer=tokenizer, eval_ids=texts.eval_ids, measure_speed=inputs.measure_speed)
     baseline = measure(model, model_dir=inputs.model_dir, callbacks=callbacks.scaled(0.01, 0.1))
-    with tempfile.TemporaryDirectory(prefix="modelpress-runtime-") as scratch:
+    # Beside the output (the job's work directory), not in /tmp: an F16 export is twice the model's parameters.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".runtime-", dir=out_dir.parent) as scratch:
         runtime = GgufRuntime.prepare(recipe, model, tokenizer, inputs, Path(scratch), callbacks.scaled(0.1, 0.12))
 
         def run_one(index: int, step: Any, current: Any, step_callbacks: Callbacks) -> StepOutcome:
