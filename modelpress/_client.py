@@ -90,6 +90,12 @@ class Page(Generic[T]):
             page = page.next_page()
 
 
+def _page(body: Mapping[str, Any], items: list[Any], again: Callable[[Any], Page[Any]], start: Any = None) -> Page[Any]:
+    """A page of ``items`` whose next page is ``again(cursor)``, the cursor being the last item's id."""
+    last = items[-1].id if items else start
+    return Page(items, bool(body["has_more"]), lambda: again(last))
+
+
 def _step_dict(step: StepLike) -> dict[str, Any]:
     if isinstance(step, BaseModel):
         return step.model_dump(mode="json")
@@ -436,8 +442,7 @@ class Webhooks:
         params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
         body = self._http.request(LIST_WEBHOOKS, params=params).json()
         items = [WebhookEndpoint.model_validate(e) for e in body["data"]]
-        last = items[-1].id if items else None
-        return Page(items, bool(body["has_more"]), lambda: self.list(limit=limit, after=last))
+        return _page(body, items, lambda last: self.list(limit=limit, after=last))
 
     def get(self, endpoint_id: str) -> WebhookEndpoint:
         response = self._http.request(GET_WEBHOOK, path_params={"endpoint_id": endpoint_id})
@@ -532,8 +537,7 @@ class Admin:
         params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
         body = self._http.request(ADMIN_LIST_TENANTS, params=params).json()
         items = [Tenant.model_validate(t) for t in body["data"]]
-        last = items[-1].id if items else None
-        return Page(items, bool(body["has_more"]), lambda: self.list_tenants(limit=limit, after=last))
+        return _page(body, items, lambda last: self.list_tenants(limit=limit, after=last))
 
     def get_tenant(self, tenant_id: str) -> Tenant:
         response = self._http.request(ADMIN_GET_TENANT, path_params={"tenant_id": tenant_id})
