@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     requeue_stale_queued_s: int = 300
     gpu_queue: bool = Field(default=False, description="route 'auto' jobs to the gpu queue (GPU workers exist)")
     worker_concurrency: int = 1
+    # Process liveness (not job leases): every worker and the maintenance process write a heartbeat row this
+    # often; /readyz is 503 when the maintenance heartbeat is older than liveness_stale_s.
+    liveness_interval_s: float = Field(default=10.0, gt=0, description="how often a worker process says it is alive")
+    liveness_stale_s: float = Field(
+        default=60.0, gt=0, description="a process heartbeat older than this is stale (maintenance: /readyz 503)"
+    )
     work_dir: Path | None = Field(default=None, description="scratch space for workers; default data_dir/work")
 
     # Quotas: operator defaults; a tenant row overrides each one (null there = this default).

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 from app.config import get_settings
@@ -60,11 +61,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@lru_cache
-def get_engine() -> Engine:
-    url = get_settings().resolved_database_url()
+def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
+    """An engine for ``url``. ``pooled=False`` opens a connection per use (and gives up connecting after a few
+    seconds): for a background thread that must neither share sockets across a fork nor hang in an outage."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -76,7 +78,14 @@ def get_engine() -> Engine:
             cursor.close()
 
         return engine
+    if not pooled:
+        return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+@lru_cache
+def get_engine() -> Engine:
+    return create_database_engine(get_settings().resolved_database_url())
 
 
 @lru_cache

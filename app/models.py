@@ -2,6 +2,7 @@
 
 from app.auth.models import ApiKey, Tenant
 from app.db import Base
+from app.heartbeats.models import WorkerHeartbeat
 from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
 from app.uploads.models import Upload
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -18,4 +19,5 @@ __all__ = [
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "WorkerHeartbeat",
 ]

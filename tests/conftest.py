@@ -126,7 +126,7 @@ def pg_stack(
         conn.execute(
             text(
                 "TRUNCATE tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys, "
-                "webhook_endpoints, webhook_deliveries, webhook_attempts CASCADE"
+                "webhook_endpoints, webhook_deliveries, webhook_attempts, worker_heartbeats CASCADE"
             )
         )
     redis.Redis.from_url(REDIS_URL).flushdb()

@@ -17,6 +17,7 @@ from app.config import get_settings
 from app.uploads.service import EXPIRE_UPLOADS_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from app.webhooks.service import PRUNE_DELIVERIES_TASK
+from workers.liveness import ProcessHeartbeat
 
 settings = get_settings()
 celery_app = make_celery(settings)
@@ -56,3 +57,5 @@ celery_app.conf.update(
     },
     imports=["workers.tasks"],
 )
+# Every worker process (job workers and maintenance) says it is alive; /readyz reads it.
+celery_app.steps["worker"].add(ProcessHeartbeat)

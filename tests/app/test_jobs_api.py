@@ -332,25 +332,6 @@ def test_reaper_requeues_then_fails_lost_jobs(client: TestClient, alice: Caller)
     assert types.count("job.retrying") == max_attempts - 1 and types[-1] == "job.failed"
 
 
-def test_health_and_readiness(client: TestClient, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    assert client.get("/healthz").json() == {"status": "ok"}
-    ready = client.get("/readyz")
-    assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
-
-    from app.broker import get_celery
-    from app.config import get_settings
-
-    monkeypatch.setenv("MODELPRESS_BROKER_URL", "redis://127.0.0.1:1/0")
-    get_settings.cache_clear()
-    get_celery.cache_clear()
-    down = client.get("/readyz")
-    assert down.status_code == 503 and down.headers["content-type"] == "application/problem+json"
-    # Unauthenticated probe: it names the dependency, never hosts or exception text.
-    assert down.json()["checks"]["broker"] == "unavailable"
-    assert down.json()["checks"]["database"] == "ok"
-
-
 def test_openapi_documents_the_api(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     for path in (

@@ -147,7 +147,7 @@ def clean_production_state() -> None:
             conn.execute(
                 text(
                     "TRUNCATE tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys, "
-                    "webhook_endpoints, webhook_deliveries, webhook_attempts CASCADE"
+                    "webhook_endpoints, webhook_deliveries, webhook_attempts, worker_heartbeats CASCADE"
                 )
             )
     engine.dispose()
