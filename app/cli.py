@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -87,25 +86,37 @@ def cmd_maintenance(_args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded mode: migrate, then run a job worker, the maintenance worker and the API, no servers needed."""
+    """Embedded mode: migrate, then run a job worker, the maintenance worker and the API, no servers needed.
+
+    The workers are supervised: one that dies is restarted (with back-off and a log line), and all of them
+    stop when the API does (Ctrl-C or SIGTERM)."""
+    from app.config import get_settings
+    from app.observability.logs import configure_logging
+    from app.supervisor import Supervisor
+
     os.environ.setdefault("MODELPRESS_BOOTSTRAP_API_KEY", DEV_KEY)
     port = args.port or _port()
     os.environ.setdefault("MODELPRESS_PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
+    configure_logging(get_settings(), "dev")
     cmd_migrate(args)
-    workers = [subprocess.Popen(worker_argv("cpu,gpu")), subprocess.Popen(maintenance_argv())]
-    print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs, console at /console")
-    print(f"  API key: {os.environ['MODELPRESS_BOOTSTRAP_API_KEY']}\n", flush=True)
+    supervisor = Supervisor({"worker": worker_argv("cpu,gpu"), "maintenance": maintenance_argv()})
+    # SIGTERM ends up here as an exception, like Ctrl-C's KeyboardInterrupt, so the children are stopped
+    # whenever it arrives: uvicorn handles it while serving and then raises it again once it has shut down.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        supervisor.start()
+        print(f"\n  ModelPress (embedded mode) on http://127.0.0.1:{port}  — docs at /docs, console at /console")
+        print(f"  API key: {os.environ['MODELPRESS_BOOTSTRAP_API_KEY']}\n", flush=True)
         cmd_serve(argparse.Namespace(host=args.host, port=port))
+    except KeyboardInterrupt:
+        pass
     finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        supervisor.stop()
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

@@ -1,0 +1,117 @@
+"""``modelpress dev`` supervises its workers: a dead one comes back, and SIGTERM stops every one of them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _until(what: str, check: Callable[[], Any], timeout: float, log: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except (httpx.HTTPError, sqlite3.Error):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-4000:]}")
+
+
+def _started(log: Path, name: str) -> list[int]:
+    return [int(pid) for pid in re.findall(rf"started {name} \(pid (\d+)\)", log.read_text())]
+
+
+def _maintenance_pid_in_heartbeat(db: Path) -> int | None:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT pid FROM worker_heartbeats WHERE role = 'maintenance'").fetchone()
+    return int(row[0]) if row else None
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env |= {
+        "MODELPRESS_DATA_DIR": str(tmp_path / "var"),
+        "MODELPRESS_LIVENESS_INTERVAL_S": "0.5",
+        "MODELPRESS_LIVENESS_STALE_S": "10",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "dev", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for name in ("worker", "maintenance"):  # never leave a child behind, even when the test failed
+            for pid in _started(log, name):
+                if psutil.pid_exists(pid):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+def test_dev_restarts_a_dead_child_and_sigterm_stops_them_all(
+    dev: tuple[subprocess.Popen[bytes], str, Path], tmp_path: Path
+) -> None:
+    proc, base, log = dev
+    db = tmp_path / "var" / "modelpress.db"
+
+    def ready() -> bool:
+        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+
+    _until("/readyz to say ready", ready, timeout=120, log=log)
+    [worker] = _started(log, "worker")
+    [maintenance] = _started(log, "maintenance")
+    assert _until("the maintenance heartbeat", lambda: _maintenance_pid_in_heartbeat(db), 30, log) == maintenance
+
+    os.kill(maintenance, signal.SIGKILL)
+    restarted = _until("a new maintenance process", lambda: _started(log, "maintenance")[1:], timeout=60, log=log)
+    assert restarted[0] != maintenance and psutil.pid_exists(restarted[0])
+    assert f"maintenance (pid {maintenance}) killed by SIGKILL; restarting it in 1 s" in log.read_text()
+    # The new process beats (its pid in the heartbeat row) and the API is ready with it.
+    _until("the new maintenance heartbeat", lambda: _maintenance_pid_in_heartbeat(db) == restarted[0], 60, log)
+    assert ready()
+    assert _started(log, "worker") == [worker]  # the others were left alone
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+    survivors = [pid for pid in (worker, restarted[0]) if psutil.pid_exists(pid)]
+    assert survivors == []
+    # Nothing of the workers' process groups either (a prefork worker's pool children).
+    assert [p.pid for p in psutil.process_iter() if _pgid(p.pid) in (worker, restarted[0])] == []
+    with sqlite3.connect(db) as conn:  # stopped cleanly: gone, not reported dead
+        assert conn.execute("SELECT count(*) FROM worker_heartbeats").fetchone() == (0,)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
