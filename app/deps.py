@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.auth.quotas import too_many
@@ -15,6 +17,8 @@ from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.errors import Problem
 from app.storage import Storage, get_storage
+
+log = logging.getLogger("modelpress.api")
 
 
 def get_session() -> Iterator[Session]:
@@ -26,7 +30,12 @@ def get_session() -> Iterator[Session]:
         session.rollback()
         raise
     finally:
-        session.close()
+        try:
+            session.close()
+        except DBAPIError:
+            # The database went away after the request's last query: the response may already be on its way,
+            # and raising now would cut it off. The dead connection is invalidated, not returned to the pool.
+            log.warning("closing the request's database session failed", exc_info=True)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
