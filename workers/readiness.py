@@ -21,14 +21,14 @@ log = logging.getLogger("modelpress.worker")
 Check = Callable[[], None]
 
 
-def _check_database() -> None:
+def check_database() -> None:
     from app.db import get_engine
 
     with get_engine().connect() as conn:
         conn.execute(text("SELECT 1"))
 
 
-def _check_storage() -> None:
+def check_storage() -> None:
     from app.storage import get_storage
 
     get_storage().check()
@@ -85,4 +85,4 @@ class DependencyProbe:
 @lru_cache
 def worker_probe() -> DependencyProbe:
     """The probe of this worker process: the database and the service's storage."""
-    return DependencyProbe({"database": _check_database, "storage": _check_storage})
+    return DependencyProbe({"database": check_database, "storage": check_storage})
