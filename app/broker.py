@@ -25,6 +25,7 @@ from app.config import Settings, get_settings
 
 RUN_JOB_TASK = "modelpress.run_job"
 REAP_TASK = "modelpress.reap"
+SWEEP_STORAGE_TASK = "modelpress.sweep_storage"
 # The periodic tasks (reaper, webhook relay, delivery pruning, upload expiry) have a queue of their own,
 # consumed by a small worker process of their own: a job worker is busy for hours, and webhooks must
 # not wait for it.

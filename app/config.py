@@ -78,6 +78,21 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="a process heartbeat older than this is stale (maintenance: /readyz 503)"
     )
     work_dir: Path | None = Field(default=None, description="scratch space for workers; default data_dir/work")
+    # Infrastructure failures (database, broker, storage unreachable): the attempt is released and retried.
+    max_infra_retries: int = Field(
+        default=20, ge=0, description="releases of a job after outages (not counted in max_attempts) before it fails"
+    )
+    infra_retry_backoff_s: float = Field(default=5.0, gt=0, description="first re-delivery delay after an outage")
+    infra_retry_max_backoff_s: float = Field(default=120.0, gt=0, description="cap of the doubling delay")
+    dependency_wait_s: float = Field(
+        default=60.0, ge=0, description="a job worker holds a message this long waiting for its database/storage"
+    )
+    storage_sweep_interval_s: float = Field(
+        default=600.0, gt=0, description="period of the sweep of attempt artifacts and checkpoints nobody owns"
+    )
+    scratch_sweep_interval_s: float = Field(
+        default=60.0, ge=0, description="a job worker sweeps its scratch directories at most this often"
+    )
 
     # Quotas: operator defaults; a tenant row overrides each one (null there = this default).
     quota_running_jobs: int = Field(default=2, ge=1, description="jobs of one tenant running at once")

@@ -173,7 +173,7 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     """
     import sqlalchemy.exc as sa
 
-    from app.storage import StorageError
+    from app.storage import StorageError, StorageUnavailableError
 
     classes = _infrastructure_exceptions()
     seen: set[int] = set()
@@ -185,6 +185,8 @@ def unavailable_dependency(exc: BaseException) -> str | None:
                 return dependency
         if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
             return "database"
+        if isinstance(current, StorageUnavailableError):  # e.g. S3 answering 503 SlowDown: no transport error below
+            return "storage"
         current = current.__cause__ or current.__context__
     return None
 

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +32,67 @@ class ObjectInfo:
 
 
 class StorageError(Exception):
-    pass
+    """A storage operation failed. The subclasses say why, where the caller acts on the difference."""
+
+
+class ObjectNotFoundError(StorageError):
+    """The object does not exist (S3 ``404``/``NoSuchKey``, a missing file): an answer, not an outage."""
+
+
+class StorageUnavailableError(StorageError):
+    """The storage service could not be reached, timed out, or answered with a server error (5xx, throttling):
+    transient, so the operation is worth retrying later."""
+
+
+# S3 error codes that mean "no such object" and "busy, retry": every other error code is a permanent answer.
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
+_RETRYABLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError"}
+)
+
+
+def _s3_error(exc: BaseException, what: str) -> StorageError:
+    """The :class:`StorageError` for a botocore/boto3 exception raised while doing ``what``.
+
+    boto3's transfer manager re-raises transport errors as its own exceptions, so the chain
+    (``__cause__``/``__context__``) is searched for the botocore error that says what happened.
+    """
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ClientError):
+            error = current.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(current.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in _NOT_FOUND_CODES or status == 404:
+                return ObjectNotFoundError(f"{what}: no such object")
+            if status >= 500 or code in _RETRYABLE_CODES:
+                return StorageUnavailableError(f"{what}: the storage service answered {code or status}")
+            return StorageError(f"{what}: {code or status} {error.get('Message', '')}".rstrip())
+        if isinstance(current, BotoConnectionError | HTTPClientError):
+            return StorageUnavailableError(f"{what}: storage unreachable ({type(current).__name__})")
+        current = current.__cause__ or current.__context__
+    return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Raise every botocore/boto3 failure inside the block as a :class:`StorageError` (classified)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, BotoCoreError | ClientError | Boto3Error):
+            raise _s3_error(exc, what) from exc
+        raise
 
 
 class Storage(Protocol):
@@ -153,14 +214,14 @@ class LocalStorage:
     def get_file(self, key: str, dest: Path) -> None:
         source = self._path(key)
         if not source.is_file():
-            raise StorageError(f"no such object: {key}")
+            raise ObjectNotFoundError(f"no such object: {key}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
 
     def get_bytes(self, key: str) -> bytes:
         source = self._path(key)
         if not source.is_file():
-            raise StorageError(f"no such object: {key}")
+            raise ObjectNotFoundError(f"no such object: {key}")
         return source.read_bytes()
 
     def size(self, key: str) -> int | None:
@@ -262,51 +323,49 @@ class S3Storage:
         )
 
     def put_file(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket, key)
+        with _s3_errors(f"cannot upload {key}"):
+            self.client.upload_file(str(path), self.bucket, key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        with _s3_errors(f"cannot write {key}"):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
 
     def get_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with _s3_errors(f"cannot download s3://{self.bucket}/{key}"):
             self.client.download_file(self.bucket, key, str(dest))
-        except Exception as exc:
-            raise StorageError(f"cannot download s3://{self.bucket}/{key}: {exc}") from exc
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        with _s3_errors(f"cannot read {key}"):
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
-        except self.client.exceptions.NoSuchKey as exc:
-            raise StorageError(f"no such object: {key}") from exc
 
     def size(self, key: str) -> int | None:
-        from botocore.exceptions import ClientError
-
+        # Only "no such object" is an answer; an unreachable endpoint must not read as "not uploaded".
         try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-        except ClientError as exc:
-            # Only "no such object" is an answer; an unreachable endpoint must not read as "not uploaded".
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+            with _s3_errors(f"cannot stat {key}"):
+                return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except ObjectNotFoundError:
+            return None
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
-        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-        yield from body.iter_chunks(CHUNK)
+        with _s3_errors(f"cannot read {key}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            yield from body.iter_chunks(CHUNK)
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         found = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                found.append(ObjectInfo(key=item["Key"], size=int(item["Size"])))
+        with _s3_errors(f"cannot list {prefix!r}"):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    found.append(ObjectInfo(key=item["Key"], size=int(item["Size"])))
         return found
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [{"Key": info.key} for info in self.list(prefix)]
-        for start in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]})
+        with _s3_errors(f"cannot delete under {prefix!r}"):
+            for start in range(0, len(keys), 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]})
 
     def url_for_get(self, key: str, ttl_s: int, filename: str | None = None) -> str:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -327,7 +386,8 @@ class S3Storage:
         )
 
     def start_multipart(self, key: str) -> str:
-        return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
+        with _s3_errors(f"cannot start a multipart upload of {key}"):
+            return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
 
     def url_for_part(self, key: str, multipart_id: str, part_number: int, ttl_s: int, size: int | None = None) -> str:
         return str(
@@ -341,30 +401,34 @@ class S3Storage:
     def finish_multipart(self, key: str, multipart_id: str) -> None:
         # The server lists the parts itself, so clients need not echo ETags back.
         # list_parts returns at most 1000 parts a page; a 10,000-part upload needs the paginator.
-        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=multipart_id)
-        parts = [part for page in pages for part in page.get("Parts", [])]
-        if not parts:
-            raise StorageError(f"no parts uploaded for {key}")
-        self.client.complete_multipart_upload(
-            Bucket=self.bucket,
-            Key=key,
-            UploadId=multipart_id,
-            MultipartUpload={"Parts": [{"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in parts]},
-        )
+        with _s3_errors(f"cannot finish the multipart upload of {key}"):
+            pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+            parts = [part for page in pages for part in page.get("Parts", [])]
+            if not parts:
+                raise StorageError(f"no parts uploaded for {key}")
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=multipart_id,
+                MultipartUpload={"Parts": [{"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in parts]},
+            )
 
     def abort_multipart(self, key: str, multipart_id: str) -> None:
-        self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+        with _s3_errors(f"cannot abort the multipart upload of {key}"):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=multipart_id)
 
     def uploaded_parts(self, key: str, multipart_id: str) -> dict[int, int]:
         """Part number → size of the parts of ``key`` PUT so far; empty once the upload was finished or aborted."""
         pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=multipart_id)
         try:
-            return {int(p["PartNumber"]): int(p["Size"]) for page in pages for p in page.get("Parts", [])}
-        except self.client.exceptions.NoSuchUpload:
+            with _s3_errors(f"cannot list the parts of {key}"):
+                return {int(p["PartNumber"]): int(p["Size"]) for page in pages for p in page.get("Parts", [])}
+        except ObjectNotFoundError:  # NoSuchUpload
             return {}
 
     def check(self) -> None:
-        self.client.head_bucket(Bucket=self.bucket)
+        with _s3_errors(f"bucket {self.bucket!r} not reachable"):
+            self.client.head_bucket(Bucket=self.bucket)
 
 
 def make_storage(settings: Settings, bucket: str | None = None) -> Storage:

@@ -12,7 +12,7 @@ from kombu import Queue
 
 # Celery signal handlers: the metrics server, job log context and request ids, traces (connected on import).
 import app.observability.celery  # noqa: F401
-from app.broker import MAINTENANCE_QUEUE, REAP_TASK, make_celery
+from app.broker import MAINTENANCE_QUEUE, REAP_TASK, SWEEP_STORAGE_TASK, make_celery
 from app.config import get_settings
 from app.uploads.service import EXPIRE_UPLOADS_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
@@ -48,6 +48,12 @@ celery_app.conf.update(
             "task": EXPIRE_UPLOADS_TASK,
             "schedule": 600.0,
             "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
+        },
+        # Attempt artifacts and checkpoints that a killed worker or an outage during cleanup left behind.
+        "sweep-storage": {
+            "task": SWEEP_STORAGE_TASK,
+            "schedule": settings.storage_sweep_interval_s,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.storage_sweep_interval_s},
         },
         "prune-webhook-deliveries": {
             "task": PRUNE_DELIVERIES_TASK,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.compression.base import Callbacks, EngineError, StepOutcome
+from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome
 from workers.compression.data import pack_blocks, read_texts, tokenize_stream
 from workers.compression.evaluate import evaluate
 from workers.compression.export import load_model, save_model
@@ -35,7 +35,7 @@ from workers.compression.weight_quant import gguf_exact_scales
 from workers.reporting import build_report, write_report_files
 
 StepHook = Callable[[int, str, dict[str, Any]], None]
-"""``on_step(index, status, extra)``: a step moved to ``running`` / ``succeeded`` / ``failed``."""
+"""``on_step(index, status, extra)``: a step moved to ``running`` / ``succeeded`` / ``failed`` / ``cancelled``."""
 
 # Share of the calibration/training stream held out for perplexity when no evaluation text is given.
 HELD_OUT_FRACTION = 0.1
@@ -304,6 +304,9 @@ def _run_steps(
         )
         try:
             outcome = run_one(index, step, model, labelled)
+        except StepCancelled:
+            on_step(index, "cancelled", {"duration_s": round(time.perf_counter() - begin, 3)})
+            raise
         except BaseException:
             on_step(index, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
             raise

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from app.broker import REAP_TASK, RUN_JOB_TASK
+from celery import Task
+
+from app.broker import REAP_TASK, RUN_JOB_TASK, SWEEP_STORAGE_TASK
+from app.config import get_settings
 from app.uploads.service import EXPIRE_UPLOADS_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from app.webhooks.service import PRUNE_DELIVERIES_TASK
@@ -13,12 +16,35 @@ from workers.celery_app import celery_app
 log = logging.getLogger("modelpress.worker")
 
 
-@celery_app.task(name=RUN_JOB_TASK, acks_late=True)
-def run_job(job_id: str) -> None:
-    """Run one job end to end (claim, fetch, steps, evaluate, upload, finish)."""
-    from workers.runner import JobRunner  # torch loads in the worker child, not at import time
+@celery_app.task(bind=True, name=RUN_JOB_TASK, acks_late=True, max_retries=None)
+def run_job(self: Task, job_id: str) -> None:
+    """Run one job end to end (claim, fetch, steps, evaluate, upload, finish).
 
-    JobRunner(job_id).run()
+    While the worker's database or storage is down the job is not claimed: the runner holds the message
+    (so this worker takes no other) for up to ``dependency_wait_s``, then it goes back to the broker with a
+    delay. Between jobs, the scratch directories nobody owns any more are swept.
+    """
+    from workers.failures import DependenciesUnavailable
+    from workers.runner import JobRunner  # torch loads in the worker child, not at import time
+    from workers.sweep import sweep_scratch_between_jobs
+
+    try:
+        JobRunner(job_id).run()
+    except DependenciesUnavailable as exc:
+        log.warning("job %s not claimed (%s); the message goes back to the broker", job_id, exc)
+        raise self.retry(exc=exc, countdown=get_settings().infra_retry_backoff_s) from exc
+    finally:
+        sweep_scratch_between_jobs()
+
+
+@celery_app.task(name=SWEEP_STORAGE_TASK)
+def sweep_storage() -> dict[str, int]:
+    """Delete attempt artifacts and checkpoints in the bucket that no live attempt owns."""
+    from app.storage import get_storage
+    from workers.sweep import sweep_storage as sweep
+
+    result = sweep(get_storage())
+    return {"attempts": len(result.attempts), "checkpoints": len(result.checkpoints)}
 
 
 @celery_app.task(name=REAP_TASK)

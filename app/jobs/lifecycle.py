@@ -63,6 +63,35 @@ def _tenant_of(session: Session, job_id: str) -> str:
     return session.execute(select(Job.tenant_id).where(Job.id == job_id)).scalar_one()
 
 
+def _close_running_steps(session: Session, job_id: str, status: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The job's steps with every ``running`` one set to ``status``, and the indexes so closed.
+
+    A job that ends (or loses its worker) while a step runs must not leave that step ``running``: the
+    worker that would have closed it may be gone (killed, lease expired) or may have stopped between
+    two writes.
+    """
+    steps = session.execute(select(Job.steps).where(Job.id == job_id)).scalar_one_or_none() or []
+    closed: list[int] = []
+    result: list[dict[str, Any]] = []
+    now = utcnow().isoformat()
+    for index, step in enumerate(steps):
+        entry = dict(step)
+        if entry.get("status") == "running":
+            entry["status"] = status
+            if status == "pending":  # re-queued: the next attempt runs it again from the start
+                entry.pop("started_at", None)
+            else:
+                entry["finished_at"] = now
+            closed.append(index)
+        result.append(entry)
+    return result, closed
+
+
+def _record_closed_steps(session: Session, job_id: str, tenant_id: str, status: str, closed: list[int]) -> None:
+    for index in closed:
+        record_event(session, job_id, tenant_id, f"job.step.{status}", {"step": index})
+
+
 def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> bool:
     """``queued → running`` for this worker, with a lease. False if someone else has it or it was cancelled,
     and also while the job's tenant already runs as many jobs as its quota allows (the job then stays
@@ -176,7 +205,9 @@ def succeed(
 
 
 def fail(session: Session, job_id: str, error_type: str, message: str, worker_id: str | None = None) -> bool:
-    """``running/cancelling/queued → failed`` with a readable reason (worker_id None: the reaper)."""
+    """``running/cancelling/queued → failed`` with a readable reason (worker_id None: the reaper); a step
+    still ``running`` becomes ``failed``."""
+    steps, closed = _close_running_steps(session, job_id, "failed")
     ok = _guarded_update(
         session,
         job_id,
@@ -187,20 +218,22 @@ def fail(session: Session, job_id: str, error_type: str, message: str, worker_id
         error_message=message[:4000],
         finished_at=utcnow(),
         lease_expires_at=None,
+        steps=json_safe(steps),
+        progress_message="failed",
     )
     if ok:
+        tenant_id = _tenant_of(session, job_id)
+        _record_closed_steps(session, job_id, tenant_id, "failed", closed)
         record_event(
-            session,
-            job_id,
-            _tenant_of(session, job_id),
-            "job.failed",
-            {"error": {"type": error_type, "message": message[:4000]}},
+            session, job_id, tenant_id, "job.failed", {"error": {"type": error_type, "message": message[:4000]}}
         )
     return ok
 
 
 def mark_cancelled(session: Session, job_id: str, worker_id: str | None = None) -> bool:
-    """``cancelling → cancelled`` (the worker stopped, or the reaper found it gone)."""
+    """``cancelling → cancelled`` (the worker stopped, or the reaper found it gone); a step still ``running``
+    becomes ``cancelled``."""
+    steps, closed = _close_running_steps(session, job_id, "cancelled")
     ok = _guarded_update(
         session,
         job_id,
@@ -209,16 +242,27 @@ def mark_cancelled(session: Session, job_id: str, worker_id: str | None = None) 
         status=JobStatus.CANCELLED,
         finished_at=utcnow(),
         lease_expires_at=None,
+        steps=json_safe(steps),
+        progress_message="cancelled",
     )
     if ok:
-        record_event(session, job_id, _tenant_of(session, job_id), "job.cancelled", {})
+        tenant_id = _tenant_of(session, job_id)
+        _record_closed_steps(session, job_id, tenant_id, "cancelled", closed)
+        record_event(session, job_id, tenant_id, "job.cancelled", {})
     return ok
 
 
 def request_cancel(session: Session, job_id: str) -> str | None:
     """Queued jobs stop at once; running ones move to ``cancelling``. Returns the new status or None (too late)."""
     tenant = _tenant_of(session, job_id)
-    if _guarded_update(session, job_id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED, finished_at=utcnow()):
+    if _guarded_update(
+        session,
+        job_id,
+        (JobStatus.QUEUED,),
+        status=JobStatus.CANCELLED,
+        finished_at=utcnow(),
+        progress_message="cancelled",
+    ):
         record_event(session, job_id, tenant, "job.cancelled", {})
         return JobStatus.CANCELLED
     if _guarded_update(session, job_id, (JobStatus.RUNNING,), status=JobStatus.CANCELLING):
@@ -234,14 +278,17 @@ def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now
         mark_cancelled(session, job.id)
         return False
     expired = Job.lease_expires_at < now
-    if job.attempts >= max_attempts:
+    # Attempts released after an outage are not the user's: they do not count (see release_for_retry).
+    counted = job.attempts - job.infra_retries
+    if counted >= max_attempts:
         fail(
             session,
             job.id,
             "worker_lost",
-            f"the worker stopped responding (lease expired) on attempt {job.attempts} of {max_attempts}; giving up",
+            f"the worker stopped responding (lease expired) on attempt {counted} of {max_attempts}; giving up",
         )
         return False
+    steps, _ = _close_running_steps(session, job.id, "pending")
     ok = _guarded_update(
         session,
         job.id,
@@ -252,6 +299,7 @@ def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now
         lease_expires_at=None,
         progress=0.0,
         progress_message="re-queued after a lost worker",
+        steps=json_safe(steps),
     )
     if ok:
         record_event(
@@ -259,6 +307,63 @@ def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now
             job.id,
             job.tenant_id,
             "job.retrying",
-            {"reason": "worker lost (lease expired)", "attempt": job.attempts, "max_attempts": max_attempts},
+            {"reason": "worker lost (lease expired)", "attempt": counted, "max_attempts": max_attempts},
         )
     return ok
+
+
+def release_for_retry(
+    session: Session, job_id: str, worker_id: str, dependency: str, max_infra_retries: int
+) -> int | None:
+    """The worker's attempt met an outage (``dependency``: database, broker or storage): ``running → queued``,
+    to be retried once the dependency answers. Such attempts are nobody's fault, so they do not count
+    against ``max_attempts``; ``infra_retries`` counts them instead, and past ``max_infra_retries`` the job
+    fails (``infrastructure_unavailable``) rather than loop forever. A job being cancelled becomes
+    ``cancelled``.
+
+    Returns the job's new ``infra_retries`` when it was re-queued (the caller rings again, with back-off),
+    None otherwise (cancelled, failed, or the job is no longer this worker's).
+    """
+    job = session.execute(
+        select(Job.status, Job.infra_retries, Job.tenant_id).where(Job.id == job_id, Job.worker_id == worker_id)
+    ).one_or_none()
+    if job is None:
+        return None
+    status, infra_retries, tenant_id = job
+    if status == JobStatus.CANCELLING:
+        mark_cancelled(session, job_id, worker_id)
+        return None
+    if infra_retries >= max_infra_retries:
+        fail(
+            session,
+            job_id,
+            "infrastructure_unavailable",
+            f"the service's {dependency} was unreachable; the job was retried {infra_retries} times after outages "
+            "and then given up. Submit it again.",
+            worker_id,
+        )
+        return None
+    steps, _ = _close_running_steps(session, job_id, "pending")
+    ok = _guarded_update(
+        session,
+        job_id,
+        (JobStatus.RUNNING,),
+        Job.worker_id == worker_id,
+        status=JobStatus.QUEUED,
+        worker_id=None,
+        lease_expires_at=None,
+        progress=0.0,
+        progress_message=f"waiting: the {dependency} was unreachable; retrying",
+        steps=json_safe(steps),
+        infra_retries=Job.infra_retries + 1,
+    )
+    if not ok:
+        return None
+    record_event(
+        session,
+        job_id,
+        tenant_id,
+        "job.retrying",
+        {"reason": f"{dependency} unavailable", "infrastructure": True, "infra_retries": infra_retries + 1},
+    )
+    return infra_retries + 1

@@ -50,6 +50,8 @@ class Job(Base):
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts released because a dependency was unreachable: retried without counting against max_attempts.
+    infra_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     manifest_key: Mapped[str | None] = mapped_column(String(500))

@@ -26,20 +26,14 @@ from app.jobs import lifecycle
 from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
 from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, split_s3_uri
-from app.uploads.service import require_complete, upload_key
+from app.storage_keys import upload_key
+from app.uploads.service import require_complete
 from app.webhooks import service as webhooks
 from workers.compression.recipe import QuantizeStep, group_size_problem, llama_layout_widths
 
 
 def _scoped(tenant_id: str) -> Select[Job]:
     return select(Job).where(Job.tenant_id == tenant_id)
-
-
-def artifact_prefix(tenant_id: str, job_id: str, attempt: int | None = None) -> str:
-    """Where a job's artifacts live; each attempt writes under its own ``attempt-N/``, so a worker that
-    lost its lease can never delete or overwrite what the attempt that succeeded published."""
-    job = f"artifacts/{tenant_id}/{job_id}/"
-    return job if attempt is None else f"{job}attempt-{attempt}/"
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:

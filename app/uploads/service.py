@@ -17,14 +17,11 @@ from app.db import utcnow
 from app.errors import Problem, conflict, not_found, unprocessable
 from app.observability import metrics
 from app.storage import Storage, sha256_of
+from app.storage_keys import upload_key
 from app.uploads.models import Upload
 from app.uploads.schemas import FileIn, UploadCreate
 
 log = logging.getLogger("modelpress.uploads")
-
-
-def upload_key(tenant_id: str, upload_id: str, path: str = "") -> str:
-    return f"uploads/{tenant_id}/{upload_id}/{path}"
 
 
 def _check_paths(files: list[FileIn]) -> None:

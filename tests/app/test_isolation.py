@@ -34,8 +34,8 @@ def _alice_world(client: TestClient, alice: Caller) -> dict[str, str]:
     """A resource of alice for every path parameter: a succeeded job with artifacts, a pending upload, a key."""
     from app.db import session_scope
     from app.jobs import lifecycle
-    from app.jobs.service import artifact_prefix
     from app.storage import get_storage
+    from app.storage_keys import artifact_prefix
 
     world: dict[str, str] = {}
     if any(path.startswith("/v1/webhooks") for path in client.app.openapi()["paths"]):  # type: ignore[attr-defined]

@@ -128,8 +128,9 @@ def test_expired_uploads_are_deleted_and_their_multipart_uploads_aborted(
     from app.config import get_settings
     from app.db import session_scope, utcnow
     from app.storage import get_storage
+    from app.storage_keys import upload_key
     from app.uploads.models import Upload
-    from app.uploads.service import expire_uploads, upload_key
+    from app.uploads.service import expire_uploads
     from workers.celery_app import celery_app
 
     settings = get_settings()

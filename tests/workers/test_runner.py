@@ -18,8 +18,8 @@ def _upload(tenant_id: str, files: dict[str, bytes]) -> str:
 
     from app.db import session_scope, utcnow
     from app.storage import get_storage
+    from app.storage_keys import upload_key
     from app.uploads.models import Upload
-    from app.uploads.service import upload_key
 
     with session_scope() as session:
         upload = Upload(
@@ -137,7 +137,7 @@ def test_oversize_model_is_refused_before_loading(tenant: str, tmp_path: Path, m
 
 def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -> None:
     from app.storage import get_storage
-    from app.uploads.service import upload_key
+    from app.storage_keys import upload_key
 
     upload_id = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
     get_storage().put_bytes(upload_key(tenant, upload_id, "config.json"), b'{"tampered": true}')
@@ -193,7 +193,7 @@ def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path
     assert load_file(out)  # the packed checkpoint is plain safetensors
 
 
-def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> None:
+def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.db import session_scope
     from workers import runner as runner_module
 
@@ -205,20 +205,17 @@ def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> Non
         },
     )
 
-    original = runner_module.JobRunner._execute
+    original = runner_module.Attempt.execute
 
-    def cancel_then_execute(self, spec, work):  # type: ignore[no-untyped-def]
+    def cancel_then_execute(self, spec):  # type: ignore[no-untyped-def]
         from app.jobs import lifecycle
 
         with session_scope() as session:
             assert lifecycle.request_cancel(session, job_id) == "cancelling"
-        return original(self, spec, work)
+        return original(self, spec)
 
-    runner_module.JobRunner._execute = cancel_then_execute  # type: ignore[method-assign]
-    try:
-        _run(job_id)
-    finally:
-        runner_module.JobRunner._execute = original  # type: ignore[method-assign]
+    monkeypatch.setattr(runner_module.Attempt, "execute", cancel_then_execute)
+    _run(job_id)
     job = _job(job_id)
     assert job.status == "cancelled" and job.manifest_key is None
     events = _events(job_id)
@@ -230,7 +227,7 @@ def test_structured_prune_then_distill_then_quantize(
 ) -> None:
     """The issue's composition: prune(structured) → distill(student = pruned model) → quantize, one job."""
     from app.storage import get_storage
-    from workers.runner import JobRunner
+    from workers.checkpoints import CheckpointStore
 
     model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
     text = _upload(tenant, {"train.txt": sample_text(40).encode()})
@@ -254,13 +251,13 @@ def test_structured_prune_then_distill_then_quantize(
     }
     job_id = _submit(tenant, spec)
     saved: list[int] = []
-    save = JobRunner._save_checkpoint
+    save = CheckpointStore.save
 
-    def spy(runner: JobRunner, index: int, path: Path) -> None:
+    def spy(store: CheckpointStore, index: int, path: Path) -> None:
         saved.append(index)
-        save(runner, index, path)
+        save(store, index, path)
 
-    monkeypatch.setattr(JobRunner, "_save_checkpoint", spy)
+    monkeypatch.setattr(CheckpointStore, "save", spy)
     _run(job_id)
     job = _job(job_id)
     assert job.status == "succeeded", job.error_message
@@ -279,22 +276,23 @@ def test_training_metrics_events_are_kept_to_one_a_second_milestones_always(
 ) -> None:
     """A training loop reports every step; the runner records one such event a second, but every
     evaluation, the first step after a resume and every one-off summary."""
-    from workers import runner as runner_module
+    from workers import callbacks as callbacks_module
 
     clock = [100.0]
-    monkeypatch.setattr(runner_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(callbacks_module.time, "monotonic", lambda: clock[0])
     written: list[dict[str, object]] = []
-    job = runner_module.JobRunner("job_x", settings=object(), storage=object())  # type: ignore[arg-type]
-    monkeypatch.setattr(job, "_progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
+    heartbeat = callbacks_module.Heartbeat("job_x", "w", object())  # type: ignore[arg-type]
+    job = callbacks_module.JobCallbacks("job_x", "tenant_x", "w", [], heartbeat)
+    monkeypatch.setattr(job, "progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
 
     for step in range(1, 11):  # ten steps in 0.45 s
         clock[0] += 0.05
-        job._metrics({"step": step, "train_loss": 1.0})
-    job._metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
-    job._metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
-    job._metrics({"quantize_seconds": 1.5})
+        job.metrics({"step": step, "train_loss": 1.0})
+    job.metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
+    job.metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
+    job.metrics({"quantize_seconds": 1.5})
     clock[0] += 1.0
-    job._metrics({"step": 13, "train_loss": 1.0})
+    job.metrics({"step": 13, "train_loss": 1.0})
     assert [event.get("step") for event in written] == [1, 11, 12, None, 13]
 
 
@@ -327,8 +325,9 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
 
     from app.db import get_sessionmaker, session_scope, utcnow
     from app.jobs.models import Job
-    from app.jobs.service import artifact_prefix, list_artifacts
+    from app.jobs.service import list_artifacts
     from app.storage import get_storage
+    from app.storage_keys import artifact_prefix
     from workers import runner as runner_module
     from workers.reaper import reap_once
 
@@ -339,11 +338,14 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
-    original = runner_module.JobRunner._upload_artifacts
+    from workers.publish import ArtifactPublisher
+
+    original = ArtifactPublisher.publish
     seen: dict[str, object] = {}
 
     def stall_then_upload(self, out):  # type: ignore[no-untyped-def]
-        if self.worker_id == "worker-a":
+        if not seen:  # worker A, the first to get here
+            seen["a"] = True
             with session_scope() as session:  # A's lease runs out while it is paused
                 session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
             assert reap_once()["requeued"] == 1
@@ -355,7 +357,7 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
             seen["b_keys"] = sorted(o.key for o in get_storage().list(artifact_prefix(tenant, job_id)))
         return original(self, out)
 
-    monkeypatch.setattr(runner_module.JobRunner, "_upload_artifacts", stall_then_upload)
+    monkeypatch.setattr(ArtifactPublisher, "publish", stall_then_upload)
     a = runner_module.JobRunner(job_id)
     a.worker_id = "worker-a"
     a.run()
@@ -376,23 +378,20 @@ def test_a_checkpoint_whose_files_are_gone_restarts_the_step_from_scratch(tenant
     import threading
 
     from app.storage import get_storage
-    from workers.runner import JobRunner, LeaseLost
+    from workers.checkpoints import CheckpointStore
+    from workers.runner import LeaseLost
 
-    runner = JobRunner("job_gone")
-    runner.tenant_id = tenant
-    prefix = runner._checkpoint_prefix(0)
+    lost = threading.Event()
+    store = CheckpointStore(get_storage(), tenant, "job_gone", lost)
+    prefix = store.prefix(0)
     latest = {"version": "ckpt_1", "name": "step-00000010", "files": [{"path": "a.bin", "size": 1, "sha256": "0" * 64}]}
     get_storage().put_bytes(prefix + "latest.json", json.dumps(latest).encode())
-    restored = runner._restore_checkpoint(0, tmp_path / "ckpt")
+    restored = store.restore(0, tmp_path / "ckpt")
     assert restored.is_dir() and not any(restored.iterdir())
 
-    class Lost:
-        lost = threading.Event()
-
-    Lost.lost.set()
-    runner.heartbeat = Lost()  # type: ignore[assignment]
+    lost.set()
     (tmp_path / "step-00000020").mkdir()
     (tmp_path / "step-00000020" / "a.bin").write_bytes(b"x")
     with pytest.raises(LeaseLost):
-        runner._save_checkpoint(0, tmp_path / "step-00000020")
+        store.save(0, tmp_path / "step-00000020")
     assert json.loads(get_storage().get_bytes(prefix + "latest.json")) == latest  # nothing written or pruned

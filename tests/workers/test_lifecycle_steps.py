@@ -1,0 +1,150 @@
+"""Whoever ends a job (its worker, the reaper, a cancel), no step is left ``running``; attempts released after
+an outage are not the user's; a cancelled step is reported as cancelled, not failed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tiny import write_model_dir
+from tests.workers.test_runner import _events, _files, _job, _submit, _upload
+
+STEPS = [
+    {"method": "prune", "algorithm": "magnitude", "sparsity": 0.5},
+    {"method": "quantize", "scheme": "w8a16"},
+    {"method": "quantize", "scheme": "w8a16"},
+]
+
+
+@pytest.fixture
+def running_job(pg_stack: dict[str, str], tmp_path: Path) -> str:
+    """A job claimed by ``worker-1`` on attempt 1, in its second step: steps ``succeeded, running, pending``."""
+    from app.auth.service import create_tenant
+    from app.db import session_scope
+    from app.jobs import lifecycle
+
+    with session_scope() as session:
+        tenant = create_tenant(session, "steps").id
+    job_id = _submit(
+        tenant, {"model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))}, "steps": STEPS}
+    )
+    with session_scope() as session:
+        assert lifecycle.claim(session, job_id, "worker-1", 60)
+        steps = [dict(step) for step in _job(job_id).steps]
+        steps[0]["status"], steps[1]["status"] = "succeeded", "running"
+        assert lifecycle.set_steps(session, job_id, "worker-1", steps)
+    return job_id
+
+
+def _statuses(job_id: str) -> list[str]:
+    return [step["status"] for step in _job(job_id).steps]
+
+
+def _expire_lease(job_id: str, **values: Any) -> None:
+    from sqlalchemy import update
+
+    from app.db import session_scope, utcnow
+    from app.jobs.models import Job
+
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1), **values)
+        )
+
+
+def test_a_job_failed_by_the_reaper_leaves_no_step_running(running_job: str) -> None:
+    from workers.reaper import reap_once
+
+    _expire_lease(running_job, attempts=3)  # its last attempt: the reaper gives up
+    assert reap_once()["failed_or_cancelled"] == 1
+    job = _job(running_job)
+    assert job.status == "failed" and job.error_type == "worker_lost"
+    assert _statuses(running_job) == ["succeeded", "failed", "pending"]
+    assert job.progress_message == "failed"
+    assert _events(running_job)[-2:] == ["job.step.failed", "job.failed"]
+
+
+def test_a_cancelled_job_says_its_running_step_was_cancelled(running_job: str) -> None:
+    from app.db import session_scope
+    from app.jobs import lifecycle
+
+    with session_scope() as session:
+        assert lifecycle.request_cancel(session, running_job) == "cancelling"
+    with session_scope() as session:
+        assert lifecycle.mark_cancelled(session, running_job, "worker-1")
+    job = _job(running_job)
+    assert _statuses(running_job) == ["succeeded", "cancelled", "pending"]
+    assert job.progress_message == "cancelled"
+    assert _events(running_job)[-2:] == ["job.step.cancelled", "job.cancelled"]
+
+
+def test_a_requeued_job_runs_its_interrupted_step_again(running_job: str) -> None:
+    from workers.reaper import reap_once
+
+    _expire_lease(running_job)
+    assert reap_once()["requeued"] == 1
+    job = _job(running_job)
+    assert job.status == "queued"
+    assert _statuses(running_job) == ["succeeded", "pending", "pending"]
+    assert "started_at" not in job.steps[1]
+
+
+def test_attempts_released_after_outages_do_not_count_against_max_attempts(running_job: str) -> None:
+    """Attempt 3 of a job whose first two were released after outages is the user's first: the reaper
+    re-queues it instead of giving up after max_attempts = 3."""
+    from workers.reaper import reap_once
+
+    _expire_lease(running_job, attempts=3, infra_retries=2)
+    assert reap_once()["requeued"] == 1
+    assert _job(running_job).status == "queued"
+    assert _events(running_job)[-1] == "job.retrying"
+
+
+def test_releases_are_capped_then_the_job_fails_with_a_readable_reason(running_job: str) -> None:
+    from app.db import session_scope
+    from app.jobs import lifecycle
+
+    with session_scope() as session:
+        assert lifecycle.release_for_retry(session, running_job, "worker-1", "storage", 1) == 1
+    assert _statuses(running_job) == ["succeeded", "pending", "pending"]
+    with session_scope() as session:
+        assert lifecycle.claim(session, running_job, "worker-2", 60)
+    with session_scope() as session:  # the second outage in a row, with one release allowed
+        assert lifecycle.release_for_retry(session, running_job, "worker-2", "storage", 1) is None
+    job = _job(running_job)
+    assert job.status == "failed" and job.error_type == "infrastructure_unavailable"
+    assert job.error_message.startswith("the service's storage was unreachable; the job was retried 1 times")
+
+
+def test_a_release_of_a_job_being_cancelled_cancels_it_and_a_stranger_releases_nothing(running_job: str) -> None:
+    from app.db import session_scope
+    from app.jobs import lifecycle
+
+    with session_scope() as session:
+        assert lifecycle.release_for_retry(session, running_job, "worker-9", "database", 5) is None
+    assert _job(running_job).status == "running"  # not this worker's job
+    with session_scope() as session:
+        assert lifecycle.request_cancel(session, running_job) == "cancelling"
+    with session_scope() as session:
+        assert lifecycle.release_for_retry(session, running_job, "worker-1", "database", 5) is None
+    assert _job(running_job).status == "cancelled"
+    assert _statuses(running_job) == ["succeeded", "cancelled", "pending"]
+
+
+def test_the_pipeline_reports_a_cancelled_step_as_cancelled() -> None:
+    from app.jobs.spec import JobSpec
+    from workers.compression.base import Callbacks, StepCancelled
+    from workers.pipeline import _run_steps
+
+    recipe = JobSpec.model_validate({"model": {"upload_id": "upl_x"}, "steps": STEPS}).recipe()
+    seen: list[tuple[int, str]] = []
+
+    def run_one(index: int, _step: Any, _model: Any, _callbacks: Callbacks) -> Any:
+        raise StepCancelled
+
+    with pytest.raises(StepCancelled):
+        _run_steps(recipe, run_one, Callbacks(), lambda index, status, _extra: seen.append((index, status)))
+    assert seen == [(0, "running"), (0, "cancelled")]
