@@ -3,7 +3,7 @@
 A new table with no data to carry: nothing to backfill; downgrade drops it.
 
 Revision ID: 3f9a1c2d7e60
-Revises: 5c1e0a7d9b42
+Revises: 3f1c2b7a9d10
 Create Date: 2026-12-03 12:40:00.000000
 
 """
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision: str = '3f9a1c2d7e60'
-down_revision: Union[str, Sequence[str], None] = '5c1e0a7d9b42'
+down_revision: Union[str, Sequence[str], None] = '3f1c2b7a9d10'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
