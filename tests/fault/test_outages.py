@@ -212,16 +212,21 @@ def _assert_nothing_unowned(fault_stack: FaultStack, job_ids: list[str]) -> None
     from app.uploads.models import Upload
 
     with session_scope() as session:
-        owned = [upload_key(u.tenant_id, u.id) for u in session.scalars(select(Upload))]
+        jobs = session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
+        [tenant] = {j.tenant_id for j in jobs}
+        owned = [upload_key(tenant, u.id) for u in session.scalars(select(Upload).where(Upload.tenant_id == tenant))]
         # A job owns the attempt its manifest is in, and nothing else (no other attempt, no checkpoint).
-        owned += [j.manifest_key.rsplit("/", 1)[0] + "/" for j in session.scalars(select(Job)) if j.manifest_key]
+        owned += [j.manifest_key.rsplit("/", 1)[0] + "/" for j in jobs if j.manifest_key]
     s3 = boto3.client("s3", endpoint_url=_direct_s3(fault_stack), region_name="us-east-1")
-    keys = [
+    keys = [  # this test's tenant's keys: the bucket is shared with the other tests of the session
         o["Key"]
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
         for o in page.get("Contents", [])
+        if o["Key"].split("/")[1:2] == [tenant]
     ]
     assert [k for k in keys if not k.startswith(tuple(owned))] == []
+    # And what is owned is there: every upload and every published attempt.
+    assert [p for p in owned if not any(k.startswith(p) for k in keys)] == []
     # Cleanup runs after the job's final state is written: give the worker's finally a moment.
     _until(
         "the worker's scratch space to be empty",
