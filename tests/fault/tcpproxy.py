@@ -11,6 +11,7 @@ import contextlib
 import socket
 import struct
 import threading
+from functools import partial
 from types import TracebackType
 
 
@@ -57,7 +58,7 @@ class TcpProxy:
                     return
                 self._sockets |= {client, upstream}
                 self.connections += 1
-            finished = threading.Barrier(2, action=lambda c=client, u=upstream: self._forget(c, u))
+            finished = threading.Barrier(2, action=partial(self._forget, client, upstream))
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink, finished), daemon=True).start()
 

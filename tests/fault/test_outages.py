@@ -17,7 +17,7 @@ Waits are on signals (job states, delivery rows) with deadlines; the only timed 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,12 +73,19 @@ def _submit(client: httpx.Client, spec: dict[str, Any]) -> str:
     return str(created.json()["id"])
 
 
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on loopback (not behind any proxy: the outages are the service's, not its)."""
+    hooks = Receiver(port=free_port())
+    hooks.start()
+    yield hooks
+    hooks.stop()
+
+
 @pytest.mark.parametrize("dependency", ["s3", "postgres", "redis"])
-def test_outage_destroys_no_work(dependency: str, fault_stack: FaultStack, tmp_path: Path) -> None:
+def test_outage_destroys_no_work(dependency: str, fault_stack: FaultStack, receiver: Receiver, tmp_path: Path) -> None:
     stack = fault_stack.stack
     proxy = fault_stack.proxies[dependency]
-    receiver = Receiver(port=free_port())
-    receiver.start()
     model_dir = write_model_dir(tmp_path / "tiny")
     with stack.client() as client:
         hook = client.post("/v1/webhooks", json={"url": receiver.url, "events": HOOK_EVENTS})
