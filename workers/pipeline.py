@@ -99,7 +99,7 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
     if stream is None:
         raise EngineError(f"steps[{ctx.index}] (distill) needs training text")
     # The teacher is always the job's input model, also after earlier steps changed `model`.
-    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=ctx.callbacks.should_stop)
     student = build_student(
         teacher,
         step.student,
@@ -194,7 +194,7 @@ def run_pipeline(
     if use_low_memory(recipe, checked):
         return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
     checked.check_memory(inputs.memory_budget(), IN_MEMORY_FACTOR)
-    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=callbacks.should_stop)
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     texts = inputs.texts(tokenizer, recipe)
@@ -222,7 +222,7 @@ def run_pipeline(
         # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
         callbacks.progress(0.88, "measuring the compressed model")
         del model
-        reloaded, _ = load_model(model_out)
+        reloaded, _ = load_model(model_out, should_stop=callbacks.should_stop)
         result = measure(reloaded, model_dir=model_out, callbacks=callbacks.scaled(0.88, 0.93))
         if result.perplexity is not None and math.isnan(result.perplexity):
             raise EngineError("the compressed model's outputs are not finite (its perplexity is NaN)")

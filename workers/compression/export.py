@@ -14,7 +14,9 @@ refused after.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ from compressed_tensors.compressors import BaseCompressor, ModelCompressor
 from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.utils import get_direct_state_dict
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from workers.compression.base import EngineError
+from workers.compression.base import EngineError, StepCancelled, StopFn
 from workers.compression.preflight import ModelPreflight, preflight_model
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -188,14 +191,40 @@ def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> No
                 raise EngineError(f"{what} has non-finite weights: {bad} NaN/inf values in {name!r}")
 
 
-def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, Any]:
+STOP_CHECK_INTERVAL_S = 0.1
+"""How often :class:`_StopChecks` asks ``should_stop`` while transformers builds and loads a model."""
+
+
+class _StopChecks(TorchFunctionMode):
+    """Asks ``should_stop`` from inside transformers' model construction and weight loading, which run no
+    code of ours for as long as the model is large (every parameter is created, initialised and filled by
+    torch calls): at most every :data:`STOP_CHECK_INTERVAL_S` seconds of those calls, raising
+    :class:`StepCancelled` out of ``from_pretrained`` when the job was asked to stop."""
+
+    def __init__(self, should_stop: StopFn) -> None:
+        super().__init__()
+        self.should_stop = should_stop
+        self.next_check = 0.0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + STOP_CHECK_INTERVAL_S
+            if self.should_stop():
+                raise StepCancelled("cancelled while loading the model")
+        return func(*args, **(kwargs or {}))
+
+
+def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: StopFn | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer (``None`` if the directory has none) in float32 on CPU.
 
     Safetensors only, ``trust_remote_code=False``, configs with ``auto_map`` refused, weights over
     ``max_bytes`` refused, and everything :func:`inspect_model_dir` checks before a byte of weights is read.
     After loading, a weight the checkpoint lacks (transformers would initialise it at random: a missing LM
     head) or a non-finite weight is refused. Compressed-tensors checkpoints load too (decompressed on first
-    forward).
+    forward). ``should_stop`` is asked while the model is built and loaded (:class:`_StopChecks`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -210,14 +239,15 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, A
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     loaded: Any
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            trust_remote_code=False,
-            use_safetensors=True,
-            dtype=torch.float32,
-            output_loading_info=True,
-            **extra,
-        )
+        with _StopChecks(should_stop) if should_stop is not None else nullcontext():
+            loaded = AutoModelForCausalLM.from_pretrained(
+                model_dir,
+                trust_remote_code=False,
+                use_safetensors=True,
+                dtype=torch.float32,
+                output_loading_info=True,
+                **extra,
+            )
     except (ValueError, OSError, KeyError) as exc:
         raise EngineError(f"cannot load the model: {exc}") from exc
     model, info = loaded

@@ -201,8 +201,16 @@ def check_causal_lm(config: Mapping[str, Any]) -> str:
     return str(expected)
 
 
+SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "head_dim",
+)  # fmt: skip
+"""config.json sizes that must be positive integers wherever they appear (``1e9`` is a float in JSON)."""
+
+
 def _positive_int(config: Any, key: str) -> int:
-    value = getattr(config, key, None)
+    """``config[key]`` (a parsed config.json) or ``config.key`` (a transformers config), a positive integer."""
+    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise EngineError(f"config.json {key} must be a positive integer, got {value!r}")
     return value
@@ -278,7 +286,7 @@ def _transformers_config(model_dir: Path) -> Any:
 
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError) as exc:
+    except Exception as exc:
         raise EngineError(f"cannot read config.json: {exc}") from exc
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -288,6 +296,9 @@ def preflight_model(model_dir: Path, config: Mapping[str, Any]) -> ModelPrefligh
     ``config`` is the parsed file from :func:`workers.compression.export.check_model_dir` (JSON, no remote
     code); it is checked before transformers reads it."""
     check_causal_lm(config)
+    for key in SIZE_FIELDS:
+        if config.get(key) is not None:
+            _positive_int(config, key)
     tensors = read_checkpoint_headers(model_dir)
     check_declared_shapes(_transformers_config(model_dir), tensors)
     return ModelPreflight(config=dict(config), tensors=tensors)
