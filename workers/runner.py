@@ -313,6 +313,7 @@ class JobRunner:
         inputs = PipelineInputs(
             model_dir=work / "input" / "model",
             max_model_bytes=self.settings.max_model_bytes,
+            memory_budget_bytes=self.settings.max_model_memory_bytes,
         )
         self._fetch(spec.model, inputs.model_dir, "model", self.settings.max_model_bytes)
         if spec.calibration:
