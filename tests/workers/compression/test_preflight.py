@@ -192,3 +192,13 @@ def test_loading_asks_should_stop_inside_transformers_and_stops_at_the_first_yes
     assert len(asked) == 10
     model, _ = load_model(model_dir, should_stop=lambda: False)  # and a load nobody stops completes
     assert model.model.layers[1].mlp.down_proj.weight.shape == (64, 128)
+
+
+def test_non_finite_float8_weights_are_seen_too() -> None:
+    """float8 has no isfinite kernel; an FP8 checkpoint's NaN is found all the same."""
+    from workers.compression.export import require_finite
+
+    weights = torch.tensor([1.0, float("nan"), 448.0]).to(torch.float8_e4m3fn)
+    require_finite([("ok", weights[[0, 2]])], "the model")
+    with pytest.raises(EngineError, match=r"the model has non-finite weights: 1 NaN/inf values in 'w'"):
+        require_finite([("w", weights)], "the model")
