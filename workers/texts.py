@@ -115,10 +115,10 @@ def _set_evaluation(texts: JobTexts, recipe: Recipe, stream: torch.Tensor, sourc
             f"{MIN_PERPLEXITY_TOKENS:,} a perplexity is reported from"
         )
         return False
-    if options is not None and scored < max_tokens:
+    if usable.numel() < seq_len:  # max_tokens is a cap; the window length is what was asked
         texts.warnings.append(
-            f"Perplexity was scored on {scored:,} tokens, fewer than the {max_tokens:,} asked "
-            "(evaluation.max_tokens): the text is short."
+            f"Perplexity was scored in one window of {usable.numel():,} tokens, shorter than the seq_len "
+            f"{seq_len:,} asked: the {SOURCE_TEXT[source]} is short."
         )
     texts.eval_ids = pack_blocks(usable, min(seq_len, usable.numel()))
     texts.eval_source = source

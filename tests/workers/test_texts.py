@@ -37,15 +37,16 @@ def test_enough_evaluation_text_is_scored_without_a_warning(tokenizer: PreTraine
     assert texts.warnings == []
 
 
-def test_evaluation_text_shorter_than_asked_is_a_warning(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
-    recipe = Recipe.model_validate({"steps": [QUANTIZE], "evaluation": {"seq_len": 64, "max_tokens": 65536}})
+def test_evaluation_text_shorter_than_a_window_is_a_warning(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """max_tokens is a cap ("at most"); the window length is what was asked, and a shorter one is a warning."""
+    recipe = Recipe.model_validate({"steps": [QUANTIZE], "evaluation": {"seq_len": 8192, "max_tokens": 65536}})
     texts = prepare_texts(tokenizer, recipe, evaluation_files=[_write(tmp_path / "eval.txt", sample_text(3))])
-    assert texts.eval_ids is not None
+    assert texts.eval_ids is not None and texts.eval_ids.shape[0] == 1
     scored = texts.eval_ids.numel()
-    assert MIN_PERPLEXITY_TOKENS <= scored < 65536
+    assert MIN_PERPLEXITY_TOKENS <= scored < 8192
     assert texts.warnings == [
-        f"Perplexity was scored on {scored:,} tokens, fewer than the 65,536 asked (evaluation.max_tokens): "
-        "the text is short."
+        f"Perplexity was scored in one window of {scored:,} tokens, shorter than the seq_len 8,192 asked: the "
+        "evaluation text is short."
     ]
 
 
