@@ -108,6 +108,7 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
         previous_model=model,
         calibration=ctx.texts.calibration,
         seed=step.seed,
+        should_stop=ctx.callbacks.should_stop,
     )
     cut = int(stream.numel() * (1 - step.eval_fraction))
     return distill(

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
-from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, device_of
+from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, StopFn, device_of
 from workers.compression.data import pack_blocks
 from workers.compression.evaluate import MIN_PERPLEXITY_TOKENS, perplexity_from
-from workers.compression.export import load_model
+from workers.compression.export import StopChecks, load_model
 from workers.compression.layerwise import decoder_layers
 from workers.compression.recipe import DistillStep, FromTeacher, StudentSpec
 
@@ -70,6 +70,7 @@ def build_student(
     previous_model: nn.Module | None = None,
     calibration: torch.Tensor | None = None,
     seed: int = 0,
+    should_stop: StopFn | None = None,
 ) -> nn.Module:
     """Make the student ``spec`` names. The teacher is never modified.
 
@@ -78,12 +79,14 @@ def build_student(
     (safetensors only, no custom code, weights over ``max_bytes`` refused);
     ``previous_model`` the model earlier steps produced; ``calibration`` ([n, seq_len] ids) lets the
     pruning machinery rank heads/channels by activations instead of weight magnitude; ``seed`` fixes
-    a fresh initialisation. Raises :class:`EngineError` if the student's vocabulary differs.
+    a fresh initialisation; ``should_stop`` is asked while a student is built or loaded. Raises
+    :class:`EngineError` if the student's vocabulary differs.
     """
     if spec.from_teacher is not None:
         student = cut_from_teacher(teacher, spec.from_teacher, calibration=calibration)
     elif spec.config is not None:
-        student = fresh_from_config(teacher, spec.config, seed=seed)
+        with StopChecks(should_stop):  # a config may ask for many layers: building them must stay cancellable
+            student = fresh_from_config(teacher, spec.config, seed=seed)
     elif spec.previous_step:
         if previous_model is None:
             raise EngineError("student 'previous_step': no earlier step produced a model to distill into")
@@ -91,7 +94,7 @@ def build_student(
     else:
         if student_dir is None:
             raise EngineError("student model directory was not provided")
-        student, _ = load_model(student_dir, max_bytes=max_bytes)
+        student, _ = load_model(student_dir, max_bytes=max_bytes, should_stop=should_stop)
     check_same_vocabulary(teacher, student)
     return student
 

@@ -372,3 +372,22 @@ def test_two_gloo_processes_match_one(teacher: nn.Module, stream: torch.Tensor) 
 def test_world_size_must_divide_the_batch(teacher: nn.Module, stream: torch.Tensor) -> None:
     with pytest.raises(EngineError, match="divisible"):
         run(teacher, step_config(batch_size=3), stream, world_size=2)
+
+
+def test_building_a_student_of_a_million_layers_stops_on_cancel(
+    teacher: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A student config is the user's: building its layers asks should_stop from inside transformers."""
+    import workers.compression.export as export
+
+    monkeypatch.setattr(export, "STOP_CHECK_INTERVAL_S", 0.0)
+    asked: list[bool] = []
+
+    def stop_on_the_fifth_question() -> bool:
+        asked.append(True)
+        return len(asked) >= 5
+
+    spec = StudentSpec(config={**SMALL_STUDENT, "num_hidden_layers": 1_000_000})
+    with pytest.raises(StepCancelled):
+        build_student(teacher, spec, should_stop=stop_on_the_fifth_question)
+    assert len(asked) == 5
