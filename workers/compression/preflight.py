@@ -220,7 +220,9 @@ def _llama_layer_shapes(config: Any, hidden: int) -> dict[str, tuple[int, ...]]:
     """Per-layer weight shapes of the Llama family (Llama, Mistral, Qwen2/3, Gemma: one naming scheme),
     relative to ``model.layers.N.``."""
     heads = _positive_int(config, "num_attention_heads")
-    kv_heads = _positive_int(config, "num_key_value_heads") if config.num_key_value_heads is not None else heads
+    kv_heads = (
+        heads if getattr(config, "num_key_value_heads", None) is None else _positive_int(config, "num_key_value_heads")
+    )
     head_dim = _positive_int(config, "head_dim") if getattr(config, "head_dim", None) is not None else hidden // heads
     inter = _positive_int(config, "intermediate_size")
     return {
@@ -243,31 +245,48 @@ LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2
 def check_declared_shapes(config: Any, tensors: Mapping[str, TensorHeader]) -> None:
     """Refuse a checkpoint whose declared shapes disagree with its config (a transformers config object, so
     that each family's defaults apply): the embedding and LM head (vocab x hidden), the decoder layer count,
-    and for :data:`LLAMA_FAMILY` every projection and norm of every layer. Quantized weights stored packed
+    the least number of parameters the config implies (whatever the tensors are called), and for
+    :data:`LLAMA_FAMILY` every projection and norm of every layer. Quantized weights stored packed
     (``weight_packed``) have no ``weight`` entry and are not compared."""
     vocab, hidden = _positive_int(config, "vocab_size"), _positive_int(config, "hidden_size")
     layers = _positive_int(config, "num_hidden_layers")
     _check_layer_count(layers, tensors)
-    expected: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "lm_head.weight": (vocab, hidden),
-    }
+    _compare_shapes({"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}, tensors)
+    _check_scale(vocab, hidden, layers, tensors)  # before anything is computed per layer
     if config.model_type in LLAMA_FAMILY:
-        expected["model.norm.weight"] = (hidden,)
         per_layer = _llama_layer_shapes(config, hidden)
+        expected = {"model.norm.weight": (hidden,)}
         for index in range(layers):
             expected.update({f"model.layers.{index}.{key}": shape for key, shape in per_layer.items()})
+        _compare_shapes(expected, tensors)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if not tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        raise EngineError(
+            "the checkpoint has no LM head ('lm_head.weight') and config.json tie_word_embeddings is false: "
+            "transformers would add a random one"
+        )
+
+
+def _compare_shapes(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, TensorHeader]) -> None:
     for name, shape in expected.items():
         found = tensors.get(name)
         if found is not None and found.shape != shape:
             raise EngineError(
                 f"tensor {name!r} in {found.file} has shape {list(found.shape)}, but config.json implies {list(shape)}"
             )
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if not tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+
+
+def _check_scale(vocab: int, hidden: int, layers: int, tensors: Mapping[str, TensorHeader]) -> None:
+    """Whatever its tensor names, a decoder of ``layers`` layers of width ``hidden`` over ``vocab`` tokens holds
+    at least ``layers x hidden² + vocab x hidden`` parameters (one hidden x hidden projection a layer, one
+    embedding). Refuse a config that implies more than twice what the checkpoint holds (twice: packed 4-bit
+    weights count one element per eight): transformers would build, and allocate, what the config says."""
+    implied = layers * hidden * hidden + vocab * hidden
+    held = sum(t.numel for t in tensors.values())
+    if implied > 2 * held:
         raise EngineError(
-            "the checkpoint has no LM head ('lm_head.weight') and config.json tie_word_embeddings is false: "
-            "transformers would add a random one"
+            f"config.json (vocab_size {vocab}, hidden_size {hidden}, num_hidden_layers {layers}) describes at least "
+            f"{implied:,} parameters, but the checkpoint holds {held:,}"
         )
 
 

@@ -202,3 +202,11 @@ def test_non_finite_float8_weights_are_seen_too() -> None:
     require_finite([("ok", weights[[0, 2]])], "the model")
     with pytest.raises(EngineError, match=r"the model has non-finite weights: 1 NaN/inf values in 'w'"):
         require_finite([("w", weights)], "the model")
+
+
+def test_a_config_far_larger_than_the_weights_is_refused_whatever_the_tensors_are_called(model_dir: Path) -> None:
+    """Without 'model.layers.N' names to count, the config's least parameter count is held against the headers."""
+    _rewrite_weights(model_dir, lambda t: t.update({k.replace("model.", "decoder.", 1): t.pop(k) for k in list(t)}))
+    _edit_config(model_dir, num_hidden_layers=1_000_000)
+    with pytest.raises(EngineError, match=r"num_hidden_layers 1000000\) describes at least 4,096,016,384 param"):
+        inspect_model_dir(model_dir)
