@@ -255,7 +255,7 @@ def check_declared_shapes(config: Any, tensors: Mapping[str, TensorHeader]) -> N
     _check_scale(vocab, hidden, layers, tensors)  # before anything is computed per layer
     if config.model_type in LLAMA_FAMILY:
         per_layer = _llama_layer_shapes(config, hidden)
-        expected = {"model.norm.weight": (hidden,)}
+        expected: dict[str, tuple[int, ...]] = {"model.norm.weight": (hidden,)}
         for index in range(layers):
             expected.update({f"model.layers.{index}.{key}": shape for key, shape in per_layer.items()})
         _compare_shapes(expected, tensors)
