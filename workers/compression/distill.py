@@ -50,7 +50,7 @@ from torch import nn
 from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, StopFn, device_of
 from workers.compression.data import pack_blocks
 from workers.compression.evaluate import MIN_PERPLEXITY_TOKENS, perplexity_from
-from workers.compression.export import StopChecks, load_model
+from workers.compression.export import load_model, stop_checks
 from workers.compression.layerwise import decoder_layers
 from workers.compression.recipe import DistillStep, FromTeacher, StudentSpec
 
@@ -85,7 +85,7 @@ def build_student(
     if spec.from_teacher is not None:
         student = cut_from_teacher(teacher, spec.from_teacher, calibration=calibration)
     elif spec.config is not None:
-        with StopChecks(should_stop):  # a config may ask for many layers: building them must stay cancellable
+        with stop_checks(should_stop):  # a config may ask for many layers: building them must stay cancellable
             student = fresh_from_config(teacher, spec.config, seed=seed)
     elif spec.previous_step:
         if previous_model is None:

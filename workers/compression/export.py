@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -195,16 +196,16 @@ def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> No
 
 
 STOP_CHECK_INTERVAL_S = 0.1
-"""How often :class:`StopChecks` asks ``should_stop`` while transformers builds and loads a model."""
+"""How often :func:`stop_checks` asks ``should_stop`` while transformers builds and loads a model."""
 
 
-class StopChecks(TorchFunctionMode):
+class _StopChecks(TorchFunctionMode):
     """Asks ``should_stop`` from inside transformers' model construction and weight loading, which run no
     code of ours for as long as the model is large (every parameter is created, initialised and filled by
     torch calls): at most every :data:`STOP_CHECK_INTERVAL_S` seconds of those calls, raising
     :class:`StepCancelled` out of ``from_pretrained`` when the job was asked to stop."""
 
-    def __init__(self, should_stop: StopFn | None) -> None:
+    def __init__(self, should_stop: StopFn) -> None:
         super().__init__()
         self.should_stop = should_stop
         self.next_check = 0.0
@@ -213,11 +214,17 @@ class StopChecks(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         now = time.monotonic()
-        if self.should_stop is not None and now >= self.next_check:
+        if now >= self.next_check:
             self.next_check = now + STOP_CHECK_INTERVAL_S
             if self.should_stop():
                 raise StepCancelled("cancelled while loading the model")
         return func(*args, **(kwargs or {}))
+
+
+def stop_checks(should_stop: StopFn | None) -> AbstractContextManager[Any]:
+    """Within the block, ``should_stop`` is asked from every torch call (at most every
+    :data:`STOP_CHECK_INTERVAL_S`): for code of others that builds or loads a model. Nothing without one."""
+    return _StopChecks(should_stop) if should_stop is not None else nullcontext()
 
 
 def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: StopFn | None = None) -> tuple[Any, Any]:
@@ -227,7 +234,7 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: St
     ``max_bytes`` refused, and everything :func:`inspect_model_dir` checks before a byte of weights is read.
     After loading, a weight the checkpoint lacks (transformers would initialise it at random: a missing LM
     head) or a non-finite weight is refused. Compressed-tensors checkpoints load too (decompressed on first
-    forward). ``should_stop`` is asked while the model is built and loaded (:class:`StopChecks`).
+    forward). ``should_stop`` is asked while the model is built and loaded (:func:`stop_checks`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -242,7 +249,7 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: St
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     loaded: Any
     try:
-        with StopChecks(should_stop):
+        with stop_checks(should_stop):
             loaded = AutoModelForCausalLM.from_pretrained(
                 model_dir,
                 trust_remote_code=False,
