@@ -134,7 +134,8 @@ def _calibration_blocks(stream: torch.Tensor, recipe: Recipe, warnings: list[str
     asked = options.num_samples * options.seq_len
     if blocks.numel() < asked:
         warnings.append(
-            f"Calibration used {blocks.numel():,} tokens ({blocks.shape[0]} blocks of {seq_len}), fewer than the "
+            f"Calibration used {blocks.numel():,} tokens ({blocks.shape[0]} block{'s' if blocks.shape[0] > 1 else ''} "
+            f"of {seq_len}), fewer than the "
             f"{asked:,} asked (num_samples {options.num_samples} x seq_len {options.seq_len}): the text is short."
         )
     return blocks

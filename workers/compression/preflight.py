@@ -250,9 +250,7 @@ def check_declared_shapes(config: Any, tensors: Mapping[str, TensorHeader]) -> N
     (``weight_packed``) have no ``weight`` entry and are not compared."""
     vocab, hidden = _positive_int(config, "vocab_size"), _positive_int(config, "hidden_size")
     layers = _positive_int(config, "num_hidden_layers")
-    _check_layer_count(layers, tensors)
-    _compare_shapes({"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}, tensors)
-    _check_scale(vocab, hidden, layers, tensors)  # before anything is computed per layer
+    _check_outline(vocab, hidden, layers, tensors)  # before anything is computed per layer
     if config.model_type in LLAMA_FAMILY:
         per_layer = _llama_layer_shapes(config, hidden)
         expected: dict[str, tuple[int, ...]] = {"model.norm.weight": (hidden,)}
@@ -265,6 +263,14 @@ def check_declared_shapes(config: Any, tensors: Mapping[str, TensorHeader]) -> N
             "the checkpoint has no LM head ('lm_head.weight') and config.json tie_word_embeddings is false: "
             "transformers would add a random one"
         )
+
+
+def _check_outline(vocab: int, hidden: int, layers: int, tensors: Mapping[str, TensorHeader]) -> None:
+    """The checks that need only the three sizes every decoder config names: layer count, embedding and LM head
+    shapes, and the least parameter count (:func:`_check_scale`)."""
+    _check_layer_count(layers, tensors)
+    _compare_shapes({"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}, tensors)
+    _check_scale(vocab, hidden, layers, tensors)
 
 
 def _compare_shapes(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, TensorHeader]) -> None:
@@ -319,5 +325,9 @@ def preflight_model(model_dir: Path, config: Mapping[str, Any]) -> ModelPrefligh
         if config.get(key) is not None:
             _positive_int(config, key)
     tensors = read_checkpoint_headers(model_dir)
+    if all(config.get(key) is not None for key in ("vocab_size", "hidden_size", "num_hidden_layers")):
+        # Before transformers parses the config: some families build a list per layer there.
+        vocab, hidden = _positive_int(config, "vocab_size"), _positive_int(config, "hidden_size")
+        _check_outline(vocab, hidden, _positive_int(config, "num_hidden_layers"), tensors)
     check_declared_shapes(_transformers_config(model_dir), tensors)
     return ModelPreflight(config=dict(config), tensors=tensors)
