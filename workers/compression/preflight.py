@@ -298,7 +298,7 @@ def _check_scale(vocab: int, hidden: int, layers: int, tensors: Mapping[str, Ten
 
 def _check_layer_count(layers: int, tensors: Iterable[str]) -> None:
     found = {int(match.group(1)) for name in tensors if (match := _LAYER.match(name))}
-    if found and found != set(range(layers)):
+    if found and (len(found) != layers or min(found) != 0 or max(found) != layers - 1):  # i.e. not 0..layers-1
         raise EngineError(
             f"config.json num_hidden_layers is {layers}, but the checkpoint has layers {min(found)}..{max(found)} "
             f"({len(found)} of them)"
