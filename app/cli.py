@@ -133,7 +133,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         measure_speed=not args.no_speed,
         low_memory=args.low_memory,
     )
-    print(json.dumps(report.get("summary", {}), indent=2))
+    print(report.summary.model_dump_json(indent=2))
     print(f"wrote {args.out}/model, report.json, report.png, README.md")
     return 0
 

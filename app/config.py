@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         default=1024 * 1024, ge=1024, description="API request bodies (JSON); larger ones get 413"
     )
     max_model_bytes: int = 50 * 1024**3
+    max_model_memory_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="memory a job's model may take on a worker at the pipeline's peak (about twice its float32 "
+        "size, counted from the safetensors headers before loading); default: the machine's physical memory",
+    )
     max_upload_bytes: int = 100 * 1024**3
     max_upload_files: int = 512
 

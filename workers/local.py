@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -12,6 +11,7 @@ from tqdm import tqdm
 from workers.compression.base import Callbacks, EngineError
 from workers.compression.recipe import Recipe, check_steps_inputs
 from workers.pipeline import PipelineInputs, run_pipeline
+from workers.reporting import Report
 
 
 def load_recipe(path: Path, *, has_calibration: bool, has_training: bool) -> Recipe:
@@ -33,7 +33,10 @@ def compress_local(
     training: Path | None = None,
     measure_speed: bool = True,
     low_memory: bool | None = None,
-) -> dict[str, Any]:
+) -> Report:
+    """Run the recipe in ``recipe_path`` on ``model_dir`` into ``out_dir`` and return the report. The model is
+    checked as the service checks it (:func:`workers.pipeline.run_pipeline`: preflight before loading); a
+    problem the user can fix exits with its message."""
     recipe = load_recipe(recipe_path, has_calibration=calibration is not None, has_training=training is not None)
     if low_memory is not None:
         try:

@@ -6,6 +6,7 @@ load the model safely, measure it, run the steps in order, save, measure again, 
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,11 +20,10 @@ import torch
 from torch import nn
 
 from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome
-from workers.compression.data import pack_blocks, read_texts, tokenize_stream
 from workers.compression.evaluate import evaluate
-from workers.compression.export import load_model, save_model
+from workers.compression.export import inspect_model_dir, load_model, save_model
+from workers.compression.preflight import ModelPreflight
 from workers.compression.recipe import (
-    CalibrationOptions,
     DistillStep,
     PruneStep,
     QuantizeStep,
@@ -32,13 +32,11 @@ from workers.compression.recipe import (
     group_size_problem,
 )
 from workers.compression.weight_quant import gguf_exact_scales
-from workers.reporting import build_report, write_report_files
+from workers.reporting import Report, build_report, write_report_files
+from workers.texts import JobTexts, prepare_texts
 
 StepHook = Callable[[int, str, dict[str, Any]], None]
 """``on_step(index, status, extra)``: a step moved to ``running`` / ``succeeded`` / ``failed`` / ``cancelled``."""
-
-# Share of the calibration/training stream held out for perplexity when no evaluation text is given.
-HELD_OUT_FRACTION = 0.1
 
 
 @dataclass
@@ -53,64 +51,20 @@ class PipelineInputs:
     checkpoint_dirs: dict[int, Path] = field(default_factory=dict)
     on_checkpoint: Callable[[int, Path], None] | None = None
     max_model_bytes: int | None = None
+    memory_budget_bytes: int | None = None
     measure_speed: bool = True
 
+    def memory_budget(self) -> int:
+        """Bytes a job's model may take at the pipeline's peak: the worker's setting, else the machine's memory."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        import psutil
 
-@dataclass
-class _Texts:
-    calibration: torch.Tensor | None
-    train_stream: torch.Tensor | None
-    eval_ids: torch.Tensor | None
-    eval_source: str
+        return int(psutil.virtual_memory().total)
 
-    def evaluation_info(self) -> dict[str, Any]:
-        """What the perplexity was measured on (report.json ``evaluation``)."""
-        return {
-            "source": self.eval_source,
-            "seq_len": int(self.eval_ids.shape[1]) if self.eval_ids is not None else None,
-            "tokens": int(self.eval_ids.numel()) if self.eval_ids is not None else 0,
-        }
-
-
-def _prepare_texts(tokenizer: Any, recipe: Recipe, inputs: PipelineInputs) -> _Texts:
-    """Tokenise the job's texts; hold out a slice for perplexity when no evaluation text was given."""
-    eval_opts = recipe.evaluation
-    eval_seq = eval_opts.seq_len if eval_opts else (recipe.calibration.seq_len if recipe.calibration else 512)
-    eval_max = eval_opts.max_tokens if eval_opts else 65536
-    needs_calibration = recipe.needs_calibration
-
-    calib_stream = (
-        tokenize_stream(tokenizer, read_texts(inputs.calibration_files)) if inputs.calibration_files else None
-    )
-    train_stream = tokenize_stream(tokenizer, read_texts(inputs.training_files)) if inputs.training_files else None
-    if needs_calibration and calib_stream is None:
-        raise EngineError("a step needs calibration text, but none was given")
-
-    eval_ids: torch.Tensor | None = None
-    source = "none"
-    if inputs.evaluation_files:
-        stream = tokenize_stream(tokenizer, read_texts(inputs.evaluation_files))
-        eval_ids = pack_blocks(stream[:eval_max], min(eval_seq, stream.numel()))
-        source = "evaluation"
-    else:
-        held_from = calib_stream if calib_stream is not None else train_stream
-        if held_from is not None:
-            cut = int(held_from.numel() * (1 - HELD_OUT_FRACTION))
-            held = held_from[cut:][:eval_max]
-            if held.numel() >= 16:
-                eval_ids = pack_blocks(held, min(eval_seq, held.numel()))
-                # The last HELD_OUT_FRACTION of the stream, never used for calibration/training.
-                source = "calibration_heldout" if calib_stream is not None else "training_heldout"
-                if calib_stream is not None:
-                    calib_stream = calib_stream[:cut]
-                else:
-                    train_stream = held_from[:cut]
-    calibration = None
-    if calib_stream is not None:
-        # Calibration text without a "calibration" block in the recipe: the documented defaults.
-        options = recipe.calibration or CalibrationOptions()
-        calibration = pack_blocks(calib_stream, min(options.seq_len, calib_stream.numel()), options.num_samples)
-    return _Texts(calibration=calibration, train_stream=train_stream, eval_ids=eval_ids, eval_source=source)
+    def texts(self, tokenizer: Any, recipe: Recipe) -> JobTexts:
+        """The job's texts tokenised (:func:`workers.texts.prepare_texts`)."""
+        return prepare_texts(tokenizer, recipe, self.calibration_files, self.evaluation_files, self.training_files)
 
 
 @dataclass
@@ -120,7 +74,7 @@ class _StepContext:
     index: int
     steps: list[Any]
     tokenizer: Any
-    texts: _Texts
+    texts: JobTexts
     inputs: PipelineInputs
     out_dir: Path
     callbacks: Callbacks
@@ -145,7 +99,7 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
     if stream is None:
         raise EngineError(f"steps[{ctx.index}] (distill) needs training text")
     # The teacher is always the job's input model, also after earlier steps changed `model`.
-    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=ctx.callbacks.should_stop)
     student = build_student(
         teacher,
         step.student,
@@ -154,6 +108,7 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
         previous_model=model,
         calibration=ctx.texts.calibration,
         seed=step.seed,
+        should_stop=ctx.callbacks.should_stop,
     )
     cut = int(stream.numel() * (1 - step.eval_fraction))
     return distill(
@@ -223,22 +178,27 @@ def run_pipeline(
     out_dir: Path,
     callbacks: Callbacks | None = None,
     on_step: StepHook | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Run ``recipe`` on the model in ``inputs.model_dir``; write ``out_dir/{model/, report.json, report.png,
     README.md}`` (+ ``model.gguf`` for an export step) and return the report. Raises :class:`EngineError` for
-    problems the user can fix and ``StepCancelled`` when ``callbacks.should_stop()`` turns true."""
+    problems the user can fix and ``StepCancelled`` when ``callbacks.should_stop()`` turns true.
+
+    The model is checked before a byte of its weights is read (:func:`inspect_model_dir`: config against
+    safetensors headers, and its float32 size against the worker's memory budget) and, once changed,
+    before it is written (non-finite weights refused)."""
     callbacks = callbacks or Callbacks()
     on_step = on_step or (lambda _i, _s, _e: None)
     started = time.perf_counter()
 
-    if use_low_memory(recipe, inputs.model_dir):
-        return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
-
     callbacks.progress(0.0, "loading model")
-    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    checked = inspect_model_dir(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    if use_low_memory(recipe, checked):
+        return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
+    checked.check_memory(inputs.memory_budget(), IN_MEMORY_FACTOR)
+    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=callbacks.should_stop)
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
-    texts = _prepare_texts(tokenizer, recipe, inputs)
+    texts = inputs.texts(tokenizer, recipe)
     check_shapes(recipe, model)
 
     callbacks.progress(0.01, "measuring the original model")
@@ -263,8 +223,10 @@ def run_pipeline(
         # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
         callbacks.progress(0.88, "measuring the compressed model")
         del model
-        reloaded, _ = load_model(model_out)
+        reloaded, _ = load_model(model_out, should_stop=callbacks.should_stop)
         result = measure(reloaded, model_dir=model_out, callbacks=callbacks.scaled(0.88, 0.93))
+        if result.perplexity is not None and math.isnan(result.perplexity):
+            raise EngineError("the compressed model's outputs are not finite (its perplexity is NaN)")
         runtimes = runtime.measure(out_dir, texts.eval_ids, callbacks.scaled(0.93, 0.99))
     report = build_report(
         baseline,
@@ -273,7 +235,7 @@ def run_pipeline(
         duration_s=round(time.perf_counter() - started, 3),
         evaluation_info=texts.evaluation_info(),
         runtimes=runtimes,
-        notes=runtime.notes,
+        notes=[*texts.warnings, *runtime.notes],
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")
@@ -377,7 +339,7 @@ LOW_MEMORY_NOTE = (
 )
 
 
-def use_low_memory(recipe: Recipe, model_dir: Path) -> bool:
+def use_low_memory(recipe: Recipe, checked: ModelPreflight) -> bool:
     """Whether to stream: as the recipe says, or (``null``) when a one-quantize-step recipe's model
     would not fit in the memory free now."""
     if recipe.low_memory is not None:
@@ -386,13 +348,7 @@ def use_low_memory(recipe: Recipe, model_dir: Path) -> bool:
         return False
     import psutil
 
-    from workers.compression.streaming import CheckpointReader
-
-    try:
-        needed = IN_MEMORY_FACTOR * 4 * CheckpointReader(model_dir).elements
-    except Exception:  # unreadable checkpoints fail with a clear error on the normal path
-        return False
-    return needed > psutil.virtual_memory().available
+    return IN_MEMORY_FACTOR * checked.float32_bytes > psutil.virtual_memory().available
 
 
 def _run_low_memory(
@@ -402,19 +358,18 @@ def _run_low_memory(
     callbacks: Callbacks,
     on_step: StepHook,
     started: float,
-) -> dict[str, Any]:
+) -> Report:
     """:func:`run_pipeline` for a one-quantize-step recipe, through the layer-streaming engine."""
     from workers.compression.evaluate import count_parameters, directory_size
-    from workers.compression.export import check_model_dir, load_tokenizer
+    from workers.compression.export import load_tokenizer
     from workers.compression.streaming import StreamResult, meta_model, quantize_streaming
 
     assert isinstance(recipe.steps[0], QuantizeStep)
     callbacks.progress(0.0, "reading the model config (low-memory mode)")
-    check_model_dir(inputs.model_dir, max_bytes=inputs.max_model_bytes)
     tokenizer = load_tokenizer(inputs.model_dir)
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
-    texts = _prepare_texts(tokenizer, recipe, inputs)
+    texts = inputs.texts(tokenizer, recipe)
     original_params, original_mix = count_parameters(meta_model(inputs.model_dir))
 
     model_out = out_dir / "model"
@@ -454,7 +409,7 @@ def _run_low_memory(
         step_records,
         duration_s=round(time.perf_counter() - started, 3),
         evaluation_info=texts.evaluation_info(),
-        notes=[LOW_MEMORY_NOTE],
+        notes=[LOW_MEMORY_NOTE, *texts.warnings],
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")

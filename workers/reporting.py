@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-REPORT_VERSION = "1.0"
+REPORT_VERSION = "1.1"
 # report.png is drawn at exactly this size (no tight bbox), so viewers and tests can rely on it.
 CHART_SIZE_PX = (1300, 460)  # (width, height)
 CHART_DPI = 100
@@ -119,6 +119,9 @@ class EvaluationInfo(_Schema):
     seq_len: int | None = Field(description="window length in tokens")
     tokens: int = Field(ge=0, description="tokens scored (windows x seq_len)")
     windows: int | None = None
+    not_measured_reason: str | None = Field(
+        default=None, description="why perplexity is null on both sides, e.g. too little text to score (1.1)"
+    )
     method: str = Field(
         default="non-overlapping windows of seq_len tokens, each scored independently; "
         "perplexity = exp(mean next-token NLL over the seq_len - 1 predicted tokens per window)",
@@ -204,8 +207,8 @@ def build_report(
     environment: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
     runtimes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble and validate report.json as a plain dict.
+) -> Report:
+    """Assemble report.json as the typed :class:`Report`, validated here once (NaN measurements become null).
 
     ``baseline``/``result``: :class:`~workers.compression.evaluate.Evaluation` objects or their dicts.
     ``steps``: ``{"method", "params", "duration_s", "details"}`` per step. ``evaluation_info``:
@@ -237,10 +240,8 @@ def build_report(
         "runtimes": dict(runtimes) if runtimes else None,
     }
     # Validate first (NaN -> null happens here), then compute the summary from the clean numbers.
-    model = Report.model_validate(draft)
-    _summarize(model)
-    report = model.model_dump(mode="json")
-    validate_report(report)
+    report = Report.model_validate(draft)
+    _summarize(report)
     return report
 
 
@@ -253,7 +254,9 @@ def _warnings(
         value = metrics.get("perplexity")
         if isinstance(value, float) and not math.isfinite(value):
             warnings.append(f"The {label} model's perplexity is not finite ({value}): its outputs are broken.")
-    if info.get("source") == "none":
+    if info.get("not_measured_reason"):
+        warnings.append(f"Perplexity was not measured: {info['not_measured_reason']}.")
+    elif info.get("source") == "none":
         warnings.append("No evaluation, calibration or training text was given: perplexity was not measured.")
     elif info.get("source") in ("calibration_heldout", "training_heldout"):
         kind = info["source"].split("_")[0]
@@ -302,16 +305,16 @@ def _summarize(model: Report) -> None:
 _EMPTY_SUMMARY = {"size_ratio": None, "perplexity_delta_pct": None, "decode_speedup": None, "prefill_speedup": None}
 
 
-def summary_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The headline numbers for ``GET /v1/jobs/{id}``: the summary ratios plus the raw before/after
-    values they came from, so a client can show "4.1 GB → 1.2 GB" without fetching report.json."""
-    summary = dict(report.get("summary") or {})
-    keys = ("perplexity", "size_bytes", "parameters", "decode_tokens_per_s", "prefill_tokens_per_s")
-    for side in ("baseline", "result"):
-        metrics = report.get(side) or {}
-        summary[side] = {key: metrics.get(key) for key in keys}
-    summary["evaluation_source"] = (report.get("evaluation") or {}).get("source")
-    summary["report_version"] = report.get("version")
+def summary_from_report(report: Report) -> dict[str, Any]:
+    """The headline numbers for ``GET /v1/jobs/{id}`` (stored on the job row as JSON): the summary ratios plus
+    the raw before/after values they came from, so a client can show "4.1 GB → 1.2 GB" without fetching
+    report.json."""
+    summary = report.summary.model_dump(mode="json")
+    keys = {"perplexity", "size_bytes", "parameters", "decode_tokens_per_s", "prefill_tokens_per_s"}
+    summary["baseline"] = report.baseline.model_dump(mode="json", include=keys)
+    summary["result"] = report.result.model_dump(mode="json", include=keys)
+    summary["evaluation_source"] = report.evaluation.source
+    summary["report_version"] = report.version
     return summary
 
 
@@ -459,8 +462,9 @@ def render_chart(report: Mapping[str, Any], path: Path, *, title: str | None = N
         env = report.get("environment") or {}
         runs = (report["result"].get("speed") or {}).get("runs")
         fig.suptitle(title or f"ModelPress: {steps_line(report)}", fontsize=14, fontweight="bold")
-        if evaluation.get("source") == "none":
-            ppl_note = "Perplexity: not measured (no text given)."
+        if not evaluation.get("tokens"):
+            why = "too little text" if evaluation.get("not_measured_reason") else "no text given"
+            ppl_note = f"Perplexity: not measured ({why})."
         else:
             ppl_note = (
                 f"Perplexity: {evaluation.get('source', '?')} text, {evaluation.get('tokens', 0):,} tokens "
@@ -620,10 +624,15 @@ def _runtime_lines(report: Mapping[str, Any]) -> list[str]:
 
 def _method_lines(report: Mapping[str, Any]) -> list[str]:
     evaluation, env = report.get("evaluation") or {}, report.get("environment") or {}
+    if evaluation.get("tokens"):
+        scored = (
+            f"Perplexity was measured on **{evaluation.get('source', '?')}** text: {evaluation['tokens']:,} tokens "
+            f"in non-overlapping windows of {evaluation.get('seq_len', '?')} tokens, each scored independently."
+        )
+    else:
+        scored = f"Perplexity was not measured: {evaluation.get('not_measured_reason') or 'no text was given'}."
     return [
-        f"Perplexity was measured on **{evaluation.get('source', '?')}** text: "
-        f"{evaluation.get('tokens', 0):,} tokens in non-overlapping windows of {evaluation.get('seq_len', '?')} "
-        "tokens, each scored independently. Speed is batch 1 "
+        f"{scored} Speed is batch 1 "
         f"on {env.get('device', '?')} in eager PyTorch (quantized weights run dequantized there): prefill over a "
         "prompt, decode as greedy generation with the KV cache; one warm-up, median of the timed runs. See "
         "`report.json` for every number and `report.png` for a chart.",
@@ -680,16 +689,17 @@ def _quote(text: str | None) -> str:
 
 
 def write_report_files(
-    report: Mapping[str, Any], out_dir: Path, *, model_name: str = "model", model_path: str = "./model"
+    report: Report, out_dir: Path, *, model_name: str = "model", model_path: str = "./model"
 ) -> list[Path]:
-    """Validate ``report`` and write report.json, report.png and README.md into ``out_dir``."""
-    validate_report(report)
+    """Write report.json, report.png and README.md into ``out_dir``. ``report`` is serialised here, once: the
+    chart and the model card are drawn from the very JSON written to report.json."""
+    document = report.model_dump(mode="json")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "report.json"
     # allow_nan=False: the file must be strict JSON for every client (validation already nulled NaN).
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    chart_path = render_chart(report, out_dir / "report.png")
+    json_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    chart_path = render_chart(document, out_dir / "report.png")
     card_path = out_dir / "README.md"
-    card_path.write_text(model_card(report, model_name=model_name, model_path=model_path), encoding="utf-8")
+    card_path.write_text(model_card(document, model_name=model_name, model_path=model_path), encoding="utf-8")
     return [json_path, chart_path, card_path]

@@ -313,7 +313,11 @@ class Attempt:
         work = self.work
         shutil.rmtree(work, ignore_errors=True)
         self.callbacks.progress(0.0, "fetching inputs", force=True)
-        inputs = PipelineInputs(model_dir=work / "input" / "model", max_model_bytes=self.settings.max_model_bytes)
+        inputs = PipelineInputs(
+            model_dir=work / "input" / "model",
+            max_model_bytes=self.settings.max_model_bytes,
+            memory_budget_bytes=self.settings.max_model_memory_bytes,
+        )
         self.inputs.fetch(spec.model, inputs.model_dir, "model", self.settings.max_model_bytes)
         if spec.calibration:
             inputs.calibration_files = self.inputs.fetch(

@@ -23,7 +23,10 @@ def _compress(tmp_path: Path, recipe: dict[str, Any], vocab: int | None = None, 
         tiny_model("llama", vocab_size=vocab).save_pretrained(model)
         tiny_tokenizer(vocab).save_pretrained(model)
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    return compress_local(model, tmp_path / "recipe.json", tmp_path / "out", **options)
+    report = compress_local(model, tmp_path / "recipe.json", tmp_path / "out", **options)
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report.model_dump(mode="json") == written  # the typed report is what report.json holds
+    return written
 
 
 def test_null_group_size_is_per_channel_and_no_speed_still_writes_a_report(tmp_path: Path) -> None:
@@ -90,7 +93,7 @@ def test_quantize_then_export_writes_a_gguf_measured_in_llama_cpp(tmp_path: Path
         tmp_path,
         {
             "steps": [{"method": "quantize", "scheme": "w4a16", "group_size": 32}, {"method": "export"}],
-            "evaluation": {"seq_len": 64, "max_tokens": 512},
+            "evaluation": {"seq_len": 64, "max_tokens": 2048},
         },
         vocab=512,
         evaluation=tmp_path / "eval.txt",

@@ -69,8 +69,14 @@ QUANTIZE = {
 EVAL_INFO = {"source": "evaluation", "seq_len": 512, "tokens": 2048, "windows": 4}
 
 
+def as_json(report: Report) -> dict[str, Any]:
+    """The report as written to report.json (what the chart, the model card and clients read)."""
+    return report.model_dump(mode="json")
+
+
 @pytest.fixture
 def report() -> dict[str, Any]:
+    """A built report in its written (JSON) form."""
     result = metrics(
         perplexity=8.4,
         size_bytes=1_000_000,
@@ -80,7 +86,7 @@ def report() -> dict[str, Any]:
         peak_memory_bytes=1_500_000_000,
         sample="Compression keeps most of the meaning.",
     )
-    return build_report(metrics(), result, [QUANTIZE], duration_s=42.0, evaluation_info=EVAL_INFO)
+    return as_json(build_report(metrics(), result, [QUANTIZE], duration_s=42.0, evaluation_info=EVAL_INFO))
 
 
 # ---------------------------------------------------------------- schema and summary
@@ -117,10 +123,22 @@ def test_summary_is_null_where_a_side_was_not_measured() -> None:
         unmeasured, unmeasured, [QUANTIZE], duration_s=1.0, evaluation_info={"source": "none", "seq_len": None,
                                                                               "tokens": 0}
     )  # fmt: skip
-    assert report["summary"]["perplexity_delta_pct"] is None
-    assert report["summary"]["decode_speedup"] is None and report["summary"]["prefill_speedup"] is None
-    assert report["summary"]["size_ratio"] == 1.0
-    assert any("not measured" in w for w in report["warnings"])
+    assert report.summary.perplexity_delta_pct is None
+    assert report.summary.decode_speedup is None and report.summary.prefill_speedup is None
+    assert report.summary.size_ratio == 1.0
+    assert any("not measured" in w for w in report.warnings)
+
+
+def test_a_perplexity_not_measured_says_why_in_the_warnings_the_chart_and_the_card(tmp_path: Path) -> None:
+    unmeasured = metrics(perplexity=None)
+    reason = "the evaluation text gives 30 tokens to score, fewer than the 2,048 a perplexity is reported from"
+    info = {"source": "none", "seq_len": None, "tokens": 0, "not_measured_reason": reason}
+    report = build_report(unmeasured, unmeasured, [QUANTIZE], duration_s=1.0, evaluation_info=info)
+    assert report.evaluation.not_measured_reason == reason
+    assert report.warnings.count(f"Perplexity was not measured: {reason}.") == 1
+    card = tmp_path / "README.md"
+    write_report_files(report, tmp_path)
+    assert f"Perplexity was not measured: {reason}." in card.read_text()
 
 
 def test_validate_report_rejects_broken_reports(report: dict[str, Any]) -> None:
@@ -153,8 +171,8 @@ def test_json_schema_validates_real_reports(report: dict[str, Any]) -> None:
 
 
 def test_non_finite_perplexity_becomes_null_with_a_warning() -> None:
-    report = build_report(
-        metrics(), metrics(perplexity=math.nan), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO
+    report = as_json(
+        build_report(metrics(), metrics(perplexity=math.nan), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO)
     )
     assert report["result"]["perplexity"] is None
     assert report["summary"]["perplexity_delta_pct"] is None
@@ -165,7 +183,7 @@ def test_non_finite_perplexity_becomes_null_with_a_warning() -> None:
 def test_unstructured_sparsity_is_flagged_and_structured_is_not() -> None:
     def warnings_for(params: dict[str, Any]) -> list[str]:
         step = {"method": "prune", "params": params, "duration_s": 1.0, "details": {}}
-        return build_report(metrics(), metrics(), [step], duration_s=1.0, evaluation_info=EVAL_INFO)["warnings"]
+        return build_report(metrics(), metrics(), [step], duration_s=1.0, evaluation_info=EVAL_INFO).warnings
 
     assert UNSTRUCTURED_NOTE in warnings_for({"algorithm": "wanda", "sparsity": 0.5})
     assert UNSTRUCTURED_NOTE in warnings_for({"algorithm": "sparsegpt", "pattern": "2:4"})
@@ -175,11 +193,11 @@ def test_unstructured_sparsity_is_flagged_and_structured_is_not() -> None:
 def test_heldout_source_is_reported_as_such() -> None:
     info = {"source": "calibration_heldout", "seq_len": 512, "tokens": 1024}
     report = build_report(metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=info)
-    assert any("held-out slice of the calibration text" in w for w in report["warnings"])
+    assert any("held-out slice of the calibration text" in w for w in report.warnings)
 
 
 def test_summary_from_report(report: dict[str, Any]) -> None:
-    summary = summary_from_report(report)
+    summary = summary_from_report(Report.model_validate(report))
     assert summary["size_ratio"] == pytest.approx(0.25)
     assert summary["baseline"]["size_bytes"] == 4_000_000 and summary["result"]["size_bytes"] == 1_000_000
     assert summary["result"]["perplexity"] == 8.4
@@ -196,7 +214,7 @@ def test_docs_describe_every_field() -> None:
 
 
 def test_reporting_does_not_import_torch() -> None:
-    """The API imports summary_from_report; its image has no torch."""
+    """The runner stores summary_from_report's numbers and the CLI prints the report: neither needs torch here."""
     code = "import sys, workers.reporting; sys.exit('torch' in sys.modules or 'matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
 
@@ -223,7 +241,7 @@ def test_chart_survives_missing_numbers(tmp_path: Path) -> None:
         unmeasured, unmeasured, [QUANTIZE], duration_s=1.0, evaluation_info={"source": "none", "seq_len": None,
                                                                               "tokens": 0}
     )  # fmt: skip
-    path = render_chart(report, tmp_path / "nothing.png")
+    path = render_chart(as_json(report), tmp_path / "nothing.png")
     assert path.stat().st_size > 1000
 
 
@@ -247,19 +265,17 @@ def test_model_card_states_the_numbers_and_how_to_load(report: dict[str, Any]) -
 def test_model_card_warns_about_unstructured_sparsity() -> None:
     step = {"method": "prune", "params": {"algorithm": "magnitude", "sparsity": 0.5}, "duration_s": 1.0}
     report = build_report(metrics(), metrics(zero_fraction=0.5), [step], duration_s=1.0, evaluation_info=EVAL_INFO)
-    card = model_card(report, model_name="m")
+    card = model_card(as_json(report), model_name="m")
     assert "gives no speedup" in card
     assert "prune 50% (magnitude)" in card
 
 
 def test_write_report_files(report: dict[str, Any], tmp_path: Path) -> None:
-    paths = write_report_files(report, tmp_path / "out", model_name="tiny")
+    paths = write_report_files(Report.model_validate(report), tmp_path / "out", model_name="tiny")
     assert [p.name for p in paths] == ["report.json", "report.png", "README.md"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert json.loads(paths[0].read_text()) == report
-    with pytest.raises(ValidationError):
-        write_report_files({**report, "version": "x"}, tmp_path / "bad")
-    assert not (tmp_path / "bad" / "report.json").exists()
+    assert validate_report(json.loads(paths[0].read_text())) == Report.model_validate(report)
 
 
 def test_end_to_end_with_real_evaluations(tmp_path: Path) -> None:
@@ -279,9 +295,10 @@ def test_end_to_end_with_real_evaluations(tmp_path: Path) -> None:
     step = {"method": "quantize", "params": {"scheme": "w8a16"}, "duration_s": 0.1, "details": {}}
     info = {"source": "evaluation", "seq_len": 32, "tokens": int(ids.numel())}
     report = build_report(baseline, result, [step], duration_s=2.0, evaluation_info=info)
-    assert report["summary"]["size_ratio"] == pytest.approx(0.5, abs=0.05)
-    assert report["result"]["dtypes"] == {"bfloat16": baseline.parameters}
-    assert report["summary"]["decode_speedup"] > 0 and report["summary"]["prefill_speedup"] > 0
+    assert report.summary.size_ratio == pytest.approx(0.5, abs=0.05)
+    assert report.result.dtypes == {"bfloat16": baseline.parameters}
+    assert report.summary.decode_speedup is not None and report.summary.decode_speedup > 0
+    assert report.summary.prefill_speedup is not None and report.summary.prefill_speedup > 0
     card = write_report_files(report, tmp_path / "artifacts")[2].read_text()
     assert re.search(r"\| Perplexity \| [\d,.]+ \| [\d,.]+ \|", card)
 
@@ -309,16 +326,16 @@ def test_the_serving_runtime_is_the_headline_and_noise_is_flagged(tmp_path: Path
         metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO,
         runtimes={"llama.cpp": _llama_runtime((2.1, 1.9, 2.3))},
     )  # fmt: skip
-    assert fast["summary"]["decode_speedup"] == 2.1 and fast["summary"]["speed_runtime"] == "llama.cpp"
-    assert fast["summary"]["speedup_significant"] is True
-    assert not any("noise" in w for w in fast["warnings"])
+    assert fast.summary.decode_speedup == 2.1 and fast.summary.speed_runtime == "llama.cpp"
+    assert fast.summary.speedup_significant is True
+    assert not any("noise" in w for w in fast.warnings)
     noisy = build_report(
         metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO,
         runtimes={"llama.cpp": _llama_runtime((1.05, 0.8, 1.3))},
     )  # fmt: skip
-    assert noisy["summary"]["speedup_significant"] is False
-    assert any("within this machine's noise" in w for w in noisy["warnings"])
-    card = model_card(noisy, model_name="m")
+    assert noisy.summary.speedup_significant is False
+    assert any("within this machine's noise" in w for w in noisy.warnings)
+    card = model_card(as_json(noisy), model_name="m")
     assert "## Results in llama.cpp" in card and "(within noise)" in card
     plain = build_report(metrics(), metrics(), [QUANTIZE], duration_s=1.0, evaluation_info=EVAL_INFO)
-    assert plain["summary"]["speed_runtime"] == "transformers" and plain["runtimes"] is None
+    assert plain.summary.speed_runtime == "transformers" and plain.runtimes is None

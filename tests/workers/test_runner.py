@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
@@ -395,3 +396,41 @@ def test_a_checkpoint_whose_files_are_gone_restarts_the_step_from_scratch(tenant
     with pytest.raises(LeaseLost):
         store.save(0, tmp_path / "step-00000020")
     assert json.loads(get_storage().get_bytes(prefix + "latest.json")) == latest  # nothing written or pruned
+
+
+@pytest.mark.parametrize(
+    ("break_model", "reason"),
+    [
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-4096]),
+            "model.safetensors is truncated or corrupt: tensor",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({**json.loads((d / "config.json").read_text()), "vocab_size": 1_000_000_000})
+            ),
+            "tensor 'model.embed_tokens.weight' in model.safetensors has shape [256, 64], but config.json implies "
+            "[1000000000, 64]",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({**json.loads((d / "config.json").read_text()), "num_hidden_layers": 1_000_000})
+            ),
+            "config.json num_hidden_layers is 1000000, but the checkpoint has layers 0..1",
+        ),
+    ],
+)
+def test_a_lying_or_broken_model_fails_as_invalid_input_naming_what(
+    tenant: str, tmp_path: Path, break_model: Any, reason: str
+) -> None:
+    model_dir = write_model_dir(tmp_path / "m")
+    break_model(model_dir)
+    spec = {
+        "model": {"upload_id": _upload(tenant, _files(model_dir))},
+        "steps": [{"method": "quantize", "scheme": "w8a16"}],
+    }
+    job_id = _submit(tenant, spec)
+    _run(job_id)
+    job = _job(job_id)
+    assert job.status == "failed" and job.error_type == "invalid_input"
+    assert reason in job.error_message

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
-from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, device_of
+from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome, StopFn, device_of
 from workers.compression.data import pack_blocks
-from workers.compression.evaluate import perplexity_from
-from workers.compression.export import load_model
+from workers.compression.evaluate import MIN_PERPLEXITY_TOKENS, perplexity_from
+from workers.compression.export import load_model, stop_checks
 from workers.compression.layerwise import decoder_layers
 from workers.compression.recipe import DistillStep, FromTeacher, StudentSpec
 
@@ -70,6 +70,7 @@ def build_student(
     previous_model: nn.Module | None = None,
     calibration: torch.Tensor | None = None,
     seed: int = 0,
+    should_stop: StopFn | None = None,
 ) -> nn.Module:
     """Make the student ``spec`` names. The teacher is never modified.
 
@@ -78,12 +79,14 @@ def build_student(
     (safetensors only, no custom code, weights over ``max_bytes`` refused);
     ``previous_model`` the model earlier steps produced; ``calibration`` ([n, seq_len] ids) lets the
     pruning machinery rank heads/channels by activations instead of weight magnitude; ``seed`` fixes
-    a fresh initialisation. Raises :class:`EngineError` if the student's vocabulary differs.
+    a fresh initialisation; ``should_stop`` is asked while a student is built or loaded. Raises
+    :class:`EngineError` if the student's vocabulary differs.
     """
     if spec.from_teacher is not None:
         student = cut_from_teacher(teacher, spec.from_teacher, calibration=calibration)
     elif spec.config is not None:
-        student = fresh_from_config(teacher, spec.config, seed=seed)
+        with stop_checks(should_stop):  # a config may ask for many layers: building them must stay cancellable
+            student = fresh_from_config(teacher, spec.config, seed=seed)
     elif spec.previous_step:
         if previous_model is None:
             raise EngineError("student 'previous_step': no earlier step produced a model to distill into")
@@ -91,7 +94,7 @@ def build_student(
     else:
         if student_dir is None:
             raise EngineError("student model directory was not provided")
-        student, _ = load_model(student_dir, max_bytes=max_bytes)
+        student, _ = load_model(student_dir, max_bytes=max_bytes, should_stop=should_stop)
     check_same_vocabulary(teacher, student)
     return student
 
@@ -515,9 +518,30 @@ class _Training:
         """bf16 autocast on a GPU (fp32 master weights stay in the optimizer); nothing on a CPU."""
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
-    def held_out_perplexity(self, model: nn.Module) -> float:
+    @property
+    def held_out_reason(self) -> str | None:
+        """Why the held-out text is not scored (too few tokens to report a perplexity from), or None."""
+        tokens = int(self.data[3].sum())
+        if tokens >= MIN_PERPLEXITY_TOKENS:
+            return None
+        return (
+            f"the held-out text has {tokens:,} tokens, fewer than the {MIN_PERPLEXITY_TOKENS:,} a perplexity is "
+            "reported from"
+        )
+
+    def held_out_perplexity(self, model: nn.Module, callbacks: Callbacks, label: str) -> float | None:
+        """Perplexity of ``model`` (the ``label``) on the held-out text, or None when it is too short to score.
+        Progress stays at the current step's share; a cancel stops the pass between batches."""
+        if self.held_out_reason is not None:
+            return None
         _, _, eval_blocks, eval_mask = self.data
-        return perplexity(model, eval_blocks, eval_mask, self.config)
+        fraction = self.step / self.steps
+
+        def progress(_done: float, message: str) -> None:
+            callbacks.progress(fraction, f"{label} {message}")
+
+        phase = Callbacks(progress=progress, should_stop=callbacks.should_stop, metrics=callbacks.metrics)
+        return perplexity(model, eval_blocks, eval_mask, self.config, phase)
 
 
 def _train(
@@ -537,11 +561,16 @@ def _train(
     if run.is_main:
         if run.resumed_from is not None:
             callbacks.progress(run.step / run.steps, f"resumed from checkpoint step {run.step}")
-        run.teacher_ppl = run.teacher_ppl or run.held_out_perplexity(teacher)
-        run.ppl_before = run.ppl_before or run.held_out_perplexity(student)
+        run.teacher_ppl = run.teacher_ppl or run.held_out_perplexity(teacher, callbacks, "teacher")
+        run.ppl_before = run.ppl_before or run.held_out_perplexity(student, callbacks, "student")
     while run.step < run.steps:
         _check_stop(callbacks, dist, run.device)
         mean, lr = _optimizer_step(run)
+        if not math.isfinite(mean[0]):  # every rank sees the same all-reduced loss, so every rank stops here
+            raise EngineError(
+                f"the training loss is not finite ({mean[0]}) at step {run.step}: the student diverged or holds "
+                "non-finite weights; try a lower learning_rate"
+            )
         if run.is_main:
             _report_step(run, mean, lr, callbacks)
         if checkpoint_dir is not None and run.step % config.checkpoint_every == 0 and run.step < run.steps:
@@ -554,7 +583,7 @@ def _train(
     if not run.is_main:
         return StepOutcome(model=student)
     if run.eval_ppl is None:  # resumed at the very end: nothing trained in this call
-        run.eval_ppl = run.held_out_perplexity(student)
+        run.eval_ppl = run.held_out_perplexity(student, callbacks, "student")
     return StepOutcome(model=student, facts=_facts(run))
 
 
@@ -673,8 +702,8 @@ def _report_step(run: _Training, mean: list[float], lr: float, callbacks: Callba
         last["resumed_from_step"] = run.resumed_from  # the first step event after a resume says so
     if config.hidden_states:
         last["hidden_loss"] = mean[3]
-    if run.step % config.eval_every == 0 or run.step == run.steps:
-        run.eval_ppl = run.held_out_perplexity(run.student)
+    if (run.step % config.eval_every == 0 or run.step == run.steps) and run.held_out_reason is None:
+        run.eval_ppl = run.held_out_perplexity(run.student, callbacks, "student")
         last["eval_perplexity"] = run.eval_ppl
     run.last = last
     callbacks.progress(run.step / run.steps, f"step {run.step}/{run.steps} loss {mean[0]:.4f}")
@@ -697,6 +726,7 @@ def _facts(run: _Training) -> dict[str, Any]:
         "teacher_eval_perplexity": run.teacher_ppl,
         "eval_perplexity_before": run.ppl_before,
         "eval_perplexity_after": run.eval_ppl,
+        "eval_perplexity_not_measured": run.held_out_reason,
         "eval_tokens": int(run.data[3].sum()),
         "teacher_params": _count_params(run.teacher),
         "student_params": _count_params(run.student),
@@ -717,14 +747,20 @@ def _check_stop(callbacks: Callbacks, dist: Any, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, config: DistillStep) -> float:
+def perplexity(
+    model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, config: DistillStep, callbacks: Callbacks | None = None
+) -> float:
     """The report's definition of perplexity (:func:`workers.compression.evaluate.perplexity_from` of the
     summed next-token NLL over windows scored independently) on the step's held-out training text, batched
-    and masked as training runs (bf16 autocast on CUDA); the model is left in eval mode."""
+    and masked as training runs (bf16 autocast on CUDA); the model is left in eval mode. ``callbacks`` hear
+    of every batch and may stop the pass between two."""
+    callbacks = callbacks or Callbacks()
     model.eval()
     device = device_of(model)
     total, count = 0.0, 0.0
-    for start in range(0, blocks.shape[0], config.batch_size):
+    batches = math.ceil(blocks.shape[0] / config.batch_size)
+    for number, start in enumerate(range(0, blocks.shape[0], config.batch_size), start=1):
+        callbacks.check()
         ids, m = (
             blocks[start : start + config.batch_size].to(device),
             mask[start : start + config.batch_size].to(device),
@@ -734,6 +770,7 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, mask: torch.Tensor, confi
             logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits
         ce_sum, _, n = loss_sums(logits, None, ids, m, 1.0)
         total, count = total + float(ce_sum), count + float(n)
+        callbacks.progress(number / batches, f"held-out perplexity batch {number}/{batches}")
     return perplexity_from(total, int(count)) if count else math.inf
 
 

@@ -6,12 +6,17 @@ config and tokenizer files; a quantized model (compressed-tensors schemes attach
 (``quantization_config`` in config.json, packed/int/fp8 weights) that transformers and vLLM load.
 
 ``load_model`` is the one reader: safetensors only (no pickle, so no code runs on load), no remote
-code, an optional size cap checked before anything is read.
+code, an optional size cap, and the preflight of :mod:`workers.compression.preflight` (config and
+safetensors headers checked against each other) before anything is read; missing or non-finite weights
+refused after.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,10 @@ from compressed_tensors.compressors import BaseCompressor, ModelCompressor
 from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.utils import get_direct_state_dict
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from workers.compression.base import EngineError
+from workers.compression.base import EngineError, StepCancelled, StopFn
+from workers.compression.preflight import ModelPreflight, preflight_model
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -82,12 +89,14 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
 
     Safetensors only. A quantized model becomes a compressed-tensors checkpoint; a pruned model
     is written dense with its zeros (compressed-tensors 0.20 dropped sparse formats), and a
-    structurally pruned one with its already-updated config.
+    structurally pruned one with its already-updated config. A model with a non-finite weight is refused
+    before anything is written (:func:`require_finite`).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not hasattr(model, "save_pretrained"):
         raise EngineError(f"cannot save {type(model).__name__}: not a transformers model")
+    require_finite(model.named_parameters(), "the compressed model")
+    out_dir.mkdir(parents=True, exist_ok=True)
     hf_model: Any = model
     if is_quantized(model):
         state, compressor = compressed_state_dict(model)
@@ -165,15 +174,71 @@ def _has_packed_zero_points(config: dict[str, Any]) -> bool:
     return False
 
 
-def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, Any]:
+def inspect_model_dir(model_dir: Path, *, max_bytes: int | None = None) -> ModelPreflight:
+    """Everything that can be refused before a model's weights are read: unsafe files, ``auto_map``, weights
+    over ``max_bytes`` (:func:`check_model_dir`), then the config and safetensors headers
+    (:func:`workers.compression.preflight.preflight_model`). Milliseconds; reads no tensor data."""
+    return preflight_model(Path(model_dir), check_model_dir(model_dir, max_bytes=max_bytes))
+
+
+def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Refuse ``what`` ("the input model", "the compressed model") if a floating tensor holds NaN or inf,
+    naming the first one: a model whose weights are not finite has broken outputs, never a result."""
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            if tensor.element_size() == 1:  # float8 has no isfinite kernel; float16 holds every float8 value
+                tensor = tensor.to(torch.float16)
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                raise EngineError(f"{what} has non-finite weights: {int((~finite).sum())} NaN/inf values in {name!r}")
+
+
+STOP_CHECK_INTERVAL_S = 0.1
+"""How often :func:`stop_checks` asks ``should_stop`` while transformers builds and loads a model."""
+
+
+class _StopChecks(TorchFunctionMode):
+    """Asks ``should_stop`` from inside transformers' model construction and weight loading, which run no
+    code of ours for as long as the model is large (every parameter is created, initialised and filled by
+    torch calls): at most every :data:`STOP_CHECK_INTERVAL_S` seconds of those calls, raising
+    :class:`StepCancelled` out of ``from_pretrained`` when the job was asked to stop."""
+
+    def __init__(self, should_stop: StopFn) -> None:
+        super().__init__()
+        self.should_stop = should_stop
+        self.next_check = 0.0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + STOP_CHECK_INTERVAL_S
+            if self.should_stop():
+                raise StepCancelled("cancelled while loading the model")
+        return func(*args, **(kwargs or {}))
+
+
+def stop_checks(should_stop: StopFn | None) -> AbstractContextManager[Any]:
+    """Within the block, ``should_stop`` is asked from every torch call (at most every
+    :data:`STOP_CHECK_INTERVAL_S`): for code of others that builds or loads a model. Nothing without one."""
+    return _StopChecks(should_stop) if should_stop is not None else nullcontext()
+
+
+def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: StopFn | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer (``None`` if the directory has none) in float32 on CPU.
 
     Safetensors only, ``trust_remote_code=False``, configs with ``auto_map`` refused, weights over
-    ``max_bytes`` refused. Compressed-tensors checkpoints load too (decompressed on first forward).
+    ``max_bytes`` refused, and everything :func:`inspect_model_dir` checks before a byte of weights is read.
+    After loading, a weight the checkpoint lacks (transformers would initialise it at random: a missing LM
+    head) or a non-finite weight is refused. Compressed-tensors checkpoints load too (decompressed on first
+    forward). ``should_stop`` is asked while the model is built and loaded (:func:`stop_checks`).
     """
     from transformers import AutoModelForCausalLM
 
-    config = check_model_dir(model_dir, max_bytes=max_bytes)
+    config = inspect_model_dir(model_dir, max_bytes=max_bytes).config
     extra: dict[str, Any] = {}
     if _has_packed_zero_points(config):
         # transformers 5.24 + compressed-tensors 0.20 build asymmetric pack-quantized modules with
@@ -182,12 +247,27 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, A
         from transformers import CompressedTensorsConfig
 
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    loaded: Any
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, trust_remote_code=False, use_safetensors=True, dtype=torch.float32, **extra
-        )
+        with stop_checks(should_stop):
+            loaded = AutoModelForCausalLM.from_pretrained(
+                model_dir,
+                trust_remote_code=False,
+                use_safetensors=True,
+                dtype=torch.float32,
+                output_loading_info=True,
+                **extra,
+            )
     except (ValueError, OSError, KeyError) as exc:
         raise EngineError(f"cannot load the model: {exc}") from exc
+    model, info = loaded
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise EngineError(
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {', '.join(missing[:3])}: "
+            "transformers would initialise them at random"
+        )
+    require_finite(model.named_parameters(), "the input model")
     model.eval()
     return model, load_tokenizer(model_dir)
 

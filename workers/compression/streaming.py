@@ -392,7 +392,7 @@ def _quantize_streaming(
         callbacks.progress(0.02 + 0.95 * (index + 1) / total, f"layer {index + 1}/{total}")
 
     callbacks.check()
-    before, after = _head(model, run, reader, writer, calib, (eval_before, eval_after), eval_ids)
+    before, after = _head(model, run, reader, writer, calib, (eval_before, eval_after), eval_ids, callbacks)
     writer.finish()
 
     model.config.save_pretrained(out_dir)
@@ -418,6 +418,7 @@ def _head(
     calib: list[LayerBatch],
     evals: tuple[list[LayerBatch], list[LayerBatch]],
     eval_ids: torch.Tensor | None,
+    callbacks: Callbacks,
 ) -> tuple[float | None, float | None]:
     """Final norm and lm_head: score both evaluation streams (before, after), quantize lm_head if it is a
     target, write both, free them."""
@@ -426,7 +427,7 @@ def _head(
     materialize(inner.norm, "model.norm.", reader)
     materialize(lm_head, "lm_head.", reader, source_prefix="model.embed_tokens." if tied else None)
     with torch.no_grad():
-        before = _score(inner.norm, lm_head, evals[0], eval_ids)
+        before = _score(inner.norm, lm_head, evals[0], eval_ids, callbacks)
         if "lm_head" in run.targets:
             absmax = None
             if run.config.static_activations:
@@ -434,7 +435,7 @@ def _head(
                     [inner.norm(b.hidden).reshape(-1, b.hidden.shape[-1]).abs().amax(0) for b in calib]
                 ).amax(0)
             run.quantize_outside("lm_head", absmax)
-        after = _score(inner.norm, lm_head, evals[1], eval_ids)
+        after = _score(inner.norm, lm_head, evals[1], eval_ids, callbacks)
     run.enable_all()
     writer.add({"model.norm." + k: v for k, v in inner.norm.state_dict().items()})
     if not tied:
@@ -451,12 +452,18 @@ def _advance(index: int, layer: nn.Module, batches: list[LayerBatch]) -> None:
 
 
 def _score(
-    norm: nn.Module, lm_head: nn.Module, batches: list[LayerBatch], eval_ids: torch.Tensor | None
+    norm: nn.Module,
+    lm_head: nn.Module,
+    batches: list[LayerBatch],
+    eval_ids: torch.Tensor | None,
+    callbacks: Callbacks,
 ) -> float | None:
-    """Perplexity of one evaluation stream from its last hidden states (one window per batch)."""
+    """Perplexity of one evaluation stream from its last hidden states (one window per batch); a cancel stops
+    it between windows (a large vocabulary makes each lm_head pass the costliest of the walk)."""
     if eval_ids is None:
         return None
     nll = _WindowNLL()
     for batch, window in zip(batches, eval_ids, strict=True):
+        callbacks.check()
         nll.add(norm, lm_head, batch.hidden, window.unsqueeze(0))
     return nll.perplexity()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from workers.compression.distill import (
     latest_checkpoint,
     loss_sums,
 )
+from workers.compression.evaluate import MIN_PERPLEXITY_TOKENS
 from workers.compression.recipe import DistillStep, StudentSpec
 
 SMALL_STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
@@ -233,9 +235,19 @@ def test_hidden_state_matching_with_width_mismatch_uses_a_projection(teacher: nn
     assert outcome.facts["hidden_loss"] == hidden[-1]
 
 
-def test_loss_decreases_and_facts_are_reported(teacher: nn.Module, stream: torch.Tensor) -> None:
+@pytest.fixture(scope="module")
+def held_out() -> torch.Tensor:
+    """Evaluation text long enough to report a perplexity from (MIN_PERPLEXITY_TOKENS)."""
+    ids = tokenize_stream(tiny_tokenizer(), [sample_text(3)])
+    assert ids.numel() >= MIN_PERPLEXITY_TOKENS + 32
+    return ids
+
+
+def test_loss_decreases_and_facts_are_reported(
+    teacher: nn.Module, stream: torch.Tensor, held_out: torch.Tensor
+) -> None:
     config = step_config(max_steps=30, ce_weight=0.5, eval_every=10)
-    outcome, rec = run(teacher, config, stream)
+    outcome, rec = run(teacher, config, stream, eval_ids=held_out)
     losses = rec.losses()
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
     assert [e["step"] for e in rec.events] == list(range(1, 31))
@@ -243,6 +255,7 @@ def test_loss_decreases_and_facts_are_reported(teacher: nn.Module, stream: torch
     facts = outcome.facts
     assert facts["steps"] == 30 and facts["tokens"] == 30 * 4 * 32 and facts["resumed_from_step"] is None
     assert facts["eval_perplexity_after"] < facts["eval_perplexity_before"]
+    assert facts["eval_perplexity_not_measured"] is None and facts["eval_tokens"] >= MIN_PERPLEXITY_TOKENS
     assert facts["student_params"] < facts["teacher_params"]
     assert facts["student_config"]["num_hidden_layers"] == 1
     assert rec.events[0]["lr"] < rec.events[1]["lr"]  # warmup, then cosine decay
@@ -292,6 +305,56 @@ def test_cancel_between_steps(teacher: nn.Module, stream: torch.Tensor) -> None:
     assert len(recorder.events) == 2
 
 
+def test_a_short_held_out_text_is_not_scored(teacher: nn.Module, stream: torch.Tensor) -> None:
+    """5 % of this stream is a few hundred tokens: no perplexity is reported from it, and the facts say why."""
+    config = step_config(max_steps=2, eval_every=1)
+    outcome, rec = run(teacher, config, stream)
+    facts = outcome.facts
+    assert facts["eval_tokens"] < MIN_PERPLEXITY_TOKENS
+    assert facts["teacher_eval_perplexity"] is None and facts["eval_perplexity_before"] is None
+    assert facts["eval_perplexity_after"] is None
+    assert facts["eval_perplexity_not_measured"] == (
+        f"the held-out text has {facts['eval_tokens']:,} tokens, fewer than the 2,048 a perplexity is reported from"
+    )
+    assert not any("eval_perplexity" in e for e in rec.events)
+
+
+def test_cancel_takes_effect_inside_the_held_out_perplexity_pass(
+    teacher: nn.Module, stream: torch.Tensor, held_out: torch.Tensor
+) -> None:
+    """The teacher's held-out pass runs before the first step; a cancel stops it between two batches."""
+    asked: list[bool] = []
+    messages: list[str] = []
+
+    def should_stop() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    callbacks = Callbacks(progress=lambda _f, m: messages.append(m), should_stop=should_stop)
+    config = step_config(max_steps=5)
+    student = build_student(teacher, config.student, seed=3)
+    with pytest.raises(StepCancelled):
+        distill(teacher, student, config, train_ids=stream, eval_ids=held_out, callbacks=callbacks)
+    batches = [m for m in messages if m.startswith("teacher held-out perplexity batch")]
+    assert (
+        len(batches) == 2
+        and batches[0] == f"teacher held-out perplexity batch 1/{math.ceil(held_out.numel() // 32 / 4)}"
+    )
+
+
+def test_a_non_finite_loss_stops_training_at_the_first_step(teacher: nn.Module, stream: torch.Tensor) -> None:
+    """A student with a NaN weight (as an infinite loss weight or a diverging learning rate would leave it): the
+    step fails at the first optimizer step with the reason, instead of training on to a NaN model."""
+    config = step_config(max_steps=50)
+    student = build_student(teacher, config.student, seed=3)
+    with torch.no_grad():
+        student.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    recorder = Recorder()
+    with pytest.raises(EngineError, match=r"the training loss is not finite \(nan\) at step 1: the student diverged"):
+        distill(teacher, student, config, train_ids=stream, callbacks=recorder.callbacks())
+    assert recorder.events == []  # not one step reported: it stopped at the first
+
+
 # ------------------------------------------------------------------------------------------ data parallel
 
 
@@ -309,3 +372,22 @@ def test_two_gloo_processes_match_one(teacher: nn.Module, stream: torch.Tensor) 
 def test_world_size_must_divide_the_batch(teacher: nn.Module, stream: torch.Tensor) -> None:
     with pytest.raises(EngineError, match="divisible"):
         run(teacher, step_config(batch_size=3), stream, world_size=2)
+
+
+def test_building_a_student_of_a_million_layers_stops_on_cancel(
+    teacher: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A student config is the user's: building its layers asks should_stop from inside transformers."""
+    import workers.compression.export as export
+
+    monkeypatch.setattr(export, "STOP_CHECK_INTERVAL_S", 0.0)
+    asked: list[bool] = []
+
+    def stop_on_the_fifth_question() -> bool:
+        asked.append(True)
+        return len(asked) >= 5
+
+    spec = StudentSpec(config={**SMALL_STUDENT, "num_hidden_layers": 1_000_000})
+    with pytest.raises(StepCancelled):
+        build_student(teacher, spec, should_stop=stop_on_the_fifth_question)
+    assert len(asked) == 5

@@ -242,3 +242,21 @@ def test_evaluate_without_text_or_speed_measures_size_from_directory(
     assert result.size_method == "directory"
     assert result.size_bytes == directory_size(tmp_path) > (tmp_path / "model.safetensors").stat().st_size
     assert progress and progress[-1] == 1.0
+
+
+def test_a_cancel_stops_the_perplexity_pass_between_windows(
+    trained: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """The baseline and after passes ask should_stop before every window: a cancel costs at most one window."""
+    eval_ids = eval_windows(tokenizer, sample_text(4), SEQ_LEN, 16 * SEQ_LEN)
+    asked: list[bool] = []
+    windows: list[str] = []
+
+    def should_stop() -> bool:
+        asked.append(True)
+        return len(asked) >= 4
+
+    callbacks = Callbacks(progress=lambda _f, m: windows.append(m), should_stop=should_stop)
+    with pytest.raises(StepCancelled):
+        evaluate(trained, tokenizer, eval_ids=eval_ids, callbacks=callbacks, **FAST)
+    assert windows == [f"perplexity window {i}/16" for i in (1, 2, 3)]
