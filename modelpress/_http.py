@@ -14,15 +14,26 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from modelpress._errors import APIConnectionError, error_from_response, parse_retry_after
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _REGISTRY: list[Operation] = []
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ClientOptions(TypedDict, total=False):
+    """How a client talks to the API; the defaults are :class:`HTTPClient`'s."""
+
+    timeout: float  # seconds for each request (the upload completion waits without a read timeout)
+    max_retries: int  # retries after the first try
+    backoff_s: float  # the first retry's longest wait; it doubles with each retry
+    http_client: httpx.Client | None  # your own client (proxies, certificates); you close it
 
 
 @dataclass(frozen=True)
@@ -83,15 +94,16 @@ class HTTPClient:
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        timeout: float | httpx.Timeout = 60.0,
-        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
         http_client: httpx.Client | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("MODELPRESS_API_KEY")
         if not key:
             raise ValueError("no API key: pass api_key= or set MODELPRESS_API_KEY")
         self.base_url = (base_url or os.environ.get("MODELPRESS_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.retry = retry or RetryPolicy()
+        self.retry = RetryPolicy(max_retries=max_retries, base_s=backoff_s)
         self._owns = http_client is None
         self.client = http_client or httpx.Client(timeout=timeout, follow_redirects=False)
         self._auth = {"Authorization": f"Bearer {key}", "User-Agent": "modelpress-python"}
@@ -144,6 +156,10 @@ class HTTPClient:
                 attempt += 1
                 continue
             raise error_from_response(response)
+
+    def parse(self, op: Operation, model: type[Model], **request: Any) -> Model:
+        """Send ``op`` (see :meth:`request` for the arguments) and validate its JSON answer as ``model``."""
+        return model.model_validate(self.request(op, **request).json())
 
     @contextmanager
     def stream(

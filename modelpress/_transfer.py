@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from modelpress._errors import APIConnectionError, IntegrityError, error_from_response
 from modelpress._http import RETRY_STATUSES, HTTPClient, sleep_before_retry
-from modelpress._models import Artifact, ArtifactList, FileTarget, UploadProgress
+from modelpress.schemas import Artifact, ArtifactList, FileTarget, UploadProgress
 
 CHUNK = 1024 * 1024
 
