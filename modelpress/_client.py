@@ -15,7 +15,7 @@ from pydantic import BaseModel, PrivateAttr
 from tqdm.auto import tqdm
 
 from modelpress._errors import APIConnectionError, APIError, JobFailedError, UploadError
-from modelpress._http import RETRY_STATUSES, ClientOptions, HTTPClient, Operation, sleep_before_retry
+from modelpress._http import RETRY_STATUSES, ClientOptions, HTTPClient, Operation, Retries
 from modelpress._sse import iter_sse
 from modelpress._transfer import Downloader, PieceUploader, SafeBar, hash_files, plan_pieces
 from modelpress.schemas import (
@@ -358,8 +358,7 @@ class Jobs:
         """Every event after ``after`` as it happens, until the job finishes. A cut stream is reopened with
         ``Last-Event-ID`` (nothing missed, nothing twice); if it keeps failing, events are polled instead."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        last, failures = after, 0
-        policy = self._http.retry
+        last, retries = after, Retries(self._http.retry)
         while True:
             try:
                 headers = {"Last-Event-ID": str(last), "Accept": "text/event-stream"}
@@ -370,16 +369,15 @@ class Jobs:
                         if frame is None:
                             continue
                         event = Event.model_validate_json(frame.data)
-                        last, failures = event.id, 0
+                        last = event.id
+                        retries.reset()
                         yield event
             except (httpx.TransportError, APIConnectionError, APIError) as exc:
                 if isinstance(exc, APIError) and exc.status_code not in RETRY_STATUSES:
                     raise
-                failures += 1
-                if failures > policy.max_retries:
+                if not retries.again(exc.response if isinstance(exc, APIError) else None):
                     yield from self._poll(job_id, last, deadline)
                     return
-                sleep_before_retry(policy, failures - 1, exc.response if isinstance(exc, APIError) else None)
                 continue
             # The server ends the stream once the job is finished and every event was sent; a proxy may
             # also end it early, and then it is reopened.

@@ -81,9 +81,26 @@ def _retryable_error(exc: httpx.TransportError, idempotent: bool) -> bool:
     return idempotent
 
 
-def sleep_before_retry(policy: RetryPolicy, attempt: int, response: httpx.Response | None) -> None:
-    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
-    time.sleep(policy.delay(attempt, retry_after))
+class Retries:
+    """The retries of one request (or one transfer): each :meth:`again` waits its turn of the policy's backoff."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.done = 0
+
+    def again(self, response: httpx.Response | None = None) -> bool:
+        """Wait before the next try (``Retry-After`` from ``response`` if it says) and return True; False, at
+        once, when the retries are spent."""
+        if self.done >= self.policy.max_retries:
+            return False
+        retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+        time.sleep(self.policy.delay(self.done, retry_after))
+        self.done += 1
+        return True
+
+    def reset(self) -> None:
+        """Progress was made: the next failure starts the backoff over."""
+        self.done = 0
 
 
 class HTTPClient:
@@ -130,7 +147,7 @@ class HTTPClient:
         url = self.base_url + op.url(**(path_params or {}))
         merged = {**self._auth, **(headers or {})}
         safe = op.idempotent if idempotent is None else idempotent
-        attempt = 0
+        retries = Retries(self.retry)
         while True:
             try:
                 response = self.client.request(
@@ -142,18 +159,14 @@ class HTTPClient:
                     timeout=timeout,  # type: ignore[arg-type]
                 )
             except httpx.TransportError as exc:
-                if attempt >= self.retry.max_retries or not _retryable_error(exc, safe):
+                if not _retryable_error(exc, safe) or not retries.again():
                     raise APIConnectionError(f"{op.method} {url}: {exc}") from exc
-                sleep_before_retry(self.retry, attempt, None)
-                attempt += 1
                 continue
-            if response.is_success or (attempt and op.method == "DELETE" and response.status_code == 404):
+            if response.is_success or (retries.done and op.method == "DELETE" and response.status_code == 404):
                 return response
             # A 429 refused the request before it did anything; 502-504 may follow a request that ran.
             can_repeat = response.status_code == 429 or safe
-            if response.status_code in RETRY_STATUSES and can_repeat and attempt < self.retry.max_retries:
-                sleep_before_retry(self.retry, attempt, response)
-                attempt += 1
+            if response.status_code in RETRY_STATUSES and can_repeat and retries.again(response):
                 continue
             raise error_from_response(response)
 

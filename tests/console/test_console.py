@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -14,13 +15,19 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
 from app.signing import verify
-from tests.app.test_webhooks import Receiver
-from tests.conftest import free_port
-from tests.console.conftest import screenshot
-from tests.e2e.conftest import Stack
+from tests.helpers import ROOT, Receiver, Stack, free_port, upload_files
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+SCREENSHOTS = ROOT / "docs" / "console"
+
+
+def screenshot(page: object, name: str, *, full_page: bool = False) -> None:
+    """Write docs/console/<name>.png when CONSOLE_SCREENSHOTS=1 (the pictures in docs/console.md)."""
+    if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)  # type: ignore[attr-defined]
+
 
 HOSTILE_META = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">\'"'
 # A file name cannot hold "/", so no closing tag here; the opening one must still come out as text.
@@ -62,16 +69,6 @@ def sign_in(page: Page, key: str) -> None:
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-
-
-def upload_via_api(client: httpx.Client, files: dict[str, bytes]) -> str:
-    body = {"files": [{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()]}
-    created = client.post("/v1/uploads", json=body)
-    assert created.status_code == 201, created.text
-    for target in created.json()["targets"]:
-        httpx.put(target["url"], content=files[target["path"]], timeout=60).raise_for_status()
-    assert client.post(f"/v1/uploads/{created.json()['id']}/complete").status_code == 200
-    return str(created.json()["id"])
 
 
 def test_every_console_response_has_the_csp(console_stack: Stack) -> None:
@@ -273,7 +270,7 @@ def test_cancel_a_running_job(page: Page, console_stack: Stack, shared: dict[str
 def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
     # A pickle file is refused by the worker with a reason that names it: the reason carries the markup.
     with console_stack.client() as client:
-        upload = upload_via_api(client, {HOSTILE_FILE: b"not really a pickle", "config.json": b"{}"})
+        upload = upload_files(client, {}, {HOSTILE_FILE: b"not really a pickle", "config.json": b"{}"})
         created = client.post(
             "/v1/jobs",
             json={
@@ -307,7 +304,7 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
 
 
 def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
-    from tests.app.conftest import make_caller
+    from tests.helpers import make_caller
 
     # The stack's key has the default scopes; managing keys takes keys:manage.
     manager = make_caller("console-keys", ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"])
@@ -344,7 +341,7 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
         with httpx.Client(
             base_url=console_stack.base_url, headers={"Authorization": f"Bearer {manager.key}"}, timeout=30
         ) as client:
-            upload = upload_via_api(client, {"config.json": b"{}"})
+            upload = upload_files(client, {}, {"config.json": b"{}"})
             job = client.post(
                 "/v1/jobs", json={"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
             )
@@ -374,7 +371,7 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
 
 
 def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
-    from tests.app.conftest import make_caller
+    from tests.helpers import make_caller
 
     other = make_caller("console-other")
     sign_in(page, other.key)

@@ -6,35 +6,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.app.test_webhooks import Receiver, verify
-from tests.conftest import free_port
-from tests.e2e.conftest import Stack
-from tests.e2e.test_stack import _download_artifacts, _model_files, _upload_dir
+from tests.helpers import Receiver, Stack, all_events, download_artifacts, free_port, model_files, upload_files, verify
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 MAX_STEPS = 200
 CHECKPOINT_EVERY = 10
-
-
-def _all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    """Every event of the job, oldest first (the API pages them 500 at a time)."""
-    events: list[dict[str, Any]] = []
-    while True:
-        after = events[-1]["id"] if events else 0
-        page = client.get(f"/v1/jobs/{job_id}/events", params={"after": after, "limit": 500})
-        assert page.status_code == 200, page.text
-        events += page.json()["data"]
-        if not page.json()["has_more"]:
-            return events
 
 
 def _wait_for_checkpoint(stack: Stack, client: httpx.Client, job_id: str, timeout: float = 120) -> str:
@@ -74,8 +58,8 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
     with stack.client() as client:
         endpoint = client.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.progress"]})
         assert endpoint.status_code == 201, endpoint.text
-        model_upload = _upload_dir(client, _model_files(teacher_dir))
-        text_upload = _upload_dir(client, {"train.txt": sample_text(60).encode()})
+        model_upload = upload_files(client, {}, model_files(teacher_dir))
+        text_upload = upload_files(client, {}, {"train.txt": sample_text(60).encode()})
         spec = {
             "model": {"upload_id": model_upload},
             "training": {"upload_id": text_upload},
@@ -116,8 +100,8 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
         done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
-        events = _all_events(client, job_id)
-        _download_artifacts(client, job_id, tmp_path / "artifact")
+        events = all_events(client, job_id)
+        download_artifacts(client, job_id, tmp_path / "artifact")
 
     types = [e["type"] for e in events]
     assert "job.retrying" in types and types.count("job.started") == 2

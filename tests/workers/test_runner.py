@@ -2,55 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from tests.helpers import model_files, register_upload, submit_job
 from tests.tiny import sample_text, write_model_dir
-
-
-def _upload(tenant_id: str, files: dict[str, bytes]) -> str:
-    """Put files in storage and register a complete upload, as the uploads API would."""
-    from datetime import timedelta
-
-    from app.db import session_scope, utcnow
-    from app.storage import get_storage
-    from app.uploads.models import Upload
-    from app.uploads.service import upload_key
-
-    with session_scope() as session:
-        upload = Upload(
-            tenant_id=tenant_id,
-            status="complete",
-            files=[{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()],
-            total_bytes=sum(len(d) for d in files.values()),
-            expires_at=utcnow() + timedelta(hours=1),
-        )
-        session.add(upload)
-        session.flush()
-        for path, data in files.items():
-            get_storage().put_bytes(upload_key(tenant_id, upload.id, path), data)
-        return upload.id
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-
-
-def _submit(tenant_id: str, spec: dict) -> str:  # type: ignore[type-arg]
-    from app.auth.service import Principal
-    from app.config import get_settings
-    from app.db import get_sessionmaker
-    from app.jobs.service import create_job
-    from app.jobs.spec import JobSpec
-
-    principal = Principal(tenant_id=tenant_id, key_id="k", scopes=frozenset({"jobs:write"}))
-    with get_sessionmaker()() as session:
-        job, _ = create_job(session, principal, JobSpec.model_validate(spec), get_settings(), None)
-        return job.id
 
 
 def _job(job_id: str):  # type: ignore[no-untyped-def]
@@ -90,10 +49,11 @@ def _run(job_id: str) -> None:
 
 
 def test_pickle_weights_fail_with_a_readable_reason(tenant: str, tmp_path: Path) -> None:
-    files = _files(write_model_dir(tmp_path / "m"))
+    files = model_files(write_model_dir(tmp_path / "m"))
     files["pytorch_model.bin"] = b"\x80\x04pickle"
-    job_id = _submit(
-        tenant, {"model": {"upload_id": _upload(tenant, files)}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
+    job_id = submit_job(
+        tenant,
+        {"model": {"upload_id": register_upload(tenant, files)}, "steps": [{"method": "quantize", "scheme": "w8a16"}]},
     )
     _run(job_id)
     job = _job(job_id)
@@ -107,10 +67,10 @@ def test_remote_code_config_is_refused(tenant: str, tmp_path: Path) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
     (model_dir / "config.json").write_text(json.dumps(config))
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(model_dir))},
+            "model": {"upload_id": register_upload(tenant, model_files(model_dir))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
@@ -123,10 +83,10 @@ def test_oversize_model_is_refused_before_loading(tenant: str, tmp_path: Path, m
     from app.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_model_bytes", 1000)
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
@@ -139,9 +99,11 @@ def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -
     from app.storage import get_storage
     from app.uploads.service import upload_key
 
-    upload_id = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
+    upload_id = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
     get_storage().put_bytes(upload_key(tenant, upload_id, "config.json"), b'{"tampered": true}')
-    job_id = _submit(tenant, {"model": {"upload_id": upload_id}, "steps": [{"method": "quantize", "scheme": "w8a16"}]})
+    job_id = submit_job(
+        tenant, {"model": {"upload_id": upload_id}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
+    )
     _run(job_id)
     assert "sha256" in _job(job_id).error_message
 
@@ -149,8 +111,8 @@ def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -
 def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path: Path) -> None:
     from app.storage import get_storage
 
-    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
-    calib = _upload(tenant, {"calib.txt": sample_text(30).encode()})
+    model = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
+    calib = register_upload(tenant, {"calib.txt": sample_text(30).encode()})
     spec = {
         "model": {"upload_id": model},
         "calibration": {"upload_id": calib, "num_samples": 8, "seq_len": 64},
@@ -159,7 +121,7 @@ def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path
             {"method": "quantize", "scheme": "w4a16", "algorithm": "gptq", "group_size": 32},
         ],
     }
-    job_id = _submit(tenant, spec)
+    job_id = submit_job(tenant, spec)
     _run(job_id)
     job = _job(job_id)
     assert job.status == "succeeded", job.error_message
@@ -197,10 +159,10 @@ def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> Non
     from app.db import session_scope
     from workers import runner as runner_module
 
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
@@ -232,8 +194,8 @@ def test_structured_prune_then_distill_then_quantize(
     from app.storage import get_storage
     from workers.runner import JobRunner
 
-    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
-    text = _upload(tenant, {"train.txt": sample_text(40).encode()})
+    model = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
+    text = register_upload(tenant, {"train.txt": sample_text(40).encode()})
     spec = {
         "model": {"upload_id": model},
         "calibration": {"upload_id": text, "num_samples": 8, "seq_len": 64},
@@ -252,7 +214,7 @@ def test_structured_prune_then_distill_then_quantize(
             {"method": "quantize", "scheme": "w8a16"},
         ],
     }
-    job_id = _submit(tenant, spec)
+    job_id = submit_job(tenant, spec)
     saved: list[int] = []
     save = JobRunner._save_checkpoint
 
@@ -332,10 +294,10 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     from workers import runner as runner_module
     from workers.reaper import reap_once
 
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
