@@ -18,14 +18,15 @@ import pytest
 from tests.helpers import (
     BUCKET,
     PG_URL,
-    REDIS_URL,
-    SERVICE_TABLES,
     SOURCE_BUCKET,
+    Stack,
     apply_env,
+    empty_postgres,
     free_port,
     migrate_once,
     reset_postgres,
     service_env,
+    start_stack,
 )
 
 
@@ -68,17 +69,12 @@ def pg_stack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint: str, pg_migrated: None
 ) -> Iterator[dict[str, str]]:
     """Postgres + Redis + S3 configured for this process, schema migrated, tables and Redis emptied."""
-    import redis
-    from sqlalchemy import text
-
+    empty_postgres()
     env = service_env(tmp_path, stack="production", s3_endpoint=s3_endpoint)
     apply_env(monkeypatch, env)
-    from app.db import get_engine, reset_caches
-
-    with get_engine().begin() as conn:
-        conn.execute(text(f"TRUNCATE {SERVICE_TABLES} CASCADE"))
-    redis.Redis.from_url(REDIS_URL).flushdb()
     yield env
+    from app.db import reset_caches
+
     reset_caches()
 
 
@@ -93,3 +89,17 @@ def embedded_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_templ
     from app.db import reset_caches
 
     reset_caches()
+
+
+@pytest.fixture
+def production_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator[Stack]:
+    """The API, the maintenance worker (and job workers a test starts) as processes, against Postgres, Redis
+    and the S3 server."""
+    empty_postgres()
+    yield from start_stack(tmp_path, service_env(tmp_path, stack="production", s3_endpoint=s3_endpoint))
+
+
+@pytest.fixture
+def embedded_stack_procs(tmp_path: Path) -> Iterator[Stack]:
+    """The same processes in the embedded mode: SQLite, local storage, file-system broker (what `make dev` runs)."""
+    yield from start_stack(tmp_path, service_env(tmp_path, stack="embedded"))

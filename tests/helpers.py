@@ -33,10 +33,6 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 BUCKET = "modelpress-test"
 SOURCE_BUCKET = "customer-models"
 MIB = 1024 * 1024
-SERVICE_TABLES = (
-    "tenants, api_keys, uploads, jobs, job_events, job_metadata, idempotency_keys, "
-    "webhook_endpoints, webhook_deliveries, webhook_attempts"
-)
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 T = TypeVar("T")
 
@@ -146,16 +142,21 @@ def reset_postgres() -> None:
     engine.dispose()
 
 
-def clean_production_state() -> None:
-    """Empty Redis and the service's tables (where they exist), so a test starts from nothing."""
+def empty_postgres(url: str = PG_URL) -> None:
+    """Empty every table of the test database but the migrations' own, and Redis: a test starts from nothing,
+    on the schema the session migrated once."""
     import redis
     from sqlalchemy import create_engine, text
 
     redis.Redis.from_url(REDIS_URL).flushdb()
-    engine = create_engine(PG_URL)
+    engine = create_engine(url)
     with engine.begin() as conn:
-        if conn.execute(text("SELECT to_regclass('public.jobs')")).scalar():
-            conn.execute(text(f"TRUNCATE {SERVICE_TABLES} CASCADE"))
+        tables = conn.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+        ).scalars()
+        names = ", ".join(f'"{name}"' for name in tables)
+        if names:
+            conn.execute(text(f"TRUNCATE {names} CASCADE"))
     engine.dispose()
 
 
