@@ -47,18 +47,30 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``check`` until it returns something other than None or False, and return that; fail the test
-    naming ``what`` after ``timeout`` seconds. For conditions owned by another process (a worker, a
-    server): the test waits for the state itself, never for an amount of time."""
+def eventually(check: Callable[[], T], timeout: float = 60, interval: float = 0.5) -> T:
+    """``check()``'s result once its assertions hold, retried every ``interval`` seconds; after ``timeout``
+    seconds its last AssertionError fails the test. For states another process (a worker, a server) reaches
+    in its own time: a test waits for the state itself, never for an amount of time."""
     deadline = time.monotonic() + timeout
     while True:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
         time.sleep(interval)
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """``check()``'s first result that is neither None nor False (see :func:`eventually`); the failure names
+    ``what``."""
+
+    def reached() -> T:
+        result = check()
+        assert result is not None and result is not False, f"timed out after {timeout} s waiting for {what}"
+        return result
+
+    return eventually(reached, timeout, interval)
 
 
 # ---------------------------------------------------------------- the service's environment

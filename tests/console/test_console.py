@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
 from app.signing import verify
-from tests.helpers import ROOT, Receiver, Stack, free_port, upload_files
+from tests.helpers import ROOT, Receiver, Stack, free_port, upload_files, wait_until
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -346,18 +345,14 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
                 "/v1/jobs", json={"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
             )
             assert job.status_code == 201, job.text
-        deadline = time.monotonic() + 60
-        while not receiver.accepted() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert receiver.accepted(), "the relay delivered nothing"
+        wait_until(receiver.accepted, 60, "the relay to deliver job.queued")
         endpoint_row.get_by_role("button", name="Deliveries").click()
         delivery = page.locator("#deliveries tr", has_text="job.queued")
         expect(delivery).to_contain_text("delivered")
         expect(delivery).to_contain_text("HTTP 200")
         delivery.get_by_role("button", name="Redeliver").click()
         expect(page.locator("#webhook-notice")).to_contain_text("queued again")
-        while len(receiver.requests) < 2 and time.monotonic() < deadline + 60:
-            time.sleep(0.2)
+        wait_until(lambda: len(receiver.requests) >= 2, 60, "the redelivery")
         first, again = receiver.requests[0], receiver.requests[1]
         assert again.headers["webhook-id"] == first.headers["webhook-id"]  # the same delivery, sent again
 

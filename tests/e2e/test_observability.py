@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Stack, empty_postgres, free_port, model_files, start_stack, upload_files
+from tests.helpers import Stack, empty_postgres, eventually, free_port, model_files, start_stack, upload_files
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -72,17 +71,6 @@ def total(samples: dict, name: str, **labels: str) -> float:  # type: ignore[typ
     """The sum of a metric's samples whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def eventually(check, timeout: float = 60):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def json_lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
