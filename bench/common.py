@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,6 @@ class Timing:
     rss_before_mib: float = 0.0
     peak_rss_mib: float = 0.0
     matmul_gflops: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def fields(self) -> dict[str, float | None]:
         """The result line's fields, rounded as every result line has them."""

@@ -14,25 +14,11 @@ import httpx
 from pydantic import BaseModel, PrivateAttr
 from tqdm.auto import tqdm
 
+from modelpress import schemas
 from modelpress._errors import APIConnectionError, APIError, JobFailedError, UploadError
 from modelpress._http import RETRY_STATUSES, ClientOptions, HTTPClient, Operation, Retries
 from modelpress._sse import iter_sse
 from modelpress._transfer import Downloader, PieceUploader, SafeBar, hash_files, plan_pieces
-from modelpress.schemas import (
-    ApiKey,
-    ApiKeyCreated,
-    ArtifactList,
-    Event,
-    JobOut,
-    KeyList,
-    Limits,
-    Tenant,
-    Upload,
-    UploadProgress,
-    WebhookDelivery,
-    WebhookEndpoint,
-    WebhookEndpointWithSecret,
-)
 
 T = TypeVar("T")
 #: A step: a plain dict (``{"method": "quantize", "scheme": "w8a16"}``) or a step model (``modelpress.steps``).
@@ -135,25 +121,27 @@ class Uploads:
     def __init__(self, client: ModelPress) -> None:
         self._client, self._http = client, client._http
 
-    def create(self, files: Sequence[Mapping[str, Any]]) -> Upload:
+    def create(self, files: Sequence[Mapping[str, Any]]) -> schemas.Upload:
         """Declare files (``{"path", "size", "sha256"}`` each); the answer carries a PUT URL per file or part."""
-        return self._http.parse(CREATE_UPLOAD, Upload, json={"files": [dict(f) for f in files]})
+        return self._http.parse(CREATE_UPLOAD, schemas.Upload, json={"files": [dict(f) for f in files]})
 
-    def get(self, upload_id: str) -> Upload:
-        return self._http.parse(GET_UPLOAD, Upload, path_params={"upload_id": upload_id})
+    def get(self, upload_id: str) -> schemas.Upload:
+        return self._http.parse(GET_UPLOAD, schemas.Upload, path_params={"upload_id": upload_id})
 
-    def parts(self, upload_id: str) -> UploadProgress:
+    def parts(self, upload_id: str) -> schemas.UploadProgress:
         """What storage holds of the upload: each file whole or not, and the parts of multipart files."""
-        return self._http.parse(UPLOAD_PARTS, UploadProgress, path_params={"upload_id": upload_id})
+        return self._http.parse(UPLOAD_PARTS, schemas.UploadProgress, path_params={"upload_id": upload_id})
 
-    def renew_urls(self, upload_id: str) -> Upload:
+    def renew_urls(self, upload_id: str) -> schemas.Upload:
         """Fresh PUT URLs for every file and part, and as long again to complete the upload."""
-        return self._http.parse(RENEW_UPLOAD_URLS, Upload, path_params={"upload_id": upload_id})
+        return self._http.parse(RENEW_UPLOAD_URLS, schemas.Upload, path_params={"upload_id": upload_id})
 
-    def complete(self, upload_id: str) -> Upload:
+    def complete(self, upload_id: str) -> schemas.Upload:
         """The server verifies every size and sha256 (minutes for a large model: no read timeout)."""
         no_read_timeout = httpx.Timeout(60.0, read=None)
-        return self._http.parse(COMPLETE_UPLOAD, Upload, path_params={"upload_id": upload_id}, timeout=no_read_timeout)
+        return self._http.parse(
+            COMPLETE_UPLOAD, schemas.Upload, path_params={"upload_id": upload_id}, timeout=no_read_timeout
+        )
 
     def upload(
         self,
@@ -162,7 +150,7 @@ class Uploads:
         upload_id: str | None = None,
         progress: bool = False,
         concurrency: int = 4,
-    ) -> Upload:
+    ) -> schemas.Upload:
         """Upload a file or a folder and complete it: hash (streaming), declare, PUT every file and part
         (``concurrency`` at a time, each retried), complete. With ``upload_id``, resume that upload: ask the
         server which parts it holds, renew the URLs, and PUT only what is missing.
@@ -217,7 +205,7 @@ class Uploads:
 # ---------------------------------------------------------------- jobs
 
 
-class Job(JobOut):
+class Job(schemas.JobOut):
     """A job, with the verbs to follow it: :meth:`wait`, :meth:`download`, :meth:`cancel`, :meth:`events`."""
 
     _jobs: Jobs | None = PrivateAttr(default=None)
@@ -227,7 +215,7 @@ class Job(JobOut):
             raise RuntimeError("this Job is not bound to a client; get it through ModelPress().jobs")
         return self._jobs
 
-    def _update(self, other: JobOut) -> Job:
+    def _update(self, other: schemas.JobOut) -> Job:
         for name in type(self).model_fields:
             if name != "webhook_secret" or getattr(other, name) is not None:
                 setattr(self, name, getattr(other, name))
@@ -240,13 +228,13 @@ class Job(JobOut):
     def cancel(self) -> Job:
         return self._update(self._bound().cancel(self.id))
 
-    def events(self, after: int = 0) -> Page[Event]:
+    def events(self, after: int = 0) -> Page[schemas.Event]:
         return self._bound().events(self.id, after=after)
 
-    def stream(self, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
+    def stream(self, after: int = 0, timeout: float | None = None) -> Iterator[schemas.Event]:
         return self._bound().stream(self.id, after=after, timeout=timeout)
 
-    def artifacts(self) -> ArtifactList:
+    def artifacts(self) -> schemas.ArtifactList:
         return self._bound().artifacts(self.id)
 
     def wait(self, *, progress: bool = False, timeout: float | None = None, check: bool = False) -> Job:
@@ -349,12 +337,14 @@ class Jobs:
         """Queued: cancelled at once. Running: ``cancelling`` until the worker stops at the next layer/step."""
         return self._job(self._http.request(CANCEL_JOB, path_params={"job_id": job_id}).json())
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Page[Event]:
+    def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Page[schemas.Event]:
         """The job's event log, oldest first; iterate to walk every page."""
         path = {"job_id": job_id}
-        return _list(self._http, LIST_EVENTS, Event.model_validate, [("limit", limit)], path_params=path, after=after)
+        return _list(
+            self._http, LIST_EVENTS, schemas.Event.model_validate, [("limit", limit)], path_params=path, after=after
+        )
 
-    def stream(self, job_id: str, *, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
+    def stream(self, job_id: str, *, after: int = 0, timeout: float | None = None) -> Iterator[schemas.Event]:
         """Every event after ``after`` as it happens, until the job finishes. A cut stream is reopened with
         ``Last-Event-ID`` (nothing missed, nothing twice); if it keeps failing, events are polled instead."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -368,7 +358,7 @@ class Jobs:
                             raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
                         if frame is None:
                             continue
-                        event = Event.model_validate_json(frame.data)
+                        event = schemas.Event.model_validate_json(frame.data)
                         last = event.id
                         retries.reset()
                         yield event
@@ -385,7 +375,7 @@ class Jobs:
                 yield from self.events(job_id, after=last)  # written between its last read and the end
                 return
 
-    def _poll(self, job_id: str, after: int, deadline: float | None, interval: float = 2.0) -> Iterator[Event]:
+    def _poll(self, job_id: str, after: int, deadline: float | None, interval: float = 2.0) -> Iterator[schemas.Event]:
         last = after
         while True:
             finished = self.get(job_id).done
@@ -402,9 +392,9 @@ class Jobs:
         """Follow a job until it finishes (see :meth:`Job.wait`)."""
         return self.get(job_id).wait(progress=progress, timeout=timeout, check=check)
 
-    def artifacts(self, job_id: str) -> ArtifactList:
+    def artifacts(self, job_id: str) -> schemas.ArtifactList:
         """A succeeded job's files with size, sha256 and a short-lived download URL."""
-        return self._http.parse(LIST_ARTIFACTS, ArtifactList, path_params={"job_id": job_id})
+        return self._http.parse(LIST_ARTIFACTS, schemas.ArtifactList, path_params={"job_id": job_id})
 
     def download(
         self, job_id: str, dest: str | PathLike[str], *, progress: bool = False, concurrency: int = 4
@@ -431,16 +421,16 @@ class Webhooks:
 
     def create(
         self, url: str, *, events: Sequence[str] | None = None, description: str = ""
-    ) -> WebhookEndpointWithSecret:
+    ) -> schemas.WebhookEndpointWithSecret:
         """Register a receiver; the answer's ``secret`` is shown only this once."""
         body = {"url": url, "events": list(events) if events is not None else None, "description": description}
-        return self._http.parse(CREATE_WEBHOOK, WebhookEndpointWithSecret, json=body)
+        return self._http.parse(CREATE_WEBHOOK, schemas.WebhookEndpointWithSecret, json=body)
 
-    def list(self, *, limit: int = 20, after: str | None = None) -> Page[WebhookEndpoint]:
-        return _list(self._http, LIST_WEBHOOKS, WebhookEndpoint.model_validate, [("limit", limit)], after=after)
+    def list(self, *, limit: int = 20, after: str | None = None) -> Page[schemas.WebhookEndpoint]:
+        return _list(self._http, LIST_WEBHOOKS, schemas.WebhookEndpoint.model_validate, [("limit", limit)], after=after)
 
-    def get(self, endpoint_id: str) -> WebhookEndpoint:
-        return self._http.parse(GET_WEBHOOK, WebhookEndpoint, path_params={"endpoint_id": endpoint_id})
+    def get(self, endpoint_id: str) -> schemas.WebhookEndpoint:
+        return self._http.parse(GET_WEBHOOK, schemas.WebhookEndpoint, path_params={"endpoint_id": endpoint_id})
 
     def update(
         self,
@@ -450,34 +440,38 @@ class Webhooks:
         events: Sequence[str] | None = None,
         description: str | None = None,
         enabled: bool | None = None,
-    ) -> WebhookEndpoint:
+    ) -> schemas.WebhookEndpoint:
         """Change the fields given (``enabled=True`` re-enables an endpoint a 410 disabled)."""
         fields = {"url": url, "events": list(events) if events is not None else None, "description": description}
         body = {k: v for k, v in {**fields, "enabled": enabled}.items() if v is not None}
-        return self._http.parse(UPDATE_WEBHOOK, WebhookEndpoint, path_params={"endpoint_id": endpoint_id}, json=body)
+        return self._http.parse(
+            UPDATE_WEBHOOK, schemas.WebhookEndpoint, path_params={"endpoint_id": endpoint_id}, json=body
+        )
 
     def delete(self, endpoint_id: str) -> None:
         self._http.request(DELETE_WEBHOOK, path_params={"endpoint_id": endpoint_id})
 
-    def rotate_secret(self, endpoint_id: str, *, overlap_s: int | None = None) -> WebhookEndpointWithSecret:
+    def rotate_secret(self, endpoint_id: str, *, overlap_s: int | None = None) -> schemas.WebhookEndpointWithSecret:
         """A new secret (shown once); the old one keeps signing for ``overlap_s`` (server default 24 h)."""
         body = {"overlap_s": overlap_s} if overlap_s is not None else None
         path = {"endpoint_id": endpoint_id}
-        return self._http.parse(ROTATE_WEBHOOK_SECRET, WebhookEndpointWithSecret, path_params=path, json=body)
+        return self._http.parse(ROTATE_WEBHOOK_SECRET, schemas.WebhookEndpointWithSecret, path_params=path, json=body)
 
     def deliveries(
         self, endpoint_id: str, *, status: str | None = None, limit: int = 20, after: str | None = None
-    ) -> Page[WebhookDelivery]:
+    ) -> Page[schemas.WebhookDelivery]:
         """Newest first, each with its attempts; iterate to walk every page."""
         query: builtins.list[tuple[str, str | int | bool]] = [("limit", limit)]
         query += [("status", status)] if status is not None else []
         path = {"endpoint_id": endpoint_id}
-        return _list(self._http, LIST_DELIVERIES, WebhookDelivery.model_validate, query, path_params=path, after=after)
+        return _list(
+            self._http, LIST_DELIVERIES, schemas.WebhookDelivery.model_validate, query, path_params=path, after=after
+        )
 
-    def redeliver(self, endpoint_id: str, delivery_id: str) -> WebhookDelivery:
+    def redeliver(self, endpoint_id: str, delivery_id: str) -> schemas.WebhookDelivery:
         """Queue a delivery again, with the same ``webhook-id``."""
         path = {"endpoint_id": endpoint_id, "delivery_id": delivery_id}
-        return self._http.parse(REDELIVER, WebhookDelivery, path_params=path)
+        return self._http.parse(REDELIVER, schemas.WebhookDelivery, path_params=path)
 
 
 class Keys:
@@ -486,13 +480,13 @@ class Keys:
     def __init__(self, client: ModelPress) -> None:
         self._http = client._http
 
-    def list(self, *, include_revoked: bool = False) -> builtins.list[ApiKey]:
-        return self._http.parse(LIST_KEYS, KeyList, params={"include_revoked": include_revoked}).data
+    def list(self, *, include_revoked: bool = False) -> builtins.list[schemas.ApiKey]:
+        return self._http.parse(LIST_KEYS, schemas.KeyList, params={"include_revoked": include_revoked}).data
 
-    def create(self, *, name: str = "default", scopes: Sequence[str] | None = None) -> ApiKeyCreated:
+    def create(self, *, name: str = "default", scopes: Sequence[str] | None = None) -> schemas.ApiKeyCreated:
         """A new key with (a subset of) the calling key's scopes; its ``key`` is shown only this once."""
         body: dict[str, Any] = {"name": name, **({"scopes": list(scopes)} if scopes is not None else {})}
-        return self._http.parse(CREATE_KEY, ApiKeyCreated, json=body)
+        return self._http.parse(CREATE_KEY, schemas.ApiKeyCreated, json=body)
 
     def revoke(self, key_id: str) -> None:
         self._http.request(REVOKE_KEY, path_params={"key_id": key_id})
@@ -504,8 +498,8 @@ class LimitsResource:
     def __init__(self, client: ModelPress) -> None:
         self._http = client._http
 
-    def get(self) -> Limits:
-        return self._http.parse(GET_LIMITS, Limits)
+    def get(self) -> schemas.Limits:
+        return self._http.parse(GET_LIMITS, schemas.Limits)
 
 
 class Admin:
@@ -514,30 +508,34 @@ class Admin:
     def __init__(self, client: ModelPress) -> None:
         self._http = client._http
 
-    def create_tenant(self, name: str, **overrides: int) -> Tenant:
+    def create_tenant(self, name: str, **overrides: int) -> schemas.Tenant:
         body = {"name": name, **overrides}
-        return self._http.parse(ADMIN_CREATE_TENANT, Tenant, json=body)
+        return self._http.parse(ADMIN_CREATE_TENANT, schemas.Tenant, json=body)
 
-    def list_tenants(self, *, limit: int = 50, after: str | None = None) -> Page[Tenant]:
-        return _list(self._http, ADMIN_LIST_TENANTS, Tenant.model_validate, [("limit", limit)], after=after)
+    def list_tenants(self, *, limit: int = 50, after: str | None = None) -> Page[schemas.Tenant]:
+        return _list(self._http, ADMIN_LIST_TENANTS, schemas.Tenant.model_validate, [("limit", limit)], after=after)
 
-    def get_tenant(self, tenant_id: str) -> Tenant:
-        return self._http.parse(ADMIN_GET_TENANT, Tenant, path_params={"tenant_id": tenant_id})
+    def get_tenant(self, tenant_id: str) -> schemas.Tenant:
+        return self._http.parse(ADMIN_GET_TENANT, schemas.Tenant, path_params={"tenant_id": tenant_id})
 
-    def update_tenant(self, tenant_id: str, overrides: Mapping[str, int | None]) -> Tenant:
+    def update_tenant(self, tenant_id: str, overrides: Mapping[str, int | None]) -> schemas.Tenant:
         """Change quota overrides; only the keys given change, and ``None`` returns one to the default."""
         path = {"tenant_id": tenant_id}
-        return self._http.parse(ADMIN_UPDATE_TENANT, Tenant, path_params=path, json=dict(overrides))
+        return self._http.parse(ADMIN_UPDATE_TENANT, schemas.Tenant, path_params=path, json=dict(overrides))
 
     def create_key(
         self, tenant_id: str, *, name: str = "default", scopes: Sequence[str] | None = None
-    ) -> ApiKeyCreated:
+    ) -> schemas.ApiKeyCreated:
         body: dict[str, Any] = {"name": name, **({"scopes": list(scopes)} if scopes is not None else {})}
-        return self._http.parse(ADMIN_CREATE_KEY, ApiKeyCreated, path_params={"tenant_id": tenant_id}, json=body)
+        return self._http.parse(
+            ADMIN_CREATE_KEY, schemas.ApiKeyCreated, path_params={"tenant_id": tenant_id}, json=body
+        )
 
-    def list_keys(self, tenant_id: str, *, include_revoked: bool = False) -> list[ApiKey]:
+    def list_keys(self, tenant_id: str, *, include_revoked: bool = False) -> list[schemas.ApiKey]:
         params = {"include_revoked": include_revoked}
-        return self._http.parse(ADMIN_LIST_KEYS, KeyList, path_params={"tenant_id": tenant_id}, params=params).data
+        return self._http.parse(
+            ADMIN_LIST_KEYS, schemas.KeyList, path_params={"tenant_id": tenant_id}, params=params
+        ).data
 
     def revoke_key(self, key_id: str) -> None:
         self._http.request(ADMIN_REVOKE_KEY, path_params={"key_id": key_id})

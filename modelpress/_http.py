@@ -59,19 +59,21 @@ def registered_operations() -> list[Operation]:
     return list(_REGISTRY)
 
 
-@dataclass
+MAX_DELAY_S = 8.0  # the longest backoff between two tries
+MAX_RETRY_AFTER_S = 120.0  # the longest a server's Retry-After is honoured
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
-    """``max_retries`` after the first try; delays ``base_s · 2^n`` capped at ``max_delay_s``, full jitter."""
+    """``max_retries`` after the first try; delays ``base_s · 2^n`` capped at :data:`MAX_DELAY_S`, full jitter."""
 
     max_retries: int = 4
     base_s: float = 0.5
-    max_delay_s: float = 8.0
-    max_retry_after_s: float = 120.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after_s)
-        return random.uniform(0, min(self.max_delay_s, self.base_s * 2**attempt))
+            return min(retry_after, MAX_RETRY_AFTER_S)
+        return random.uniform(0, min(MAX_DELAY_S, self.base_s * 2**attempt))
 
 
 def _retryable_error(exc: httpx.TransportError, idempotent: bool) -> bool:
