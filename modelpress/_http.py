@@ -19,7 +19,8 @@ from typing import Any, TypedDict, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from modelpress._errors import APIConnectionError, error_from_response, parse_retry_after
+from modelpress._errors import APIConnectionError, error_from_response
+from modelpress.schemas import retry_after_seconds
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -95,7 +96,7 @@ class Retries:
         once, when the retries are spent."""
         if self.done >= self.policy.max_retries:
             return False
-        retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+        retry_after = retry_after_seconds(response.headers.get("Retry-After")) if response is not None else None
         time.sleep(self.policy.delay(self.done, retry_after))
         self.done += 1
         return True

@@ -12,7 +12,8 @@ refuse unknown fields, as the server does for every request.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,6 +29,26 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 UploadStatus = Literal["pending", "complete", "expired"]
 
 T = TypeVar("T")
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` header (RFC 9110: delay-seconds or an HTTP date) as seconds from ``now`` (default: the
+    current time), never negative; None when absent or unreadable. The API sends it with 429 and 503, and the
+    webhook relay reads it from receivers."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class WireModel(BaseModel):
