@@ -1,6 +1,7 @@
 """schemathesis over ``/openapi.json``: no server error and no conformance failure (status codes, media
-types, response schemas, headers) on any documented operation. Marked ``fuzz``: a few hundred generated
-requests with a fixed seed against the real app in-process (ASGI), on Postgres + Redis + an S3 server."""
+types, response schemas, headers) on any documented operation. Marked ``fuzz``: generated requests (12 per
+operation, 3 in the fast tier) with a fixed seed against the real app in-process (ASGI), on Postgres + Redis +
+an S3 server."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-EXAMPLES_PER_OPERATION = 12
+EXAMPLES_PER_OPERATION = 12  # `make test` (marked slow)
+FAST_EXAMPLES_PER_OPERATION = 3  # `make test-fast`: the first few of the same fixed-seed requests
 
 
 @pytest.fixture
@@ -49,22 +51,39 @@ CONFIG = SchemathesisConfig.from_dict(
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app(), config=CONFIG)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(900)
-@schema.parametrize()
-@settings(
-    max_examples=EXAMPLES_PER_OPERATION,
-    derandomize=True,  # a fixed seed: the same requests on every run
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
-def test_api_conforms_to_its_openapi_document(case: Any, fuzz_headers: dict[str, str]) -> None:
+def _fuzz_settings(examples: int) -> Any:
+    return settings(
+        max_examples=examples,
+        derandomize=True,  # a fixed seed: the same requests on every run
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def _call_and_validate(case: Any, headers: dict[str, str]) -> None:
     excluded = []
     if case.operation.method.upper() == "GET":
         # A single-valued query parameter sent several times (?after=a&after=b) is read as its last value,
         # as every Starlette app does; schemathesis counts accepting it as a schema violation.
         excluded.append(schemathesis.checks.negative_data_rejection)
-    case.call_and_validate(headers=fuzz_headers, excluded_checks=excluded)
+    case.call_and_validate(headers=headers, excluded_checks=excluded)
+
+
+@pytest.mark.fuzz
+@pytest.mark.timeout(900)
+@schema.parametrize()
+@_fuzz_settings(FAST_EXAMPLES_PER_OPERATION)
+def test_api_conforms_to_its_openapi_document(case: Any, fuzz_headers: dict[str, str]) -> None:
+    _call_and_validate(case, fuzz_headers)
+
+
+@pytest.mark.fuzz
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@schema.parametrize()
+@_fuzz_settings(EXAMPLES_PER_OPERATION)
+def test_api_conforms_to_its_openapi_document_in_depth(case: Any, fuzz_headers: dict[str, str]) -> None:
+    _call_and_validate(case, fuzz_headers)
 
 
 def test_every_operation_documents_its_problems() -> None:

@@ -114,6 +114,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None
     )
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_key_sources(proxied_stack: Stack, mp: ModelPress, tmp_path: Path) -> None:
     env = {"MODELPRESS_BASE_URL": mp.base_url, "MODELPRESS_API_KEY": proxied_stack.key}
     assert _cli("jobs", "list", "--json", env=env).stdout.strip() == "[]"

@@ -108,6 +108,7 @@ def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -
     assert "sha256" in _job(job_id).error_message
 
 
+@pytest.mark.slow
 def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path: Path) -> None:
     from app.storage import get_storage
 
@@ -187,6 +188,7 @@ def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> Non
     assert events[-1] == "job.cancelled" and "job.cancelling" in events and "job.succeeded" not in events
 
 
+@pytest.mark.slow
 def test_structured_prune_then_distill_then_quantize(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -279,6 +281,7 @@ def test_internal_failure_reasons_keep_sql_and_hosts_out() -> None:
     assert internal_reason(ValueError("shape mismatch in layer 3")) == "ValueError: shape mismatch in layer 3"
 
 
+@pytest.mark.slow
 def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

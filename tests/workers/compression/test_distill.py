@@ -295,6 +295,7 @@ def test_cancel_between_steps(teacher: nn.Module, stream: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------ data parallel
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(teacher: nn.Module, stream: torch.Tensor) -> None:
     config = step_config(max_steps=4, ce_weight=0.5, grad_accum=2, hidden_states={"layer_map": [[0, 1]]})
     one, rec_one = run(teacher, config, stream)
