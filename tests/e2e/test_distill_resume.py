@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from tests.tiny import sample_text, write_model_dir
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 MAX_STEPS = 200
 CHECKPOINT_EVERY = 10
@@ -89,7 +89,7 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
             marker = gate / "first-checkpoint"
             return marker.read_text() if marker.exists() else None
 
-        latest_key = wait_until(first_checkpoint, 120, f"the first checkpoint of {job_id}")
+        latest_key = wait_until(first_checkpoint, 360, f"the first checkpoint of {job_id}")
         # The worker now waits at its second checkpoint, so the job cannot end before it is killed. Webhooks
         # flow while the job runs: the relay has a worker of its own, not the busy job worker.
         wait_until(receiver.accepted, 60, "a job.progress webhook while the job runs")
