@@ -102,7 +102,7 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
         assert resume_step == CHECKPOINT_EVERY  # the first checkpoint, the only one the gate let through
 
         stack.start_worker()  # the maintenance worker's reaper re-queues the job once the lease expires; this worker runs it
-        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
+        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=600)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
         events = all_events(client, job_id)
