@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
 from app.signing import verify
-from tests.helpers import ROOT, Receiver, Stack, free_port, upload_files, wait_until
+from tests.helpers import ROOT, Receiver, Stack, free_port, make_caller, upload_files, wait_until
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -303,8 +303,6 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
 
 
 def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
-    from tests.helpers import make_caller
-
     # The stack's key has the default scopes; managing keys takes keys:manage.
     manager = make_caller("console-keys", ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"])
     sign_in(page, manager.key)
@@ -366,8 +364,6 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
 
 
 def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
-    from tests.helpers import make_caller
-
     other = make_caller("console-other")
     sign_in(page, other.key)
     expect(page.get_by_text("No jobs yet")).to_be_visible()

@@ -12,7 +12,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Stack, empty_postgres, eventually, free_port, model_files, start_stack, upload_files
+from tests.helpers import (
+    Stack,
+    empty_postgres,
+    eventually,
+    free_port,
+    model_files,
+    service_env,
+    start_stack,
+    upload_files,
+)
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -41,8 +50,6 @@ class Receiver(ThreadingHTTPServer):
 @pytest.fixture
 def observed_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator[tuple[Stack, int]]:
     """The production stack with JSON logs, and /metrics served by the maintenance worker (its port is yielded)."""
-    from tests.helpers import service_env
-
     empty_postgres()
     env = {**service_env(tmp_path, stack="production", s3_endpoint=s3_endpoint), "MODELPRESS_LOG_FORMAT": "json"}
     port = free_port()
