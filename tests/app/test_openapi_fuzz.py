@@ -5,6 +5,7 @@ an S3 server."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -51,13 +52,19 @@ CONFIG = SchemathesisConfig.from_dict(
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app(), config=CONFIG)
 
 
-def _fuzz_settings(examples: int) -> Any:
-    return settings(
-        max_examples=examples,
-        derandomize=True,  # a fixed seed: the same requests on every run
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-    )
+def _conformance_test(examples: int) -> Callable[[Callable[..., None]], Any]:
+    """A schemathesis test of every operation, ``examples`` fixed-seed requests each."""
+
+    def decorate(test: Callable[..., None]) -> Any:
+        fixed_seed = settings(
+            max_examples=examples,
+            derandomize=True,  # a fixed seed: the same requests on every run
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        return pytest.mark.fuzz(pytest.mark.timeout(900)(schema.parametrize()(fixed_seed(test))))
+
+    return decorate
 
 
 def _call_and_validate(case: Any, headers: dict[str, str]) -> None:
@@ -69,19 +76,13 @@ def _call_and_validate(case: Any, headers: dict[str, str]) -> None:
     case.call_and_validate(headers=headers, excluded_checks=excluded)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(900)
-@schema.parametrize()
-@_fuzz_settings(FAST_EXAMPLES_PER_OPERATION)
+@_conformance_test(FAST_EXAMPLES_PER_OPERATION)
 def test_api_conforms_to_its_openapi_document(case: Any, fuzz_headers: dict[str, str]) -> None:
     _call_and_validate(case, fuzz_headers)
 
 
-@pytest.mark.fuzz
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-@schema.parametrize()
-@_fuzz_settings(EXAMPLES_PER_OPERATION)
+@_conformance_test(EXAMPLES_PER_OPERATION)
 def test_api_conforms_to_its_openapi_document_in_depth(case: Any, fuzz_headers: dict[str, str]) -> None:
     _call_and_validate(case, fuzz_headers)
 
