@@ -15,6 +15,8 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 from app.config import get_settings
+from modelpress.schemas import INT32_MAX as INT32_MAX
+from modelpress.schemas import JSON_INT_MAX as JSON_INT_MAX
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -48,13 +50,10 @@ class Base(DeclarativeBase):
 
 
 # The largest values the database's integer columns hold (Postgres INTEGER and BIGINT). Every integer a
-# client sends that reaches a query is bounded by one of these in its schema: past them the driver raises
+# client sends that reaches a query is bounded in its schema by INT32_MAX or, for BIGINT columns, by
+# JSON_INT_MAX: the wire's own bounds, imported above and re-exported here. Past them the driver raises
 # (a 500), where the client deserves a 422 naming the field.
-INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
-# BIGINT values a client sends are bounded here instead: the largest integer every JSON parser (and the
-# OpenAPI document's ``maximum``, read as a double by most tools) represents exactly.
-JSON_INT_MAX = 2**53 - 1
 
 
 def utcnow() -> datetime:

@@ -7,6 +7,7 @@ line writer. Depends on torch and transformers only (both venvs have them, at di
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -14,11 +15,12 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,40 +103,24 @@ def model_dir_for(recipe: str) -> Path:
     return SMALL_DIR
 
 
-def tokenize_stream(tokenizer: Any, texts: list[str]) -> Any:
-    """Documents -> one 1-D id stream, documents separated by EOS.
-
-    Identical to ``workers.compression.data.tokenize_stream`` (kept here so .venv-llmc need not import
-    the service package); ``calibration_ids`` checks the two agree when both are importable.
-    """
-    import torch
-
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(int(eos))
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def calibration_ids(
     tokenizer: Any, num_samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN, path: Path = CALIB_TXT
 ) -> Any:
-    """Calibration input ids ``[num_samples, seq_len]``: calib.txt as one document, packed into blocks.
+    """Calibration input ids ``[num_samples, seq_len]``: calib.txt as one document, packed into blocks by the
+    service's own ``calibration_blocks``, so both tools see exactly the same tokens (``ids_digest`` goes into
+    every result line to prove it). ``workers.compression.data`` needs only torch, which both venvs have."""
+    from workers.compression.data import calibration_blocks
 
-    The same packing as ``workers.compression.data.calibration_blocks(tokenizer, [path], ...)``, so
-    both tools see exactly the same tokens (``ids_digest`` goes into every result line to prove it).
-    """
-    stream = tokenize_stream(tokenizer, [path.read_text(encoding="utf-8")])
-    n = min(stream.numel() // seq_len, num_samples)
-    if n < num_samples:
-        raise RuntimeError(f"calibration text too short: {n} blocks of {seq_len}, want {num_samples}")
-    return stream[: n * seq_len].view(n, seq_len).clone()
+    blocks = calibration_blocks(tokenizer, [path], seq_len, num_samples)
+    if blocks.shape[0] < num_samples:
+        raise RuntimeError(f"calibration text too short: {blocks.shape[0]} blocks of {seq_len}, want {num_samples}")
+    return blocks
 
 
 def eval_ids(tokenizer: Any, path: Path = EVAL_TXT) -> Any:
     """The evaluation text as one 1-D id stream (eval.txt as one document)."""
+    from workers.compression.data import tokenize_stream
+
     return tokenize_stream(tokenizer, [path.read_text(encoding="utf-8")])
 
 
@@ -215,7 +201,16 @@ class Timing:
     rss_before_mib: float = 0.0
     peak_rss_mib: float = 0.0
     matmul_gflops: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, float | None]:
+        """The result line's fields, rounded as every result line has them."""
+        return {
+            "wall_s": round(self.wall_s, 2),
+            "cpu_s": round(self.cpu_s, 2),
+            "rss_before_mib": round(self.rss_before_mib, 1),
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "matmul_gflops_beside": None if self.matmul_gflops is None else round(self.matmul_gflops, 1),
+        }
 
 
 # Recipes whose wall time is compared with a FLOP floor (bench/flops.py).
@@ -329,3 +324,35 @@ def fail(message: str) -> None:
     """Print to stderr and exit non-zero."""
     print(message, file=sys.stderr)
     raise SystemExit(1)
+
+
+def run_recipes(
+    tool: str,
+    module: str,
+    choices: list[str],
+    run_child: Callable[[str], None],
+    result_file: Callable[[str], str],
+) -> None:
+    """The command line of one side of the comparison (``python -m <module>``): run the named recipes (default:
+    all ``choices``), each in a fresh process (``--child``, which calls ``run_child``), one at a time; a recipe
+    whose process fails gets an error line in ``result_file(recipe)``."""
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or tool).split("\n")[0])
+    parser.add_argument("recipes", nargs="*", help=f"any of {', '.join(choices)} (default: all)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    recipes = args.recipes or list(choices)
+    unknown = [r for r in recipes if r not in choices]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {list(choices)}")
+    if args.child:
+        run_child(recipes[0])
+        return
+    failed = []
+    for name in recipes:
+        print(f"== {tool} {name}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", module, "--child", name], cwd=ROOT)
+        if proc.returncode != 0:
+            failed.append(name)
+            write_result(result_file(name), {"tool": tool, "recipe": name, "error": f"exit {proc.returncode}"})
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)

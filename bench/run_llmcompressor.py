@@ -17,8 +17,6 @@ Usage: ``bench/.venv-llmc/bin/python -m bench.run_llmcompressor [recipe ...]`` (
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,13 +149,7 @@ def run_one(name: str) -> None:
             kwargs = {"pipeline": "datafree"}
         with common.measure(matmul_rate=name in common.FLOOR_RECIPES) as timing:
             model = oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
-        record.update(
-            wall_s=round(timing.wall_s, 2),
-            cpu_s=round(timing.cpu_s, 2),
-            rss_before_mib=round(timing.rss_before_mib, 1),
-            peak_rss_mib=round(timing.peak_rss_mib, 1),
-            matmul_gflops_beside=None if timing.matmul_gflops is None else round(timing.matmul_gflops, 1),
-        )
+        record.update(timing.fields())
     else:
         record.update(rss_before_mib=round(common.rss_mib(), 1), peak_rss_mib=round(common.peak_rss_mib(), 1))
     model.eval()
@@ -169,27 +161,7 @@ def run_one(name: str) -> None:
 
 def main() -> None:
     """Run the named recipes (default all), one fresh process each, one at a time."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("recipes", nargs="*", help=f"any of {', '.join(RECIPES)} (default: all)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.recipes = args.recipes or list(RECIPES)
-    unknown = [r for r in args.recipes if r not in RECIPES]
-    if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
-    if args.child:
-        run_one(args.recipes[0])
-        return
-    failed = []
-    for name in args.recipes:
-        print(f"== llm-compressor {name}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.run_llmcompressor", "--child", name], cwd=common.ROOT)
-        if proc.returncode != 0:
-            failed.append(name)
-            error = {"tool": "llm-compressor", "recipe": name, "error": f"exit {proc.returncode}"}
-            common.write_result(RESULT_FILE, error)
-    if failed:
-        print(f"failed: {failed}", file=sys.stderr)
+    common.run_recipes("llm-compressor", "bench.run_llmcompressor", list(RECIPES), run_one, lambda _recipe: RESULT_FILE)
 
 
 if __name__ == "__main__":

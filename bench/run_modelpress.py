@@ -15,11 +15,9 @@ Usage: ``.venv/bin/python -m bench.run_modelpress [recipe ...]`` (default: all, 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,11 +171,7 @@ def run_one(name: str) -> None:
             outcome = engine(model, step, calibration=calibration, callbacks=Callbacks())
         model = outcome.model
         record.update(
-            wall_s=round(timing.wall_s, 2),
-            cpu_s=round(timing.cpu_s, 2),
-            rss_before_mib=round(timing.rss_before_mib, 1),
-            peak_rss_mib=round(timing.peak_rss_mib, 1),
-            matmul_gflops_beside=None if timing.matmul_gflops is None else round(timing.matmul_gflops, 1),
+            **timing.fields(),
             facts={k: v for k, v in outcome.facts.items() if _small(v)},
         )
     else:
@@ -393,28 +387,14 @@ def run_speed() -> None:
 
 def main() -> None:
     """Run the named recipes (default all + speed), one fresh process each, one at a time."""
-    choices = [*RECIPES, "speed"]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("recipes", nargs="*", help=f"any of {', '.join(choices)} (default: all)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.recipes = args.recipes or choices
-    unknown = [r for r in args.recipes if r not in choices]
-    if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {choices}")
-    if args.child:
-        run_speed() if args.recipes[0] == "speed" else run_one(args.recipes[0])
-        return
-    failed = []
-    for name in args.recipes:
-        print(f"== modelpress {name}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "bench.run_modelpress", "--child", name], cwd=common.ROOT)
-        if proc.returncode != 0:
-            failed.append(name)
-            target = SPEED_FILE if name == "speed" else RESULT_FILE
-            common.write_result(target, {"tool": "modelpress", "recipe": name, "error": f"exit {proc.returncode}"})
-    if failed:
-        print(f"failed: {failed}", file=sys.stderr)
+
+    def run_child(recipe: str) -> None:
+        run_speed() if recipe == "speed" else run_one(recipe)
+
+    def result_file(recipe: str) -> str:
+        return SPEED_FILE if recipe == "speed" else RESULT_FILE
+
+    common.run_recipes("modelpress", "bench.run_modelpress", [*RECIPES, "speed"], run_child, result_file)
 
 
 if __name__ == "__main__":

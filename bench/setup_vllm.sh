@@ -25,29 +25,27 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0+cpu}"
 TORCH_WHEEL_DIR="${TORCH_WHEEL_DIR:-/opt/wheels}"
 VENV=.venv-vllm
 
-if [[ "${1:-}" == "--cuda" ]]; then
-    VENV=.venv-vllm-cuda
-    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import vllm, transformers" 2>/dev/null; then
+# Exit early if $VENV already imports the given modules; otherwise create it, fresh, with pip up to date.
+ready_or_create() {
+    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import $1" 2>/dev/null; then
         echo "bench/$VENV ready (vllm $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)'))"
         exit 0
     fi
     start=$(date +%s)
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip
+}
+
+if [[ "${1:-}" == "--cuda" ]]; then
+    VENV=.venv-vllm-cuda
+    ready_or_create "vllm, transformers"
     "$VENV/bin/pip" install --quiet "vllm==${VLLM_VERSION}"
     "$VENV/bin/python" -c "import torch, vllm; assert torch.cuda.is_available(), 'no CUDA device visible'; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"
     echo "bench/$VENV installed in $(( $(date +%s) - start )) s"
     exit 0
 fi
 
-if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import vllm, gguf, accelerate" 2>/dev/null; then
-    echo "bench/$VENV ready (vllm $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)'))"
-    exit 0
-fi
-
-start=$(date +%s)
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --upgrade pip
+ready_or_create "vllm, gguf, accelerate"
 
 torch_source=(--extra-index-url https://download.pytorch.org/whl/cpu)
 if compgen -G "$TORCH_WHEEL_DIR/torch-${TORCH_VERSION}-*.whl" >/dev/null; then

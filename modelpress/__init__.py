@@ -33,7 +33,7 @@ from modelpress._errors import (
     UnprocessableEntityError,
     UploadError,
 )
-from modelpress._models import (
+from modelpress.schemas import (
     ApiKey,
     ApiKeyCreated,
     Artifact,

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import ParamSpec, TypeVar
-
-import httpx
+from typing import ParamSpec, TypeVar, Unpack
 
 from modelpress._client import ModelPress
-from modelpress._models import Event
+from modelpress._http import ClientOptions
+from modelpress.schemas import Event
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -107,18 +106,9 @@ class AsyncModelPress:
     """
 
     def __init__(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        *,
-        timeout: float = 60.0,
-        max_retries: int = 4,
-        backoff_s: float = 0.5,
-        http_client: httpx.Client | None = None,
+        self, api_key: str | None = None, base_url: str | None = None, **options: Unpack[ClientOptions]
     ) -> None:
-        self._sync = ModelPress(
-            api_key, base_url, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s, http_client=http_client
-        )
+        self._sync = ModelPress(api_key, base_url, **options)
         self.uploads = AsyncUploads(self._sync)
         self.jobs = AsyncJobs(self._sync)
         self.webhooks = AsyncWebhooks(self._sync)

@@ -8,28 +8,15 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, Unpack
 
 import httpx
 from pydantic import BaseModel, PrivateAttr
 from tqdm.auto import tqdm
 
+from modelpress import schemas
 from modelpress._errors import APIConnectionError, APIError, JobFailedError, UploadError
-from modelpress._http import RETRY_STATUSES, HTTPClient, Operation, RetryPolicy, sleep_before_retry
-from modelpress._models import (
-    ApiKey,
-    ApiKeyCreated,
-    ArtifactList,
-    Event,
-    JobData,
-    Limits,
-    Tenant,
-    Upload,
-    UploadProgress,
-    WebhookDelivery,
-    WebhookEndpoint,
-    WebhookEndpointWithSecret,
-)
+from modelpress._http import RETRY_STATUSES, ClientOptions, HTTPClient, Operation, Retries
 from modelpress._sse import iter_sse
 from modelpress._transfer import Downloader, PieceUploader, SafeBar, hash_files, plan_pieces
 
@@ -90,10 +77,33 @@ class Page(Generic[T]):
             page = page.next_page()
 
 
-def _page(body: Mapping[str, Any], items: list[Any], again: Callable[[Any], Page[Any]], start: Any = None) -> Page[Any]:
-    """A page of ``items`` whose next page is ``again(cursor)``, the cursor being the last item's id."""
-    last = items[-1].id if items else start
-    return Page(items, bool(body["has_more"]), lambda: again(last))
+class _Identified(Protocol):
+    @property
+    def id(self) -> str | int: ...
+
+
+Item = TypeVar("Item", bound=_Identified)
+Query = Sequence[tuple[str, str | int | bool]]
+
+
+def _list(
+    http: HTTPClient,
+    op: Operation,
+    parse: Callable[[Any], Item],
+    query: Query = (),
+    *,
+    path_params: Mapping[str, str] | None = None,
+    after: str | int | None = None,
+) -> Page[Item]:
+    """The page of a cursor-paginated list after ``after`` (``query`` holds the other parameters); its next
+    page is the one after its last item's id."""
+    params = [*query, *([("after", after)] if after is not None else [])]
+    body = http.request(op, path_params=path_params, params=params).json()
+    items = [parse(item) for item in body["data"]]
+    last = items[-1].id if items else after
+    return Page(
+        items, bool(body["has_more"]), lambda: _list(http, op, parse, query, path_params=path_params, after=last)
+    )
 
 
 def _step_dict(step: StepLike) -> dict[str, Any]:
@@ -111,30 +121,27 @@ class Uploads:
     def __init__(self, client: ModelPress) -> None:
         self._client, self._http = client, client._http
 
-    def create(self, files: Sequence[Mapping[str, Any]]) -> Upload:
+    def create(self, files: Sequence[Mapping[str, Any]]) -> schemas.Upload:
         """Declare files (``{"path", "size", "sha256"}`` each); the answer carries a PUT URL per file or part."""
-        response = self._http.request(CREATE_UPLOAD, json={"files": [dict(f) for f in files]})
-        return Upload.model_validate(response.json())
+        return self._http.parse(CREATE_UPLOAD, schemas.Upload, json={"files": [dict(f) for f in files]})
 
-    def get(self, upload_id: str) -> Upload:
-        return Upload.model_validate(self._http.request(GET_UPLOAD, path_params={"upload_id": upload_id}).json())
+    def get(self, upload_id: str) -> schemas.Upload:
+        return self._http.parse(GET_UPLOAD, schemas.Upload, path_params={"upload_id": upload_id})
 
-    def parts(self, upload_id: str) -> UploadProgress:
+    def parts(self, upload_id: str) -> schemas.UploadProgress:
         """What storage holds of the upload: each file whole or not, and the parts of multipart files."""
-        response = self._http.request(UPLOAD_PARTS, path_params={"upload_id": upload_id})
-        return UploadProgress.model_validate(response.json())
+        return self._http.parse(UPLOAD_PARTS, schemas.UploadProgress, path_params={"upload_id": upload_id})
 
-    def renew_urls(self, upload_id: str) -> Upload:
+    def renew_urls(self, upload_id: str) -> schemas.Upload:
         """Fresh PUT URLs for every file and part, and as long again to complete the upload."""
-        response = self._http.request(RENEW_UPLOAD_URLS, path_params={"upload_id": upload_id})
-        return Upload.model_validate(response.json())
+        return self._http.parse(RENEW_UPLOAD_URLS, schemas.Upload, path_params={"upload_id": upload_id})
 
-    def complete(self, upload_id: str) -> Upload:
+    def complete(self, upload_id: str) -> schemas.Upload:
         """The server verifies every size and sha256 (minutes for a large model: no read timeout)."""
-        response = self._http.request(
-            COMPLETE_UPLOAD, path_params={"upload_id": upload_id}, timeout=httpx.Timeout(60.0, read=None)
+        no_read_timeout = httpx.Timeout(60.0, read=None)
+        return self._http.parse(
+            COMPLETE_UPLOAD, schemas.Upload, path_params={"upload_id": upload_id}, timeout=no_read_timeout
         )
-        return Upload.model_validate(response.json())
 
     def upload(
         self,
@@ -143,7 +150,7 @@ class Uploads:
         upload_id: str | None = None,
         progress: bool = False,
         concurrency: int = 4,
-    ) -> Upload:
+    ) -> schemas.Upload:
         """Upload a file or a folder and complete it: hash (streaming), declare, PUT every file and part
         (``concurrency`` at a time, each retried), complete. With ``upload_id``, resume that upload: ask the
         server which parts it holds, renew the URLs, and PUT only what is missing.
@@ -198,7 +205,7 @@ class Uploads:
 # ---------------------------------------------------------------- jobs
 
 
-class Job(JobData):
+class Job(schemas.JobOut):
     """A job, with the verbs to follow it: :meth:`wait`, :meth:`download`, :meth:`cancel`, :meth:`events`."""
 
     _jobs: Jobs | None = PrivateAttr(default=None)
@@ -208,7 +215,7 @@ class Job(JobData):
             raise RuntimeError("this Job is not bound to a client; get it through ModelPress().jobs")
         return self._jobs
 
-    def _update(self, other: JobData) -> Job:
+    def _update(self, other: schemas.JobOut) -> Job:
         for name in type(self).model_fields:
             if name != "webhook_secret" or getattr(other, name) is not None:
                 setattr(self, name, getattr(other, name))
@@ -221,13 +228,13 @@ class Job(JobData):
     def cancel(self) -> Job:
         return self._update(self._bound().cancel(self.id))
 
-    def events(self, after: int = 0) -> Page[Event]:
+    def events(self, after: int = 0) -> Page[schemas.Event]:
         return self._bound().events(self.id, after=after)
 
-    def stream(self, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
+    def stream(self, after: int = 0, timeout: float | None = None) -> Iterator[schemas.Event]:
         return self._bound().stream(self.id, after=after, timeout=timeout)
 
-    def artifacts(self) -> ArtifactList:
+    def artifacts(self) -> schemas.ArtifactList:
         return self._bound().artifacts(self.id)
 
     def wait(self, *, progress: bool = False, timeout: float | None = None, check: bool = False) -> Job:
@@ -320,37 +327,28 @@ class Jobs:
         after: str | None = None,
     ) -> Page[Job]:
         """Newest first; iterate the page to walk every later page too."""
-        params: builtins.list[tuple[str, str | int]] = [("limit", limit)]
-        statuses = [status] if isinstance(status, str) else list(status or [])
-        params += [("status", s) for s in statuses]
-        params += [(f"metadata[{k}]", v) for k, v in (metadata or {}).items()]
-        if after is not None:
-            params.append(("after", after))
-        body = self._http.request(LIST_JOBS, params=params).json()
-        jobs = [self._job(item) for item in body["data"]]
-        last = jobs[-1].id if jobs else None
-        return Page(
-            jobs, bool(body["has_more"]), lambda: self.list(status=status, metadata=metadata, limit=limit, after=last)
-        )
+        statuses = [status] if isinstance(status, str) else builtins.list(status or [])
+        query: builtins.list[tuple[str, str | int | bool]] = [("limit", limit)]
+        query += [("status", s) for s in statuses]
+        query += [(f"metadata[{k}]", v) for k, v in (metadata or {}).items()]
+        return _list(self._http, LIST_JOBS, self._job, query, after=after)
 
     def cancel(self, job_id: str) -> Job:
         """Queued: cancelled at once. Running: ``cancelling`` until the worker stops at the next layer/step."""
         return self._job(self._http.request(CANCEL_JOB, path_params={"job_id": job_id}).json())
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Page[Event]:
+    def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Page[schemas.Event]:
         """The job's event log, oldest first; iterate to walk every page."""
-        params = {"after": after, "limit": limit}
-        body = self._http.request(LIST_EVENTS, path_params={"job_id": job_id}, params=params).json()
-        events = [Event.model_validate(e) for e in body["data"]]
-        last = events[-1].id if events else after
-        return Page(events, bool(body["has_more"]), lambda: self.events(job_id, after=last, limit=limit))
+        path = {"job_id": job_id}
+        return _list(
+            self._http, LIST_EVENTS, schemas.Event.model_validate, [("limit", limit)], path_params=path, after=after
+        )
 
-    def stream(self, job_id: str, *, after: int = 0, timeout: float | None = None) -> Iterator[Event]:
+    def stream(self, job_id: str, *, after: int = 0, timeout: float | None = None) -> Iterator[schemas.Event]:
         """Every event after ``after`` as it happens, until the job finishes. A cut stream is reopened with
         ``Last-Event-ID`` (nothing missed, nothing twice); if it keeps failing, events are polled instead."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        last, failures = after, 0
-        policy = self._http.retry
+        last, retries = after, Retries(self._http.retry)
         while True:
             try:
                 headers = {"Last-Event-ID": str(last), "Accept": "text/event-stream"}
@@ -360,25 +358,16 @@ class Jobs:
                             raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
                         if frame is None:
                             continue
-                        event = Event.model_validate_json(frame.data)
-                        last, failures = event.id, 0
+                        event = schemas.Event.model_validate_json(frame.data)
+                        last = event.id
+                        retries.reset()
                         yield event
-            except (httpx.TransportError, APIConnectionError) as exc:
-                failures += 1
-                if failures > policy.max_retries:
-                    yield from self._poll(job_id, last, deadline)
-                    return
-                del exc
-                sleep_before_retry(policy, failures - 1, None)
-                continue
-            except APIError as exc:
-                if exc.status_code not in RETRY_STATUSES:
+            except (httpx.TransportError, APIConnectionError, APIError) as exc:
+                if isinstance(exc, APIError) and exc.status_code not in RETRY_STATUSES:
                     raise
-                failures += 1
-                if failures > policy.max_retries:
+                if not retries.again(exc.response if isinstance(exc, APIError) else None):
                     yield from self._poll(job_id, last, deadline)
                     return
-                sleep_before_retry(policy, failures - 1, exc.response)
                 continue
             # The server ends the stream once the job is finished and every event was sent; a proxy may
             # also end it early, and then it is reopened.
@@ -386,7 +375,7 @@ class Jobs:
                 yield from self.events(job_id, after=last)  # written between its last read and the end
                 return
 
-    def _poll(self, job_id: str, after: int, deadline: float | None, interval: float = 2.0) -> Iterator[Event]:
+    def _poll(self, job_id: str, after: int, deadline: float | None, interval: float = 2.0) -> Iterator[schemas.Event]:
         last = after
         while True:
             finished = self.get(job_id).done
@@ -403,10 +392,9 @@ class Jobs:
         """Follow a job until it finishes (see :meth:`Job.wait`)."""
         return self.get(job_id).wait(progress=progress, timeout=timeout, check=check)
 
-    def artifacts(self, job_id: str) -> ArtifactList:
+    def artifacts(self, job_id: str) -> schemas.ArtifactList:
         """A succeeded job's files with size, sha256 and a short-lived download URL."""
-        response = self._http.request(LIST_ARTIFACTS, path_params={"job_id": job_id})
-        return ArtifactList.model_validate(response.json())
+        return self._http.parse(LIST_ARTIFACTS, schemas.ArtifactList, path_params={"job_id": job_id})
 
     def download(
         self, job_id: str, dest: str | PathLike[str], *, progress: bool = False, concurrency: int = 4
@@ -433,20 +421,16 @@ class Webhooks:
 
     def create(
         self, url: str, *, events: Sequence[str] | None = None, description: str = ""
-    ) -> WebhookEndpointWithSecret:
+    ) -> schemas.WebhookEndpointWithSecret:
         """Register a receiver; the answer's ``secret`` is shown only this once."""
         body = {"url": url, "events": list(events) if events is not None else None, "description": description}
-        return WebhookEndpointWithSecret.model_validate(self._http.request(CREATE_WEBHOOK, json=body).json())
+        return self._http.parse(CREATE_WEBHOOK, schemas.WebhookEndpointWithSecret, json=body)
 
-    def list(self, *, limit: int = 20, after: str | None = None) -> Page[WebhookEndpoint]:
-        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
-        body = self._http.request(LIST_WEBHOOKS, params=params).json()
-        items = [WebhookEndpoint.model_validate(e) for e in body["data"]]
-        return _page(body, items, lambda last: self.list(limit=limit, after=last))
+    def list(self, *, limit: int = 20, after: str | None = None) -> Page[schemas.WebhookEndpoint]:
+        return _list(self._http, LIST_WEBHOOKS, schemas.WebhookEndpoint.model_validate, [("limit", limit)], after=after)
 
-    def get(self, endpoint_id: str) -> WebhookEndpoint:
-        response = self._http.request(GET_WEBHOOK, path_params={"endpoint_id": endpoint_id})
-        return WebhookEndpoint.model_validate(response.json())
+    def get(self, endpoint_id: str) -> schemas.WebhookEndpoint:
+        return self._http.parse(GET_WEBHOOK, schemas.WebhookEndpoint, path_params={"endpoint_id": endpoint_id})
 
     def update(
         self,
@@ -456,42 +440,38 @@ class Webhooks:
         events: Sequence[str] | None = None,
         description: str | None = None,
         enabled: bool | None = None,
-    ) -> WebhookEndpoint:
+    ) -> schemas.WebhookEndpoint:
         """Change the fields given (``enabled=True`` re-enables an endpoint a 410 disabled)."""
         fields = {"url": url, "events": list(events) if events is not None else None, "description": description}
         body = {k: v for k, v in {**fields, "enabled": enabled}.items() if v is not None}
-        response = self._http.request(UPDATE_WEBHOOK, path_params={"endpoint_id": endpoint_id}, json=body)
-        return WebhookEndpoint.model_validate(response.json())
+        return self._http.parse(
+            UPDATE_WEBHOOK, schemas.WebhookEndpoint, path_params={"endpoint_id": endpoint_id}, json=body
+        )
 
     def delete(self, endpoint_id: str) -> None:
         self._http.request(DELETE_WEBHOOK, path_params={"endpoint_id": endpoint_id})
 
-    def rotate_secret(self, endpoint_id: str, *, overlap_s: int | None = None) -> WebhookEndpointWithSecret:
+    def rotate_secret(self, endpoint_id: str, *, overlap_s: int | None = None) -> schemas.WebhookEndpointWithSecret:
         """A new secret (shown once); the old one keeps signing for ``overlap_s`` (server default 24 h)."""
         body = {"overlap_s": overlap_s} if overlap_s is not None else None
-        response = self._http.request(ROTATE_WEBHOOK_SECRET, path_params={"endpoint_id": endpoint_id}, json=body)
-        return WebhookEndpointWithSecret.model_validate(response.json())
+        path = {"endpoint_id": endpoint_id}
+        return self._http.parse(ROTATE_WEBHOOK_SECRET, schemas.WebhookEndpointWithSecret, path_params=path, json=body)
 
     def deliveries(
         self, endpoint_id: str, *, status: str | None = None, limit: int = 20, after: str | None = None
-    ) -> Page[WebhookDelivery]:
+    ) -> Page[schemas.WebhookDelivery]:
         """Newest first, each with its attempts; iterate to walk every page."""
-        params: dict[str, Any] = {"limit": limit}
-        if status is not None:
-            params["status"] = status
-        if after is not None:
-            params["after"] = after
-        body = self._http.request(LIST_DELIVERIES, path_params={"endpoint_id": endpoint_id}, params=params).json()
-        items = [WebhookDelivery.model_validate(d) for d in body["data"]]
-        last = items[-1].id if items else None
-        return Page(
-            items, bool(body["has_more"]), lambda: self.deliveries(endpoint_id, status=status, limit=limit, after=last)
+        query: builtins.list[tuple[str, str | int | bool]] = [("limit", limit)]
+        query += [("status", status)] if status is not None else []
+        path = {"endpoint_id": endpoint_id}
+        return _list(
+            self._http, LIST_DELIVERIES, schemas.WebhookDelivery.model_validate, query, path_params=path, after=after
         )
 
-    def redeliver(self, endpoint_id: str, delivery_id: str) -> WebhookDelivery:
+    def redeliver(self, endpoint_id: str, delivery_id: str) -> schemas.WebhookDelivery:
         """Queue a delivery again, with the same ``webhook-id``."""
-        params = {"endpoint_id": endpoint_id, "delivery_id": delivery_id}
-        return WebhookDelivery.model_validate(self._http.request(REDELIVER, path_params=params).json())
+        path = {"endpoint_id": endpoint_id, "delivery_id": delivery_id}
+        return self._http.parse(REDELIVER, schemas.WebhookDelivery, path_params=path)
 
 
 class Keys:
@@ -500,14 +480,13 @@ class Keys:
     def __init__(self, client: ModelPress) -> None:
         self._http = client._http
 
-    def list(self, *, include_revoked: bool = False) -> builtins.list[ApiKey]:
-        body = self._http.request(LIST_KEYS, params={"include_revoked": include_revoked}).json()
-        return [ApiKey.model_validate(k) for k in body["data"]]
+    def list(self, *, include_revoked: bool = False) -> builtins.list[schemas.ApiKey]:
+        return self._http.parse(LIST_KEYS, schemas.KeyList, params={"include_revoked": include_revoked}).data
 
-    def create(self, *, name: str = "default", scopes: Sequence[str] | None = None) -> ApiKeyCreated:
+    def create(self, *, name: str = "default", scopes: Sequence[str] | None = None) -> schemas.ApiKeyCreated:
         """A new key with (a subset of) the calling key's scopes; its ``key`` is shown only this once."""
         body: dict[str, Any] = {"name": name, **({"scopes": list(scopes)} if scopes is not None else {})}
-        return ApiKeyCreated.model_validate(self._http.request(CREATE_KEY, json=body).json())
+        return self._http.parse(CREATE_KEY, schemas.ApiKeyCreated, json=body)
 
     def revoke(self, key_id: str) -> None:
         self._http.request(REVOKE_KEY, path_params={"key_id": key_id})
@@ -519,8 +498,8 @@ class LimitsResource:
     def __init__(self, client: ModelPress) -> None:
         self._http = client._http
 
-    def get(self) -> Limits:
-        return Limits.model_validate(self._http.request(GET_LIMITS).json())
+    def get(self) -> schemas.Limits:
+        return self._http.parse(GET_LIMITS, schemas.Limits)
 
 
 class Admin:
@@ -529,36 +508,34 @@ class Admin:
     def __init__(self, client: ModelPress) -> None:
         self._http = client._http
 
-    def create_tenant(self, name: str, **overrides: int) -> Tenant:
+    def create_tenant(self, name: str, **overrides: int) -> schemas.Tenant:
         body = {"name": name, **overrides}
-        return Tenant.model_validate(self._http.request(ADMIN_CREATE_TENANT, json=body).json())
+        return self._http.parse(ADMIN_CREATE_TENANT, schemas.Tenant, json=body)
 
-    def list_tenants(self, *, limit: int = 50, after: str | None = None) -> Page[Tenant]:
-        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
-        body = self._http.request(ADMIN_LIST_TENANTS, params=params).json()
-        items = [Tenant.model_validate(t) for t in body["data"]]
-        return _page(body, items, lambda last: self.list_tenants(limit=limit, after=last))
+    def list_tenants(self, *, limit: int = 50, after: str | None = None) -> Page[schemas.Tenant]:
+        return _list(self._http, ADMIN_LIST_TENANTS, schemas.Tenant.model_validate, [("limit", limit)], after=after)
 
-    def get_tenant(self, tenant_id: str) -> Tenant:
-        response = self._http.request(ADMIN_GET_TENANT, path_params={"tenant_id": tenant_id})
-        return Tenant.model_validate(response.json())
+    def get_tenant(self, tenant_id: str) -> schemas.Tenant:
+        return self._http.parse(ADMIN_GET_TENANT, schemas.Tenant, path_params={"tenant_id": tenant_id})
 
-    def update_tenant(self, tenant_id: str, overrides: Mapping[str, int | None]) -> Tenant:
+    def update_tenant(self, tenant_id: str, overrides: Mapping[str, int | None]) -> schemas.Tenant:
         """Change quota overrides; only the keys given change, and ``None`` returns one to the default."""
-        response = self._http.request(ADMIN_UPDATE_TENANT, path_params={"tenant_id": tenant_id}, json=dict(overrides))
-        return Tenant.model_validate(response.json())
+        path = {"tenant_id": tenant_id}
+        return self._http.parse(ADMIN_UPDATE_TENANT, schemas.Tenant, path_params=path, json=dict(overrides))
 
     def create_key(
         self, tenant_id: str, *, name: str = "default", scopes: Sequence[str] | None = None
-    ) -> ApiKeyCreated:
+    ) -> schemas.ApiKeyCreated:
         body: dict[str, Any] = {"name": name, **({"scopes": list(scopes)} if scopes is not None else {})}
-        response = self._http.request(ADMIN_CREATE_KEY, path_params={"tenant_id": tenant_id}, json=body)
-        return ApiKeyCreated.model_validate(response.json())
+        return self._http.parse(
+            ADMIN_CREATE_KEY, schemas.ApiKeyCreated, path_params={"tenant_id": tenant_id}, json=body
+        )
 
-    def list_keys(self, tenant_id: str, *, include_revoked: bool = False) -> list[ApiKey]:
+    def list_keys(self, tenant_id: str, *, include_revoked: bool = False) -> list[schemas.ApiKey]:
         params = {"include_revoked": include_revoked}
-        body = self._http.request(ADMIN_LIST_KEYS, path_params={"tenant_id": tenant_id}, params=params).json()
-        return [ApiKey.model_validate(k) for k in body["data"]]
+        return self._http.parse(
+            ADMIN_LIST_KEYS, schemas.KeyList, path_params={"tenant_id": tenant_id}, params=params
+        ).data
 
     def revoke_key(self, key_id: str) -> None:
         self._http.request(ADMIN_REVOKE_KEY, path_params={"key_id": key_id})
@@ -574,17 +551,9 @@ class ModelPress:
     """
 
     def __init__(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        *,
-        timeout: float = 60.0,
-        max_retries: int = 4,
-        backoff_s: float = 0.5,
-        http_client: httpx.Client | None = None,
+        self, api_key: str | None = None, base_url: str | None = None, **options: Unpack[ClientOptions]
     ) -> None:
-        retry = RetryPolicy(max_retries=max_retries, base_s=backoff_s)
-        self._http = HTTPClient(api_key, base_url, timeout=timeout, retry=retry, http_client=http_client)
+        self._http = HTTPClient(api_key, base_url, **options)
         self.uploads = Uploads(self)
         self.jobs = Jobs(self)
         self.webhooks = Webhooks(self)

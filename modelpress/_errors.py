@@ -7,6 +7,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict
 
+from modelpress.schemas import retry_after_seconds
+
 
 class FieldError(BaseModel):
     """One entry of a problem's ``errors``: which field, and what is wrong with it."""
@@ -99,7 +101,7 @@ class RateLimitError(APIError):
 
     @property
     def retry_after(self) -> float | None:
-        return parse_retry_after(self.response.headers.get("Retry-After")) if self.response is not None else None
+        return retry_after_seconds(self.response.headers.get("Retry-After")) if self.response is not None else None
 
 
 class InternalServerError(APIError):
@@ -142,26 +144,6 @@ class JobFailedError(ModelPressError):
         error = getattr(job, "error", None)
         reason = f": {error.type}: {error.message}" if error is not None else ""
         super().__init__(f"job {job.id} {job.status}{reason}")
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    from datetime import UTC, datetime
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def error_from_response(response: httpx.Response) -> APIError:

@@ -14,15 +14,27 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
-from modelpress._errors import APIConnectionError, error_from_response, parse_retry_after
+from modelpress._errors import APIConnectionError, error_from_response
+from modelpress.schemas import retry_after_seconds
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _REGISTRY: list[Operation] = []
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ClientOptions(TypedDict, total=False):
+    """How a client talks to the API; the defaults are :class:`HTTPClient`'s."""
+
+    timeout: float  # seconds for each request (the upload completion waits without a read timeout)
+    max_retries: int  # retries after the first try
+    backoff_s: float  # the first retry's longest wait; it doubles with each retry
+    http_client: httpx.Client | None  # your own client (proxies, certificates); you close it
 
 
 @dataclass(frozen=True)
@@ -48,19 +60,21 @@ def registered_operations() -> list[Operation]:
     return list(_REGISTRY)
 
 
-@dataclass
+MAX_DELAY_S = 8.0  # the longest backoff between two tries
+MAX_RETRY_AFTER_S = 120.0  # the longest a server's Retry-After is honoured
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
-    """``max_retries`` after the first try; delays ``base_s · 2^n`` capped at ``max_delay_s``, full jitter."""
+    """``max_retries`` after the first try; delays ``base_s · 2^n`` capped at :data:`MAX_DELAY_S`, full jitter."""
 
     max_retries: int = 4
     base_s: float = 0.5
-    max_delay_s: float = 8.0
-    max_retry_after_s: float = 120.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after_s)
-        return random.uniform(0, min(self.max_delay_s, self.base_s * 2**attempt))
+            return min(retry_after, MAX_RETRY_AFTER_S)
+        return random.uniform(0, min(MAX_DELAY_S, self.base_s * 2**attempt))
 
 
 def _retryable_error(exc: httpx.TransportError, idempotent: bool) -> bool:
@@ -70,9 +84,26 @@ def _retryable_error(exc: httpx.TransportError, idempotent: bool) -> bool:
     return idempotent
 
 
-def sleep_before_retry(policy: RetryPolicy, attempt: int, response: httpx.Response | None) -> None:
-    retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
-    time.sleep(policy.delay(attempt, retry_after))
+class Retries:
+    """The retries of one request (or one transfer): each :meth:`again` waits its turn of the policy's backoff."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.done = 0
+
+    def again(self, response: httpx.Response | None = None) -> bool:
+        """Wait before the next try (``Retry-After`` from ``response`` if it says) and return True; False, at
+        once, when the retries are spent."""
+        if self.done >= self.policy.max_retries:
+            return False
+        retry_after = retry_after_seconds(response.headers.get("Retry-After")) if response is not None else None
+        time.sleep(self.policy.delay(self.done, retry_after))
+        self.done += 1
+        return True
+
+    def reset(self) -> None:
+        """Progress was made: the next failure starts the backoff over."""
+        self.done = 0
 
 
 class HTTPClient:
@@ -83,15 +114,16 @@ class HTTPClient:
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        timeout: float | httpx.Timeout = 60.0,
-        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
         http_client: httpx.Client | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("MODELPRESS_API_KEY")
         if not key:
             raise ValueError("no API key: pass api_key= or set MODELPRESS_API_KEY")
         self.base_url = (base_url or os.environ.get("MODELPRESS_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.retry = retry or RetryPolicy()
+        self.retry = RetryPolicy(max_retries=max_retries, base_s=backoff_s)
         self._owns = http_client is None
         self.client = http_client or httpx.Client(timeout=timeout, follow_redirects=False)
         self._auth = {"Authorization": f"Bearer {key}", "User-Agent": "modelpress-python"}
@@ -118,7 +150,7 @@ class HTTPClient:
         url = self.base_url + op.url(**(path_params or {}))
         merged = {**self._auth, **(headers or {})}
         safe = op.idempotent if idempotent is None else idempotent
-        attempt = 0
+        retries = Retries(self.retry)
         while True:
             try:
                 response = self.client.request(
@@ -130,20 +162,20 @@ class HTTPClient:
                     timeout=timeout,  # type: ignore[arg-type]
                 )
             except httpx.TransportError as exc:
-                if attempt >= self.retry.max_retries or not _retryable_error(exc, safe):
+                if not _retryable_error(exc, safe) or not retries.again():
                     raise APIConnectionError(f"{op.method} {url}: {exc}") from exc
-                sleep_before_retry(self.retry, attempt, None)
-                attempt += 1
                 continue
-            if response.is_success or (attempt and op.method == "DELETE" and response.status_code == 404):
+            if response.is_success or (retries.done and op.method == "DELETE" and response.status_code == 404):
                 return response
             # A 429 refused the request before it did anything; 502-504 may follow a request that ran.
             can_repeat = response.status_code == 429 or safe
-            if response.status_code in RETRY_STATUSES and can_repeat and attempt < self.retry.max_retries:
-                sleep_before_retry(self.retry, attempt, response)
-                attempt += 1
+            if response.status_code in RETRY_STATUSES and can_repeat and retries.again(response):
                 continue
             raise error_from_response(response)
+
+    def parse(self, op: Operation, model: type[Model], **request: Any) -> Model:
+        """Send ``op`` (see :meth:`request` for the arguments) and validate its JSON answer as ``model``."""
+        return model.model_validate(self.request(op, **request).json())
 
     @contextmanager
     def stream(

@@ -15,16 +15,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tqdm.auto import tqdm
 
 from modelpress._errors import APIConnectionError, IntegrityError, error_from_response
-from modelpress._http import RETRY_STATUSES, HTTPClient, sleep_before_retry
-from modelpress._models import Artifact, ArtifactList, FileTarget, UploadProgress
+from modelpress._http import RETRY_STATUSES, HTTPClient, Retries
+from modelpress.schemas import Artifact, ArtifactList, FileTarget, UploadProgress
 
 CHUNK = 1024 * 1024
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,21 @@ class _Piece:
     offset: int
     length: int
     part_number: int | None  # None: a single-PUT file
+
+
+def run_all(fn: Callable[[Item], None], items: list[Item], concurrency: int, thread_name: str) -> None:
+    """``fn`` on every item, ``concurrency`` at a time; the first failure cancels what has not started and is
+    raised."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=thread_name) as pool:
+        futures: list[Future[None]] = [pool.submit(fn, item) for item in items]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
 
 
 class SafeBar:
@@ -169,7 +185,7 @@ class PieceUploader:
                 self.generation += 1
 
     def put(self, piece: _Piece) -> None:
-        attempt, renewed = 0, False
+        retries, renewed = Retries(self.http.retry), False
         while True:
             with self.lock:
                 url, generation = self.urls[(piece.file.path, piece.part_number)], self.generation
@@ -187,10 +203,8 @@ class PieceUploader:
                 response = self.http.client.put(url, content=body, headers={"Content-Length": str(piece.length)})
             except httpx.TransportError as exc:
                 self.bar.update(-sent)
-                if attempt >= self.http.retry.max_retries:
+                if not retries.again():
                     raise APIConnectionError(f"PUT {piece.file.path} part {piece.part_number}: {exc}") from exc
-                sleep_before_retry(self.http.retry, attempt, None)
-                attempt += 1
                 continue
             if response.is_success:
                 return
@@ -199,24 +213,13 @@ class PieceUploader:
                 self._renew(generation)
                 renewed = True
                 continue
-            if response.status_code in RETRY_STATUSES and attempt < self.http.retry.max_retries:
-                sleep_before_retry(self.http.retry, attempt, response)
-                attempt += 1
+            if response.status_code in RETRY_STATUSES and retries.again(response):
                 continue
             raise error_from_response(response)
 
     def run(self, pieces: list[_Piece]) -> None:
         """PUT every piece, ``concurrency`` at a time; the first failure stops the rest and is raised."""
-        if not pieces:
-            return
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="modelpress-put") as pool:
-            futures: list[Future[None]] = [pool.submit(self.put, piece) for piece in pieces]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in pending:
-                future.cancel()
-            for future in done:
-                if future.exception() is not None:
-                    raise future.exception()  # type: ignore[misc]
+        run_all(self.put, pieces, self.concurrency, "modelpress-put")
 
 
 # ---------------------------------------------------------------- downloads
@@ -258,7 +261,7 @@ class Downloader:
             staged.unlink()
             digest, have = _hash_existing(staged)
         bar.update(have)
-        attempt, renewed = 0, False
+        retries, renewed = Retries(self.http.retry), False
         while have < artifact.size or (have == 0 and not staged.exists()):
             with self.lock:
                 url = self.urls[artifact.path]
@@ -270,9 +273,7 @@ class Downloader:
                             self.urls = {a.path: a.url for a in self.refresh().data}
                         renewed = True
                         continue
-                    if response.status_code in RETRY_STATUSES and attempt < self.http.retry.max_retries:
-                        sleep_before_retry(self.http.retry, attempt, response)
-                        attempt += 1
+                    if response.status_code in RETRY_STATUSES and retries.again(response):
                         continue
                     if not response.is_success:
                         response.read()
@@ -288,15 +289,12 @@ class Downloader:
                             bar.update(len(chunk))
                     if have == 0:
                         break  # an empty file
-                    if have < artifact.size:  # the body ended early without an error: count it as one
-                        if attempt >= self.http.retry.max_retries:
-                            raise APIConnectionError(f"GET {artifact.path}: body ended after {have} bytes")
-                        attempt += 1
+                    # The body ended early without an error: count it as one.
+                    if have < artifact.size and not retries.again():
+                        raise APIConnectionError(f"GET {artifact.path}: body ended after {have} bytes")
             except httpx.TransportError as exc:
-                if attempt >= self.http.retry.max_retries:
+                if not retries.again():
                     raise APIConnectionError(f"GET {artifact.path}: {exc}") from exc
-                sleep_before_retry(self.http.retry, attempt, None)
-                attempt += 1
         actual = digest.hexdigest()
         if have != artifact.size or actual != artifact.sha256:
             staged.unlink(missing_ok=True)  # bad bytes are never resumed from
@@ -314,14 +312,7 @@ class Downloader:
         total = sum(a.size for a in listing.data)
         with tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=not self.progress) as bar:
             safe = SafeBar(bar)
-            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="modelpress-get") as pool:
-                futures = [pool.submit(self._fetch, a, staged, safe) for a, staged, _ in targets]
-                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in pending:
-                    future.cancel()
-                for future in done:
-                    if future.exception() is not None:
-                        raise future.exception()  # type: ignore[misc]
+            run_all(lambda target: self._fetch(target[0], target[1], safe), targets, self.concurrency, "modelpress-get")
         final = []
         for _, staged, target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,15 @@ from app.auth.schemas import (
     KeyCreate,
     KeyCreated,
     KeyList,
-    KeyOut,
     TenantCreate,
     TenantLimits,
     TenantList,
     TenantOut,
     TenantUpdate,
+    key_created,
+    key_out,
+    tenant_limits,
+    tenant_out,
 )
 from app.deps import Admin, AnyPrincipal, KeysManager, SessionDep, SettingsDep
 from app.errors import not_found
@@ -35,7 +38,7 @@ admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
 def list_own_keys(principal: KeysManager, session: SessionDep, include_revoked: bool = False) -> KeyList:
     """This tenant's keys with their public prefix; the secret is never stored, so never shown."""
     keys = service.list_keys(session, principal.tenant_id, include_revoked)
-    return KeyList(data=[KeyOut.of(k) for k in keys])
+    return KeyList(data=[key_out(k) for k in keys])
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated)
@@ -43,7 +46,7 @@ def create_own_key(body: KeyCreate, principal: KeysManager, session: SessionDep)
     """A new key for this tenant, with a subset of the calling key's scopes. The ``key`` is shown only here."""
     key, clear = service.create_own_key(session, principal, body.name, list(body.scopes))
     session.commit()
-    return KeyCreated.created(key, clear)
+    return key_created(key, clear)
 
 
 @router.delete("/keys/{key_id}", status_code=204)
@@ -60,7 +63,7 @@ def get_limits(principal: AnyPrincipal, session: SessionDep, settings: SettingsD
     """This tenant's effective limits (overrides or operator defaults) and what it uses now."""
     tenant = service.get_tenant(session, principal.tenant_id)
     limits = quotas.limits_of(tenant, settings)
-    return TenantLimits.of(tenant.id, limits, quotas.usage(session, tenant.id))
+    return tenant_limits(tenant.id, limits, quotas.usage(session, tenant.id))
 
 
 @admin_router.post("/tenants", status_code=201, response_model=TenantOut)
@@ -68,7 +71,7 @@ def admin_create_tenant(body: TenantCreate, _admin: Admin, session: SessionDep, 
     overrides = body.model_dump(exclude={"name"}, exclude_none=True)
     tenant = service.create_tenant(session, body.name, **overrides)
     session.commit()
-    return TenantOut.of(tenant, quotas.limits_of(tenant, settings))
+    return tenant_out(tenant, quotas.limits_of(tenant, settings))
 
 
 @admin_router.get("/tenants", response_model=TenantList)
@@ -80,13 +83,13 @@ def admin_list_tenants(
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> TenantList:
     tenants, has_more = service.list_tenants(session, after, limit)
-    return TenantList(data=[TenantOut.of(t, quotas.limits_of(t, settings)) for t in tenants], has_more=has_more)
+    return TenantList(data=[tenant_out(t, quotas.limits_of(t, settings)) for t in tenants], has_more=has_more)
 
 
 @admin_router.get("/tenants/{tenant_id}", response_model=TenantOut)
 def admin_get_tenant(tenant_id: str, _admin: Admin, session: SessionDep, settings: SettingsDep) -> TenantOut:
     tenant = service.get_tenant(session, tenant_id)
-    return TenantOut.of(tenant, quotas.limits_of(tenant, settings))
+    return tenant_out(tenant, quotas.limits_of(tenant, settings))
 
 
 @admin_router.patch("/tenants/{tenant_id}", response_model=TenantOut)
@@ -96,7 +99,7 @@ def admin_update_tenant(
     """Change quota overrides; only the fields sent change, null returns one to the operator default."""
     tenant = service.update_tenant(session, tenant_id, body.model_dump(exclude_unset=True))
     session.commit()
-    return TenantOut.of(tenant, quotas.limits_of(tenant, settings))
+    return tenant_out(tenant, quotas.limits_of(tenant, settings))
 
 
 @admin_router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated)
@@ -105,13 +108,13 @@ def admin_create_key(tenant_id: str, body: KeyCreate, _admin: Admin, session: Se
     service.get_tenant(session, tenant_id)
     key, clear = service.create_key(session, tenant_id, body.name, list(body.scopes))
     session.commit()
-    return KeyCreated.created(key, clear)
+    return key_created(key, clear)
 
 
 @admin_router.get("/tenants/{tenant_id}/keys", response_model=KeyList)
 def admin_list_keys(tenant_id: str, _admin: Admin, session: SessionDep, include_revoked: bool = False) -> KeyList:
     service.get_tenant(session, tenant_id)
-    return KeyList(data=[KeyOut.of(k) for k in service.list_keys(session, tenant_id, include_revoked)])
+    return KeyList(data=[key_out(k) for k in service.list_keys(session, tenant_id, include_revoked)])
 
 
 @admin_router.delete("/keys/{key_id}", status_code=204)

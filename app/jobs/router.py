@@ -17,7 +17,7 @@ from app.db import JSON_INT_MAX, get_sessionmaker
 from app.deps import JobsReader, JobsWriter, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
 from app.jobs.models import TERMINAL_STATUSES
-from app.jobs.schemas import ArtifactList, EventList, EventOut, JobList, JobOut, JobStatus
+from app.jobs.schemas import ArtifactList, EventList, EventOut, JobList, JobOut, JobStatus, event_out, job_out
 from app.jobs.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -38,7 +38,7 @@ def create_job(
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.of(job)
+    return job_out(job)
 
 
 @router.get("", response_model=JobList)
@@ -59,18 +59,18 @@ def list_jobs(
     jobs, has_more = service.list_jobs(
         session, principal.tenant_id, status=list(status or []), metadata=metadata, after=after, limit=limit
     )
-    return JobList(data=[JobOut.of(j) for j in jobs], has_more=has_more)
+    return JobList(data=[job_out(j) for j in jobs], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, principal: JobsReader, session: SessionDep) -> JobOut:
-    return JobOut.of(service.get_job(session, principal.tenant_id, job_id))
+    return job_out(service.get_job(session, principal.tenant_id, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, principal: JobsWriter, session: SessionDep) -> JobOut:
     """Queued jobs are cancelled at once; running jobs become ``cancelling`` until the worker stops."""
-    return JobOut.of(service.cancel_job(session, principal.tenant_id, job_id))
+    return job_out(service.cancel_job(session, principal.tenant_id, job_id))
 
 
 @router.get("/{job_id}/events", response_model=EventList)
@@ -82,7 +82,7 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
     events, has_more = service.list_events(session, principal.tenant_id, job_id, after, limit)
-    return EventList(data=[EventOut.of(e) for e in events], has_more=has_more)
+    return EventList(data=[event_out(e) for e in events], has_more=has_more)
 
 
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse)
@@ -105,7 +105,7 @@ async def stream_events(
         with get_sessionmaker()() as s:
             events, _ = service.list_events(s, principal.tenant_id, job_id, since, 200)
             status = service.get_job(s, principal.tenant_id, job_id).status
-            return [EventOut.of(e) for e in events], status
+            return [event_out(e) for e in events], status
 
     async def frames() -> AsyncIterator[bytes]:
         since = cursor

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +38,7 @@ from app.db import session_scope, utcnow
 from app.netsafety import Resolver, UnsafeURLError, check_url, pinned_request
 from app.observability import metrics
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from modelpress.schemas import retry_after_seconds
 
 log = logging.getLogger("modelpress.webhooks")
 
@@ -61,22 +61,9 @@ def backoff_delay(failed_attempts: int, rng: random.Random | None = None) -> flo
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), clamped to [1 s, 12 h]; None if absent/invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    seconds: float
-    if value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - now).total_seconds()
-    return min(max(seconds, 1.0), RETRY_AFTER_MAX_S)
+    """A receiver's ``Retry-After`` as seconds, clamped to [1 s, 12 h]; None if absent/invalid."""
+    seconds = retry_after_seconds(value, now)
+    return None if seconds is None else min(max(seconds, 1.0), RETRY_AFTER_MAX_S)
 
 
 @dataclass(frozen=True)

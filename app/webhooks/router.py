@@ -18,6 +18,9 @@ from app.webhooks.schemas import (
     EndpointUpdate,
     EndpointWithSecret,
     RotateSecret,
+    delivery_out,
+    endpoint_out,
+    endpoint_with_secret,
 )
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -31,7 +34,7 @@ def create_endpoint(
     """Register a receiver. The answer carries the signing secret, the only time it is shown."""
     endpoint = service.create_endpoint(session, principal.tenant_id, body, settings)
     response.headers["Location"] = f"/v1/webhooks/{endpoint.id}"
-    return EndpointWithSecret(**EndpointOut.of(endpoint).model_dump(), secret=endpoint.secret)
+    return endpoint_with_secret(endpoint)
 
 
 @router.get("", response_model=EndpointList)
@@ -42,12 +45,12 @@ def list_endpoints(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> EndpointList:
     endpoints, has_more = service.list_endpoints(session, principal.tenant_id, after, limit)
-    return EndpointList(data=[EndpointOut.of(e) for e in endpoints], has_more=has_more)
+    return EndpointList(data=[endpoint_out(e) for e in endpoints], has_more=has_more)
 
 
 @router.get("/{endpoint_id}", response_model=EndpointOut)
 def get_endpoint(endpoint_id: str, principal: WebhooksManager, session: SessionDep) -> EndpointOut:
-    return EndpointOut.of(service.get_endpoint(session, principal.tenant_id, endpoint_id))
+    return endpoint_out(service.get_endpoint(session, principal.tenant_id, endpoint_id))
 
 
 @router.patch("/{endpoint_id}", response_model=EndpointOut)
@@ -55,7 +58,7 @@ def update_endpoint(
     endpoint_id: str, body: EndpointUpdate, principal: WebhooksManager, session: SessionDep, settings: SettingsDep
 ) -> EndpointOut:
     """Change url, events, description; ``enabled: true`` re-enables an endpoint a 410 disabled."""
-    return EndpointOut.of(service.update_endpoint(session, principal.tenant_id, endpoint_id, body, settings))
+    return endpoint_out(service.update_endpoint(session, principal.tenant_id, endpoint_id, body, settings))
 
 
 @router.delete("/{endpoint_id}", status_code=204)
@@ -75,7 +78,7 @@ def rotate_secret(
     """A new secret (shown once); the old one keeps signing alongside it for ``overlap_s`` (default 24 h)."""
     overlap = body.overlap_s if body is not None else None
     endpoint = service.rotate_secret(session, principal.tenant_id, endpoint_id, overlap, settings)
-    return EndpointWithSecret(**EndpointOut.of(endpoint).model_dump(), secret=endpoint.secret)
+    return endpoint_with_secret(endpoint)
 
 
 @router.get("/{endpoint_id}/deliveries", response_model=DeliveryList)
@@ -89,11 +92,11 @@ def list_deliveries(
 ) -> DeliveryList:
     """Newest first: each delivery with its attempts (status code, latency, error) and next attempt time."""
     rows, has_more = service.list_deliveries(session, principal.tenant_id, endpoint_id, status, after, limit)
-    return DeliveryList(data=[DeliveryOut.of(d, attempts) for d, attempts in rows], has_more=has_more)
+    return DeliveryList(data=[delivery_out(d, attempts) for d, attempts in rows], has_more=has_more)
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/redeliver", status_code=202, response_model=DeliveryOut)
 def redeliver(endpoint_id: str, delivery_id: str, principal: WebhooksManager, session: SessionDep) -> DeliveryOut:
     """Queue a delivered or failed delivery again, with the same ``webhook-id``."""
     delivery = service.redeliver(session, principal.tenant_id, endpoint_id, delivery_id)
-    return DeliveryOut.of(delivery, service.attempts_of(session, delivery.id))
+    return delivery_out(delivery, service.attempts_of(session, delivery.id))

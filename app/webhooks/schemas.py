@@ -1,14 +1,32 @@
-"""Public request and response shapes of the webhooks API."""
+"""The webhooks API's request bodies, and its responses built from rows. The response shapes are the
+shared wire models (:mod:`modelpress.schemas`)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from app.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from modelpress.schemas import AttemptOut, DeliveryList, DeliveryOut, EndpointList, EndpointOut, EndpointWithSecret
+
+__all__ = [
+    "WEBHOOK_EVENT_TYPES",
+    "AttemptOut",
+    "DeliveryList",
+    "DeliveryOut",
+    "EndpointCreate",
+    "EndpointList",
+    "EndpointOut",
+    "EndpointUpdate",
+    "EndpointWithSecret",
+    "RotateSecret",
+    "WebhookEventType",
+    "delivery_out",
+    "endpoint_out",
+    "endpoint_with_secret",
+]
 
 # The job events a receiver can subscribe to (other job events, e.g. per-step ones, stay in the event log).
 WebhookEventType = Literal["job.queued", "job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled"]
@@ -53,95 +71,27 @@ class RotateSecret(_Strict):
     )
 
 
-class EndpointOut(BaseModel):
-    id: str
-    object: Literal["webhook_endpoint"] = "webhook_endpoint"
-    url: str
-    events: list[str] | None
-    description: str
-    enabled: bool
-    disabled_reason: str | None
-    previous_secret_expires_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, endpoint: WebhookEndpoint) -> EndpointOut:
-        return cls(
-            id=endpoint.id,
-            url=endpoint.url,
-            events=endpoint.events,
-            description=endpoint.description,
-            enabled=endpoint.enabled,
-            disabled_reason=endpoint.disabled_reason,
-            previous_secret_expires_at=endpoint.previous_secret_expires_at,
-            created_at=endpoint.created_at,
-            updated_at=endpoint.updated_at,
-        )
+def endpoint_out(endpoint: WebhookEndpoint) -> EndpointOut:
+    return EndpointOut.model_validate(endpoint, from_attributes=True)
 
 
-class EndpointWithSecret(EndpointOut):
-    """Returned by create and rotate-secret only: the signing secret is shown once."""
-
-    secret: str = Field(description="whsec_… signing secret; store it now, it is not shown again")
-
-
-class EndpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EndpointOut]
-    has_more: bool
+def endpoint_with_secret(endpoint: WebhookEndpoint) -> EndpointWithSecret:
+    """For create and rotate-secret: the endpoint with its (new) signing secret."""
+    return EndpointWithSecret.model_validate(endpoint, from_attributes=True)
 
 
-class AttemptOut(BaseModel):
-    attempted_at: datetime
-    status_code: int | None
-    latency_ms: int
-    error: str | None
-
-    @classmethod
-    def of(cls, attempt: WebhookAttempt) -> AttemptOut:
-        return cls(
-            attempted_at=attempt.attempted_at,
-            status_code=attempt.status_code,
-            latency_ms=attempt.latency_ms,
-            error=attempt.error,
-        )
-
-
-class DeliveryOut(BaseModel):
-    id: str = Field(description="the webhook-id header; the same on every retry")
-    object: Literal["webhook_delivery"] = "webhook_delivery"
-    event_type: str
-    job_id: str | None
-    status: Literal["pending", "delivered", "failed"]
-    attempt_count: int
-    next_attempt_at: datetime | None
-    last_status_code: int | None
-    last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
-    payload: dict[str, Any]
-    attempts: list[AttemptOut]
-
-    @classmethod
-    def of(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
-        return cls(
-            id=delivery.id,
-            event_type=delivery.event_type,
-            job_id=delivery.job_id,
-            status=delivery.status,  # type: ignore[arg-type]
-            attempt_count=delivery.attempt_count,
-            next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
-            last_status_code=delivery.last_status_code,
-            last_error=delivery.last_error,
-            created_at=delivery.created_at,
-            delivered_at=delivery.delivered_at,
-            payload=delivery.payload,
-            attempts=[AttemptOut.of(a) for a in attempts],
-        )
-
-
-class DeliveryList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[DeliveryOut]
-    has_more: bool
+def delivery_out(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
+    return DeliveryOut(
+        id=delivery.id,
+        event_type=delivery.event_type,
+        job_id=delivery.job_id,
+        status=delivery.status,  # type: ignore[arg-type]
+        attempt_count=delivery.attempt_count,
+        next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+        last_status_code=delivery.last_status_code,
+        last_error=delivery.last_error,
+        created_at=delivery.created_at,
+        delivered_at=delivery.delivered_at,
+        payload=delivery.payload,
+        attempts=[AttemptOut.model_validate(a, from_attributes=True) for a in attempts],
+    )

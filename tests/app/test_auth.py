@@ -7,7 +7,7 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
+from tests.helpers import Caller, make_caller
 
 PROBLEM = "application/problem+json"
 TENANT_SCOPES = ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"]

@@ -7,9 +7,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
-from tests.app.helpers import quantize_job, upload_files
-from tests.conftest import sha256_bytes
+from tests.helpers import Caller, make_caller, quantize_job, sha256_bytes, upload_files
 
 TOO_BIG = 2**63
 JSON_INT_MAX = 2**53 - 1

@@ -11,9 +11,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
-from tests.app.helpers import quantize_job, upload_files
-from tests.conftest import sha256_bytes
+from tests.helpers import Caller, make_caller, quantize_job, sha256_bytes, upload_files
 
 TENANT_SCOPES = ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"]
 # Not tenant-owned: the operator's API and the signed storage URLs (their token is the authorisation).

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller
-from tests.app.helpers import quantize_job, upload_files
+from tests.helpers import Caller, quantize_job, upload_files
 
 
 def _model_upload(client: TestClient, caller: Caller) -> str:

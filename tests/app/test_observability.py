@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.app.conftest import Caller
+from tests.helpers import Caller
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "modelpress.json"
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules.yml"

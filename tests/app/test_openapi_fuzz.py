@@ -1,9 +1,11 @@
 """schemathesis over ``/openapi.json``: no server error and no conformance failure (status codes, media
-types, response schemas, headers) on any documented operation. Marked ``fuzz``: a few hundred generated
-requests with a fixed seed against the real app in-process (ASGI), on Postgres + Redis + an S3 server."""
+types, response schemas, headers) on any documented operation. Marked ``fuzz``: generated requests (12 per
+operation, 3 in the fast tier) with a fixed seed against the real app in-process (ASGI), on Postgres + Redis +
+an S3 server."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,7 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-EXAMPLES_PER_OPERATION = 12
+EXAMPLES_PER_OPERATION = 12  # `make test` (marked slow)
+FAST_EXAMPLES_PER_OPERATION = 3  # `make test-fast`: the first few of the same fixed-seed requests
 
 
 @pytest.fixture
@@ -49,22 +52,39 @@ CONFIG = SchemathesisConfig.from_dict(
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app(), config=CONFIG)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(900)
-@schema.parametrize()
-@settings(
-    max_examples=EXAMPLES_PER_OPERATION,
-    derandomize=True,  # a fixed seed: the same requests on every run
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
-def test_api_conforms_to_its_openapi_document(case: Any, fuzz_headers: dict[str, str]) -> None:
+def _conformance_test(examples: int) -> Callable[[Callable[..., None]], Any]:
+    """A schemathesis test of every operation, ``examples`` fixed-seed requests each."""
+
+    def decorate(test: Callable[..., None]) -> Any:
+        fixed_seed = settings(
+            max_examples=examples,
+            derandomize=True,  # a fixed seed: the same requests on every run
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        return pytest.mark.fuzz(pytest.mark.timeout(900)(schema.parametrize()(fixed_seed(test))))
+
+    return decorate
+
+
+def _call_and_validate(case: Any, headers: dict[str, str]) -> None:
     excluded = []
     if case.operation.method.upper() == "GET":
         # A single-valued query parameter sent several times (?after=a&after=b) is read as its last value,
         # as every Starlette app does; schemathesis counts accepting it as a schema violation.
         excluded.append(schemathesis.checks.negative_data_rejection)
-    case.call_and_validate(headers=fuzz_headers, excluded_checks=excluded)
+    case.call_and_validate(headers=headers, excluded_checks=excluded)
+
+
+@_conformance_test(FAST_EXAMPLES_PER_OPERATION)
+def test_api_conforms_to_its_openapi_document(case: Any, fuzz_headers: dict[str, str]) -> None:
+    _call_and_validate(case, fuzz_headers)
+
+
+@pytest.mark.slow
+@_conformance_test(EXAMPLES_PER_OPERATION)
+def test_api_conforms_to_its_openapi_document_in_depth(case: Any, fuzz_headers: dict[str, str]) -> None:
+    _call_and_validate(case, fuzz_headers)
 
 
 def test_every_operation_documents_its_problems() -> None:

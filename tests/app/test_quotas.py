@@ -7,9 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller
-from tests.app.helpers import quantize_job, upload_files
-from tests.conftest import sha256_bytes
+from tests.helpers import REDIS_URL, Caller, quantize_job, sha256_bytes, upload_files
 
 PROBLEM = "application/problem+json"
 
@@ -115,7 +113,6 @@ def test_request_rate_limit_per_key_in_redis(client: TestClient, alice: Caller) 
 
     from app.auth.service import create_key
     from app.db import session_scope
-    from tests.conftest import REDIS_URL
 
     set_quotas(alice.tenant_id, rate_limit_per_minute=3)
     for _ in range(3):
@@ -178,7 +175,6 @@ def test_jobs_are_enqueued_with_the_tenant_priority(
     import redis
 
     from app.broker import broker_priority, enqueue_job, get_celery
-    from tests.conftest import REDIS_URL
 
     assert [broker_priority(p) for p in (9, 5, 0, None, 42)] == [0, 4, 9, 4, 0]
     assert get_celery().conf.broker_transport_options["priority_steps"] == list(range(10))

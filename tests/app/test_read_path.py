@@ -10,8 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from tests.app.conftest import Caller
-from tests.app.helpers import quantize_job, upload_files
+from tests.helpers import Caller, quantize_job, upload_files
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.app.conftest import Caller
+from tests.helpers import Caller
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,17 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
-from tests.app.helpers import quantize_job, upload_files
-from tests.conftest import REDIS_URL, apply_env, free_port, service_env, sha256_bytes
+from tests.helpers import (
+    REDIS_URL,
+    Caller,
+    apply_env,
+    free_port,
+    make_caller,
+    quantize_job,
+    service_env,
+    sha256_bytes,
+    upload_files,
+)
 
 
 def _closed_port() -> int:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
-from tests.conftest import sha256_bytes
+from tests.helpers import Caller, make_caller, sha256_bytes
 
 MIB = 1024 * 1024
 
@@ -77,15 +74,7 @@ def test_progress_of_a_partial_upload_on_s3(client: TestClient, alice: Caller, m
     _check_progress(client, alice, monkeypatch)
 
 
-@pytest.fixture
-def local_client(embedded_stack: dict[str, str]) -> Iterator[TestClient]:
-    from app.main import create_app
-
-    with TestClient(create_app()) as test_client:
-        yield test_client
-
-
 def test_progress_of_a_partial_upload_on_local_storage(
-    local_client: TestClient, monkeypatch: pytest.MonkeyPatch
+    embedded_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _check_progress(local_client, make_caller("carol"), monkeypatch)
+    _check_progress(embedded_client, make_caller("carol"), monkeypatch)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
-from tests.conftest import sha256_bytes
+from tests.helpers import Caller, make_caller, sha256_bytes
 
 DIGEST = "0" * 64
 
@@ -70,14 +67,6 @@ def test_unknown_fields_are_refused(client: TestClient, alice: Caller) -> None:
     body = {"files": [{"path": "m", "size": 1, "sha256": DIGEST, "mode": "0777"}]}
     response = client.post("/v1/uploads", json=body, headers=alice.headers)
     assert response.status_code == 422 and response.json()["errors"][0]["field"] == "files.0.mode"
-
-
-@pytest.fixture
-def embedded_client(embedded_stack: dict[str, str]) -> Iterator[TestClient]:
-    from app.main import create_app
-
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def test_local_put_urls_refused_once_the_upload_is_complete(

@@ -6,9 +6,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import Caller, make_caller
-from tests.app.helpers import upload_files
-from tests.conftest import sha256_bytes
+from tests.helpers import Caller, make_caller, sha256_bytes, upload_files
 
 
 def test_upload_roundtrip_and_verification(client: TestClient, alice: Caller) -> None:

@@ -5,118 +5,20 @@ The relay is driven by calling it; "time passes" by making pending deliveries du
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
-from standardwebhooks import Webhook
 
-from tests.app.conftest import Caller
-from tests.app.helpers import quantize_job, upload_files
-from tests.conftest import free_port
+from tests.helpers import Caller, Receiver, free_port, quantize_job, upload_files, verify
 
 ARTIFACTS = [{"path": "model/model.safetensors", "size": 64, "sha256": "ab" * 32}]
 
 
 # A receiver -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    headers: dict[str, str]
-    body: bytes
-    answered: int
-
-    @property
-    def payload(self) -> dict[str, Any]:
-        return dict(json.loads(self.body))
-
-
-@dataclass
-class Receiver:
-    """A real HTTP server; ``plan`` holds the answers to give (status, headers) before answering 200."""
-
-    port: int
-    requests: list[Received] = field(default_factory=list)
-    plan: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    delay_s: float = 0.0
-    trickle: str | None = None
-    """``"body"``: headers at once, then the body a byte every 0.2 s; ``"headers"``: the status line
-    and headers a byte every 0.2 s (each read beats the read timeout; the whole answer never comes)."""
-    _server: ThreadingHTTPServer | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
-
-    def start(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if receiver.trickle is not None:
-                    with receiver._lock:
-                        receiver.requests.append(Received({k.lower(): v for k, v in self.headers.items()}, body, 200))
-                    self._trickle(receiver.trickle)
-                    return
-                if receiver.delay_s:
-                    threading.Event().wait(receiver.delay_s)
-                with receiver._lock:
-                    status, headers = receiver.plan.pop(0) if receiver.plan else (200, {})
-                    receiver.requests.append(Received({k.lower(): v for k, v in self.headers.items()}, body, status))
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def _trickle(self, mode: str) -> None:
-                head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
-                if mode == "body":
-                    self.wfile.write(head + b"\r\n")
-                    self.wfile.flush()
-                    head = b""
-                for byte in [head[i : i + 1] for i in range(len(head))] + [b"x"] * 100:
-                    try:
-                        self.wfile.write(byte)
-                        self.wfile.flush()
-                    except OSError:  # the relay gave up and closed the connection
-                        return
-                    threading.Event().wait(0.2)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def accepted(self) -> list[Received]:
-        """What a deduplicating receiver processes: 2xx answers, first per webhook-id."""
-        seen: set[str] = set()
-        out = []
-        for request in self.requests:
-            if 200 <= request.answered < 300 and request.headers["webhook-id"] not in seen:
-                seen.add(request.headers["webhook-id"])
-                out.append(request)
-        return out
 
 
 @pytest.fixture
@@ -135,10 +37,6 @@ def receiver(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[Re
 
 
 # Helpers --------------------------------------------------------------------------------------------
-
-
-def verify(request: Received, secret: str) -> dict[str, Any]:
-    return dict(Webhook(secret).verify(request.body, request.headers))
 
 
 def relay_once() -> Any:

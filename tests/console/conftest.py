@@ -10,20 +10,16 @@ from typing import cast
 
 import pytest
 
-from tests.e2e.conftest import Stack, _start_stack
+from tests.helpers import Stack, service_env, start_stack
 
 CHROMIUM = os.environ.get("CONSOLE_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "console"
 
 
 @pytest.fixture(scope="module")
 def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """What `make dev` runs: SQLite, local storage, the file-system broker, and one job worker."""
-    from tests.conftest import service_env
-
     tmp = tmp_path_factory.mktemp("console")
-    stack_gen = cast(Generator[Stack, None, None], _start_stack(tmp, service_env(tmp, stack="embedded")))
+    stack_gen = cast(Generator[Stack, None, None], start_stack(tmp, service_env(tmp, stack="embedded")))
     stack = next(stack_gen)
     stack.start_worker()
     try:
@@ -45,10 +41,3 @@ def browser() -> Iterator[object]:
             yield chromium
         finally:
             chromium.close()
-
-
-def screenshot(page: object, name: str, *, full_page: bool = False) -> None:
-    """Write docs/console/<name>.png when CONSOLE_SCREENSHOTS=1 (the pictures in docs/console.md)."""
-    if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)  # type: ignore[attr-defined]

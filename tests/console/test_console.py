@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +14,19 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
 from app.signing import verify
-from tests.app.test_webhooks import Receiver
-from tests.conftest import free_port
-from tests.console.conftest import screenshot
-from tests.e2e.conftest import Stack
+from tests.helpers import ROOT, Receiver, Stack, free_port, make_caller, upload_files, wait_until
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+SCREENSHOTS = ROOT / "docs" / "console"
+
+
+def screenshot(page: object, name: str, *, full_page: bool = False) -> None:
+    """Write docs/console/<name>.png when CONSOLE_SCREENSHOTS=1 (the pictures in docs/console.md)."""
+    if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)  # type: ignore[attr-defined]
+
 
 HOSTILE_META = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">\'"'
 # A file name cannot hold "/", so no closing tag here; the opening one must still come out as text.
@@ -62,16 +68,6 @@ def sign_in(page: Page, key: str) -> None:
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-
-
-def upload_via_api(client: httpx.Client, files: dict[str, bytes]) -> str:
-    body = {"files": [{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()]}
-    created = client.post("/v1/uploads", json=body)
-    assert created.status_code == 201, created.text
-    for target in created.json()["targets"]:
-        httpx.put(target["url"], content=files[target["path"]], timeout=60).raise_for_status()
-    assert client.post(f"/v1/uploads/{created.json()['id']}/complete").status_code == 200
-    return str(created.json()["id"])
 
 
 def test_every_console_response_has_the_csp(console_stack: Stack) -> None:
@@ -273,7 +269,7 @@ def test_cancel_a_running_job(page: Page, console_stack: Stack, shared: dict[str
 def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
     # A pickle file is refused by the worker with a reason that names it: the reason carries the markup.
     with console_stack.client() as client:
-        upload = upload_via_api(client, {HOSTILE_FILE: b"not really a pickle", "config.json": b"{}"})
+        upload = upload_files(client, {}, {HOSTILE_FILE: b"not really a pickle", "config.json": b"{}"})
         created = client.post(
             "/v1/jobs",
             json={
@@ -307,8 +303,6 @@ def test_hostile_strings_render_as_text(page: Page, console_stack: Stack, shared
 
 
 def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
-    from tests.app.conftest import make_caller
-
     # The stack's key has the default scopes; managing keys takes keys:manage.
     manager = make_caller("console-keys", ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"])
     sign_in(page, manager.key)
@@ -344,23 +338,19 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
         with httpx.Client(
             base_url=console_stack.base_url, headers={"Authorization": f"Bearer {manager.key}"}, timeout=30
         ) as client:
-            upload = upload_via_api(client, {"config.json": b"{}"})
+            upload = upload_files(client, {}, {"config.json": b"{}"})
             job = client.post(
                 "/v1/jobs", json={"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
             )
             assert job.status_code == 201, job.text
-        deadline = time.monotonic() + 60
-        while not receiver.accepted() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert receiver.accepted(), "the relay delivered nothing"
+        wait_until(receiver.accepted, 60, "the relay to deliver job.queued")
         endpoint_row.get_by_role("button", name="Deliveries").click()
         delivery = page.locator("#deliveries tr", has_text="job.queued")
         expect(delivery).to_contain_text("delivered")
         expect(delivery).to_contain_text("HTTP 200")
         delivery.get_by_role("button", name="Redeliver").click()
         expect(page.locator("#webhook-notice")).to_contain_text("queued again")
-        while len(receiver.requests) < 2 and time.monotonic() < deadline + 60:
-            time.sleep(0.2)
+        wait_until(lambda: len(receiver.requests) >= 2, 60, "the redelivery")
         first, again = receiver.requests[0], receiver.requests[1]
         assert again.headers["webhook-id"] == first.headers["webhook-id"]  # the same delivery, sent again
 
@@ -374,8 +364,6 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
 
 
 def test_another_tenant_sees_none_of_it(page: Page, console_stack: Stack, shared: dict[str, Any]) -> None:
-    from tests.app.conftest import make_caller
-
     other = make_caller("console-other")
     sign_in(page, other.key)
     expect(page.get_by_text("No jobs yet")).to_be_visible()

@@ -4,54 +4,39 @@ checkpoint it had uploaded (not from step 0), succeeds on attempt 2, and the stu
 from __future__ import annotations
 
 import json
-import time
+import os
+import subprocess
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.app.test_webhooks import Receiver, verify
-from tests.conftest import free_port
-from tests.e2e.conftest import Stack
-from tests.e2e.test_stack import _download_artifacts, _model_files, _upload_dir
+from tests.helpers import (
+    Receiver,
+    Stack,
+    all_events,
+    download_artifacts,
+    free_port,
+    model_files,
+    upload_files,
+    verify,
+    wait_until,
+)
 from tests.tiny import sample_text, write_model_dir
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 MAX_STEPS = 200
 CHECKPOINT_EVERY = 10
+GATE_MODULE = Path(__file__).resolve().parent / "checkpoint_gate"
 
 
-def _all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    """Every event of the job, oldest first (the API pages them 500 at a time)."""
-    events: list[dict[str, Any]] = []
-    while True:
-        after = events[-1]["id"] if events else 0
-        page = client.get(f"/v1/jobs/{job_id}/events", params={"after": after, "limit": 500})
-        assert page.status_code == 200, page.text
-        events += page.json()["data"]
-        if not page.json()["has_more"]:
-            return events
-
-
-def _wait_for_checkpoint(stack: Stack, client: httpx.Client, job_id: str, timeout: float = 120) -> str:
-    """Poll storage until the job has uploaded a complete checkpoint (``latest.json`` is written last);
-    return the key of that ``latest.json``."""
-    from app.storage import get_storage
-
-    storage = get_storage()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [o.key for o in storage.list("checkpoints/") if job_id in o.key and o.key.endswith("latest.json")]
-        if found:
-            return found[0]
-        status = client.get(f"/v1/jobs/{job_id}").json()["status"]
-        assert status in {"queued", "running"}, f"job became {status} before any checkpoint was uploaded"
-        time.sleep(0.1)
-    raise AssertionError(f"no checkpoint of {job_id} in storage after {timeout} s")
+def _gated_worker(stack: Stack, gate: Path) -> subprocess.Popen[bytes]:
+    """A job worker that stops at its job's second checkpoint (see ``checkpoint_gate/sitecustomize.py``)."""
+    gate.mkdir()
+    path = os.pathsep.join(p for p in (str(GATE_MODULE), stack.env.get("PYTHONPATH", "")) if p)
+    return stack.start_worker({"PYTHONPATH": path, "MODELPRESS_TEST_CHECKPOINT_GATE": str(gate)})
 
 
 def _checkpoint_step(latest_key: str) -> int:
@@ -68,14 +53,15 @@ def _checkpoint_step(latest_key: str) -> int:
 def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack, tmp_path: Path) -> None:
     stack = production_stack
     teacher_dir = write_model_dir(tmp_path / "teacher", num_hidden_layers=4)
-    worker = stack.start_worker()
+    gate = tmp_path / "gate"
+    worker = _gated_worker(stack, gate)
     receiver = Receiver(port=free_port())
     receiver.start()
     with stack.client() as client:
         endpoint = client.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.progress"]})
         assert endpoint.status_code == 201, endpoint.text
-        model_upload = _upload_dir(client, _model_files(teacher_dir))
-        text_upload = _upload_dir(client, {"train.txt": sample_text(60).encode()})
+        model_upload = upload_files(client, {}, model_files(teacher_dir))
+        text_upload = upload_files(client, {}, {"train.txt": sample_text(60).encode()})
         spec = {
             "model": {"upload_id": model_upload},
             "training": {"upload_id": text_upload},
@@ -97,27 +83,30 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
 
-        latest_key = _wait_for_checkpoint(stack, client, job_id)
-        # Webhooks flow while the job runs: the relay has a worker of its own, not the busy job worker.
-        deadline = time.monotonic() + 30
-        while not receiver.accepted() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert receiver.accepted(), "no job.progress webhook arrived while the job was running"
+        def first_checkpoint() -> str | None:
+            status = client.get(f"/v1/jobs/{job_id}").json()["status"]
+            assert status in {"queued", "running"}, f"job became {status} before its first checkpoint"
+            marker = gate / "first-checkpoint"
+            return marker.read_text() if marker.exists() else None
+
+        latest_key = wait_until(first_checkpoint, 360, f"the first checkpoint of {job_id}")
+        # The worker now waits at its second checkpoint, so the job cannot end before it is killed. Webhooks
+        # flow while the job runs: the relay has a worker of its own, not the busy job worker.
+        wait_until(receiver.accepted, 60, "a job.progress webhook while the job runs")
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         stack.kill_worker(worker)
         receiver.stop()
         first = verify(receiver.accepted()[0], endpoint.json()["secret"])
         assert first["type"] == "job.progress" and first["data"]["job_id"] == job_id
-        # Killed mid-training (and so the webhook above was delivered while the job ran).
-        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         resume_step = _checkpoint_step(latest_key)  # nobody writes checkpoints now: this is what attempt 2 finds
-        assert 0 < resume_step < MAX_STEPS and resume_step % CHECKPOINT_EVERY == 0
+        assert resume_step == CHECKPOINT_EVERY  # the first checkpoint, the only one the gate let through
 
         stack.start_worker()  # the maintenance worker's reaper re-queues the job once the lease expires; this worker runs it
-        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
+        done = stack.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout=600)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
-        events = _all_events(client, job_id)
-        _download_artifacts(client, job_id, tmp_path / "artifact")
+        events = all_events(client, job_id)
+        download_artifacts(client, job_id, tmp_path / "artifact")
 
     types = [e["type"] for e in events]
     assert "job.retrying" in types and types.count("job.started") == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,9 +12,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
-from tests.e2e.conftest import Stack, _start_stack, clean_production_state
-from tests.e2e.test_stack import _model_files, _upload_dir
+from tests.helpers import (
+    Stack,
+    empty_postgres,
+    eventually,
+    free_port,
+    model_files,
+    service_env,
+    start_stack,
+    upload_files,
+)
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -44,14 +50,12 @@ class Receiver(ThreadingHTTPServer):
 @pytest.fixture
 def observed_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator[tuple[Stack, int]]:
     """The production stack with JSON logs, and /metrics served by the maintenance worker (its port is yielded)."""
-    from tests.conftest import service_env
-
-    clean_production_state()
+    empty_postgres()
     env = {**service_env(tmp_path, stack="production", s3_endpoint=s3_endpoint), "MODELPRESS_LOG_FORMAT": "json"}
     port = free_port()
     (tmp_path / "prom-maintenance").mkdir()
     maintenance = {"MODELPRESS_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom-maintenance")}
-    for stack in _start_stack(tmp_path, env, maintenance_env=maintenance):
+    for stack in start_stack(tmp_path, env, maintenance_env=maintenance):
         yield stack, port
 
 
@@ -76,17 +80,6 @@ def total(samples: dict, name: str, **labels: str) -> float:  # type: ignore[typ
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
-def eventually(check, timeout: float = 60):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def json_lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     """The JSON log lines of a process (start-up banners before logging is set up are not JSON)."""
     lines = []
@@ -104,11 +97,11 @@ def test_one_job_moves_metrics_and_logs_by_exactly_what_happened(
     receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    model = _model_files(write_model_dir(tmp_path / "tiny"))
+    model = model_files(write_model_dir(tmp_path / "tiny"))
     request_id = "e2e-submit-0001"
     with stack.client() as client:
-        model_upload = _upload_dir(client, model)
-        eval_upload = _upload_dir(client, {"eval.txt": sample_text(6).encode()})
+        model_upload = upload_files(client, {}, model)
+        eval_upload = upload_files(client, {}, {"eval.txt": sample_text(6).encode()})
         spec = {
             "model": {"upload_id": model_upload},
             "steps": [{"method": "quantize", "scheme": "w8a16", "algorithm": "rtn"}],

@@ -21,9 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from tests.conftest import PG_URL, REDIS_URL, service_env
-from tests.e2e.conftest import Stack, _start_stack, clean_production_state
 from tests.fault.tcpproxy import TcpProxy
+from tests.helpers import PG_URL, REDIS_URL, Stack, empty_postgres, service_env, start_stack
 
 FAULT_JOBS = int(os.environ.get("MODELPRESS_FAULT_JOBS", "3"))
 OUTAGE_S = float(os.environ.get("MODELPRESS_FAULT_OUTAGE_S", "10"))
@@ -59,7 +58,7 @@ class FaultStack:
 
 @pytest.fixture
 def fault_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator[FaultStack]:
-    clean_production_state()
+    empty_postgres()
     pg = urlsplit(PG_URL)
     redis = urlsplit(REDIS_URL)
     s3 = urlsplit(s3_endpoint)
@@ -77,7 +76,7 @@ def fault_stack(tmp_path: Path, s3_endpoint: str, pg_migrated: None) -> Iterator
         "MODELPRESS_LIVENESS_STALE_S": "10",
     }
     try:
-        with contextmanager(_start_stack)(tmp_path, env) as stack:
+        with contextmanager(start_stack)(tmp_path, env) as stack:
             yield FaultStack(stack=stack, proxies=proxies, work_dir=tmp_path / "var" / "work")
     finally:
         for proxy in proxies.values():

@@ -27,9 +27,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.app.test_webhooks import Receiver, verify
-from tests.conftest import BUCKET, free_port
 from tests.fault.conftest import FAULT_JOBS, OUTAGE_S, FaultStack
+from tests.helpers import BUCKET, Receiver, free_port, verify
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.timeout(900)]

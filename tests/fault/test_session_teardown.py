@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import PG_URL, apply_env
 from tests.fault.tcpproxy import TcpProxy
+from tests.helpers import PG_URL, apply_env
 
 pytestmark = pytest.mark.fault
 

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 
 from modelpress import ModelPress
-from tests.e2e.conftest import Stack, _start_stack, production_stack  # noqa: F401 - a fixture used here
+from tests.helpers import MIB, Stack, service_env, start_stack
 from tests.sdk.proxy import FaultProxy
-
-MIB = 1024 * 1024
 
 
 @pytest.fixture
@@ -26,15 +24,13 @@ def proxy() -> Iterator[FaultProxy]:
 def proxied_stack(tmp_path: Path, proxy: FaultProxy) -> Iterator[Stack]:
     """The embedded stack (SQLite, local storage, file broker: what `make dev` runs) whose signed storage
     URLs name the proxy; files above 1 MiB go up in 1 MiB parts. No job worker: tests start one if needed."""
-    from tests.conftest import service_env
-
     env = {
         **service_env(tmp_path, stack="embedded"),
         "MODELPRESS_PUBLIC_BASE_URL": proxy.url,
         "MODELPRESS_S3_MULTIPART_THRESHOLD_BYTES": str(MIB),
         "MODELPRESS_S3_MULTIPART_PART_BYTES": str(MIB),
     }
-    for stack in _start_stack(tmp_path, env):
+    for stack in start_stack(tmp_path, env):
         proxy.target_port = int(stack.base_url.rsplit(":", 1)[1])
         yield stack
 

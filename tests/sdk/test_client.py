@@ -14,7 +14,7 @@ import pytest
 
 from modelpress import AuthenticationError, ModelPress, PermissionDeniedError
 from modelpress.webhooks import WebhookVerificationError, verify
-from tests.e2e.conftest import ROOT, Stack
+from tests.helpers import ROOT, Stack, make_caller
 
 HEAVY = ("torch", "transformers", "fastapi", "starlette", "sqlalchemy", "celery", "kombu", "boto3", "app.main")
 
@@ -63,8 +63,6 @@ def test_webhook_verify_returns_a_typed_event() -> None:
 
 
 def test_every_resource_against_the_stack(proxied_stack: Stack, mp: ModelPress) -> None:
-    from tests.app.conftest import make_caller
-
     owner = make_caller("owner", ["jobs:read", "jobs:write", "webhooks:manage", "keys:manage"])
     with ModelPress(api_key=owner.key, base_url=mp.base_url) as client:
         _resources(client, make_caller("operator", scopes=["admin"]).key)
@@ -114,6 +112,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None
     )
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_key_sources(proxied_stack: Stack, mp: ModelPress, tmp_path: Path) -> None:
     env = {"MODELPRESS_BASE_URL": mp.base_url, "MODELPRESS_API_KEY": proxied_stack.key}
     assert _cli("jobs", "list", "--json", env=env).stdout.strip() == "[]"

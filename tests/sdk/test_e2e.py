@@ -10,26 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from modelpress import IntegrityError, ModelPress
-from tests.e2e.conftest import ROOT, Stack
+from tests.helpers import ROOT, Stack, assert_same_outputs
 from tests.sdk.proxy import FaultProxy, Rule
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 QUANTIZE = [{"method": "quantize", "scheme": "w8a16", "algorithm": "rtn"}]
-
-
-def _same_model(original_dir: Path, quantized_dir: Path) -> None:
-    original = AutoModelForCausalLM.from_pretrained(original_dir)
-    quantized = AutoModelForCausalLM.from_pretrained(quantized_dir)
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = original(ids).logits, quantized(ids).logits
-    assert torch.allclose(a, b, atol=0.05), (a - b).abs().max()
-    assert quantized.config.quantization_config is not None
 
 
 def test_sdk_from_folder_to_verified_model_on_postgres_redis_s3(production_stack: Stack, tmp_path: Path) -> None:
@@ -50,7 +38,7 @@ def test_sdk_from_folder_to_verified_model_on_postgres_redis_s3(production_stack
     assert {"model/config.json", "model/model.safetensors", "report.json", "manifest.json"} <= {
         p.relative_to(tmp_path / "out").as_posix() for p in files
     }
-    _same_model(model_dir, tmp_path / "out" / "model")
+    assert_same_outputs(model_dir, tmp_path / "out" / "model")
 
 
 def test_cli_run_and_downloads_that_break_on_the_embedded_stack(
@@ -71,7 +59,7 @@ def test_cli_run_and_downloads_that_break_on_the_embedded_stack(
     job_id = result["job"]["id"]
     assert result["job"]["status"] == "succeeded" and result["job"]["metadata"] == {"suite": "cli"}
     assert str(tmp_path / "out" / "model" / "model.safetensors") in result["files"]
-    _same_model(model_dir, tmp_path / "out" / "model")
+    assert_same_outputs(model_dir, tmp_path / "out" / "model")
 
     with ModelPress(api_key=proxied_stack.key, base_url=proxy.url, backoff_s=0.05) as mp:
         # One flipped byte in one file: an error, and nothing at the destination.

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from modelpress import ModelPress, NotFoundError, UnprocessableEntityError, UploadError
-from tests.e2e.conftest import Stack
-from tests.sdk.conftest import MIB
+from tests.helpers import MIB, Stack
 from tests.sdk.proxy import FaultProxy, Rule
 
 QUANTIZE = [{"method": "quantize", "scheme": "w8a16", "algorithm": "rtn"}]

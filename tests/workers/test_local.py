@@ -42,6 +42,7 @@ def test_null_group_size_is_per_channel_and_no_speed_still_writes_a_report(tmp_p
     assert json.loads((tmp_path / "out" / "report.json").read_text())["steps"][0]["details"]["group_size"] is None
 
 
+@pytest.mark.slow
 def test_calibration_file_without_a_calibration_block_uses_the_defaults(tmp_path: Path) -> None:
     (tmp_path / "calib.txt").write_text(sample_text(40))
     report = _compress(
@@ -69,6 +70,7 @@ def test_a_group_size_that_fits_no_width_is_refused_before_the_baseline(tmp_path
     assert stages == ["loading model"]
 
 
+@pytest.mark.slow
 def test_the_readme_chained_recipe_runs(tmp_path: Path) -> None:
     """Structured pruning then default W4A16 GPTQ: 'auto' picks a group size the pruned widths allow."""
     (tmp_path / "calib.txt").write_text(sample_text(40))
@@ -84,6 +86,7 @@ def test_the_readme_chained_recipe_runs(tmp_path: Path) -> None:
     assert report["steps"][1]["details"]["group_size"] == 32  # the pruned MLP is 96 wide
 
 
+@pytest.mark.slow
 def test_quantize_then_export_writes_a_gguf_measured_in_llama_cpp(tmp_path: Path) -> None:
     """An export step leaves model.gguf beside model/, and the report's headline speed is llama.cpp's: the
     GGUF against the same model exported F16, both run there."""

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import model_files, register_upload, submit_job
 from tests.tiny import write_model_dir
-from tests.workers.test_runner import _files, _submit, _upload
 
 
 def test_resent_doorbells_keep_each_tenants_priority(
@@ -34,10 +34,10 @@ def test_resent_doorbells_keep_each_tenants_priority(
         high = create_tenant(session, "vip", priority=9).id
         low = create_tenant(session, "batch", priority=0).id
     jobs = {
-        tenant: _submit(
+        tenant: submit_job(
             tenant,
             {
-                "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / tenant)))},
+                "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / tenant)))},
                 "steps": [{"method": "quantize", "scheme": "w8a16"}],
             },
         )

@@ -2,56 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
+from tests.helpers import model_files, register_upload, submit_job
 from tests.tiny import sample_text, write_model_dir
-
-
-def _upload(tenant_id: str, files: dict[str, bytes]) -> str:
-    """Put files in storage and register a complete upload, as the uploads API would."""
-    from datetime import timedelta
-
-    from app.db import session_scope, utcnow
-    from app.storage import get_storage
-    from app.storage_keys import upload_key
-    from app.uploads.models import Upload
-
-    with session_scope() as session:
-        upload = Upload(
-            tenant_id=tenant_id,
-            status="complete",
-            files=[{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()],
-            total_bytes=sum(len(d) for d in files.values()),
-            expires_at=utcnow() + timedelta(hours=1),
-        )
-        session.add(upload)
-        session.flush()
-        for path, data in files.items():
-            get_storage().put_bytes(upload_key(tenant_id, upload.id, path), data)
-        return upload.id
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-
-
-def _submit(tenant_id: str, spec: dict) -> str:  # type: ignore[type-arg]
-    from app.auth.service import Principal
-    from app.config import get_settings
-    from app.db import get_sessionmaker
-    from app.jobs.service import create_job
-    from app.jobs.spec import JobSpec
-
-    principal = Principal(tenant_id=tenant_id, key_id="k", scopes=frozenset({"jobs:write"}))
-    with get_sessionmaker()() as session:
-        job, _ = create_job(session, principal, JobSpec.model_validate(spec), get_settings(), None)
-        return job.id
 
 
 def _job(job_id: str):  # type: ignore[no-untyped-def]
@@ -91,10 +49,11 @@ def _run(job_id: str) -> None:
 
 
 def test_pickle_weights_fail_with_a_readable_reason(tenant: str, tmp_path: Path) -> None:
-    files = _files(write_model_dir(tmp_path / "m"))
+    files = model_files(write_model_dir(tmp_path / "m"))
     files["pytorch_model.bin"] = b"\x80\x04pickle"
-    job_id = _submit(
-        tenant, {"model": {"upload_id": _upload(tenant, files)}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
+    job_id = submit_job(
+        tenant,
+        {"model": {"upload_id": register_upload(tenant, files)}, "steps": [{"method": "quantize", "scheme": "w8a16"}]},
     )
     _run(job_id)
     job = _job(job_id)
@@ -108,10 +67,10 @@ def test_remote_code_config_is_refused(tenant: str, tmp_path: Path) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
     (model_dir / "config.json").write_text(json.dumps(config))
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(model_dir))},
+            "model": {"upload_id": register_upload(tenant, model_files(model_dir))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
@@ -124,10 +83,10 @@ def test_oversize_model_is_refused_before_loading(tenant: str, tmp_path: Path, m
     from app.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_model_bytes", 1000)
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
@@ -140,18 +99,21 @@ def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -
     from app.storage import get_storage
     from app.storage_keys import upload_key
 
-    upload_id = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
+    upload_id = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
     get_storage().put_bytes(upload_key(tenant, upload_id, "config.json"), b'{"tampered": true}')
-    job_id = _submit(tenant, {"model": {"upload_id": upload_id}, "steps": [{"method": "quantize", "scheme": "w8a16"}]})
+    job_id = submit_job(
+        tenant, {"model": {"upload_id": upload_id}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
+    )
     _run(job_id)
     assert "sha256" in _job(job_id).error_message
 
 
+@pytest.mark.slow
 def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path: Path) -> None:
     from app.storage import get_storage
 
-    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
-    calib = _upload(tenant, {"calib.txt": sample_text(30).encode()})
+    model = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
+    calib = register_upload(tenant, {"calib.txt": sample_text(30).encode()})
     spec = {
         "model": {"upload_id": model},
         "calibration": {"upload_id": calib, "num_samples": 8, "seq_len": 64},
@@ -160,7 +122,7 @@ def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path
             {"method": "quantize", "scheme": "w4a16", "algorithm": "gptq", "group_size": 32},
         ],
     }
-    job_id = _submit(tenant, spec)
+    job_id = submit_job(tenant, spec)
     _run(job_id)
     job = _job(job_id)
     assert job.status == "succeeded", job.error_message
@@ -194,44 +156,48 @@ def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path
     assert load_file(out)  # the packed checkpoint is plain safetensors
 
 
-def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> None:
     from app.db import session_scope
     from workers import runner as runner_module
 
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
 
-    original = runner_module.Attempt.execute
+    original = runner_module.JobRunner._execute
 
-    def cancel_then_execute(self, spec):  # type: ignore[no-untyped-def]
+    def cancel_then_execute(self, spec, work):  # type: ignore[no-untyped-def]
         from app.jobs import lifecycle
 
         with session_scope() as session:
             assert lifecycle.request_cancel(session, job_id) == "cancelling"
-        return original(self, spec)
+        return original(self, spec, work)
 
-    monkeypatch.setattr(runner_module.Attempt, "execute", cancel_then_execute)
-    _run(job_id)
+    runner_module.JobRunner._execute = cancel_then_execute  # type: ignore[method-assign]
+    try:
+        _run(job_id)
+    finally:
+        runner_module.JobRunner._execute = original  # type: ignore[method-assign]
     job = _job(job_id)
     assert job.status == "cancelled" and job.manifest_key is None
     events = _events(job_id)
     assert events[-1] == "job.cancelled" and "job.cancelling" in events and "job.succeeded" not in events
 
 
+@pytest.mark.slow
 def test_structured_prune_then_distill_then_quantize(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The issue's composition: prune(structured) → distill(student = pruned model) → quantize, one job."""
     from app.storage import get_storage
-    from workers.checkpoints import CheckpointStore
+    from workers.runner import JobRunner
 
-    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
-    text = _upload(tenant, {"train.txt": sample_text(40).encode()})
+    model = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
+    text = register_upload(tenant, {"train.txt": sample_text(40).encode()})
     spec = {
         "model": {"upload_id": model},
         "calibration": {"upload_id": text, "num_samples": 8, "seq_len": 64},
@@ -250,15 +216,15 @@ def test_structured_prune_then_distill_then_quantize(
             {"method": "quantize", "scheme": "w8a16"},
         ],
     }
-    job_id = _submit(tenant, spec)
+    job_id = submit_job(tenant, spec)
     saved: list[int] = []
-    save = CheckpointStore.save
+    save = JobRunner._save_checkpoint
 
-    def spy(store: CheckpointStore, index: int, path: Path) -> None:
+    def spy(runner: JobRunner, index: int, path: Path) -> None:
         saved.append(index)
-        save(store, index, path)
+        save(runner, index, path)
 
-    monkeypatch.setattr(CheckpointStore, "save", spy)
+    monkeypatch.setattr(JobRunner, "_save_checkpoint", spy)
     _run(job_id)
     job = _job(job_id)
     assert job.status == "succeeded", job.error_message
@@ -277,23 +243,22 @@ def test_training_metrics_events_are_kept_to_one_a_second_milestones_always(
 ) -> None:
     """A training loop reports every step; the runner records one such event a second, but every
     evaluation, the first step after a resume and every one-off summary."""
-    from workers import callbacks as callbacks_module
+    from workers import runner as runner_module
 
     clock = [100.0]
-    monkeypatch.setattr(callbacks_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runner_module.time, "monotonic", lambda: clock[0])
     written: list[dict[str, object]] = []
-    heartbeat = callbacks_module.Heartbeat("job_x", "w", object())  # type: ignore[arg-type]
-    job = callbacks_module.JobCallbacks("job_x", "tenant_x", "w", [], heartbeat)
-    monkeypatch.setattr(job, "progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
+    job = runner_module.JobRunner("job_x", settings=object(), storage=object())  # type: ignore[arg-type]
+    monkeypatch.setattr(job, "_progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
 
     for step in range(1, 11):  # ten steps in 0.45 s
         clock[0] += 0.05
-        job.metrics({"step": step, "train_loss": 1.0})
-    job.metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
-    job.metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
-    job.metrics({"quantize_seconds": 1.5})
+        job._metrics({"step": step, "train_loss": 1.0})
+    job._metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
+    job._metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
+    job._metrics({"quantize_seconds": 1.5})
     clock[0] += 1.0
-    job.metrics({"step": 13, "train_loss": 1.0})
+    job._metrics({"step": 13, "train_loss": 1.0})
     assert [event.get("step") for event in written] == [1, 11, 12, None, 13]
 
 
@@ -316,6 +281,7 @@ def test_internal_failure_reasons_keep_sql_and_hosts_out() -> None:
     assert internal_reason(ValueError("shape mismatch in layer 3")) == "ValueError: shape mismatch in layer 3"
 
 
+@pytest.mark.slow
 def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,27 +292,23 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
 
     from app.db import get_sessionmaker, session_scope, utcnow
     from app.jobs.models import Job
-    from app.jobs.service import list_artifacts
+    from app.jobs.service import artifact_prefix, list_artifacts
     from app.storage import get_storage
-    from app.storage_keys import artifact_prefix
     from workers import runner as runner_module
     from workers.reaper import reap_once
 
-    job_id = _submit(
+    job_id = submit_job(
         tenant,
         {
-            "model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))},
+            "model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))},
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
-    from workers.publish import ArtifactPublisher
-
-    original = ArtifactPublisher.publish
+    original = runner_module.JobRunner._upload_artifacts
     seen: dict[str, object] = {}
 
     def stall_then_upload(self, out):  # type: ignore[no-untyped-def]
-        if not seen:  # worker A, the first to get here
-            seen["a"] = True
+        if self.worker_id == "worker-a":
             with session_scope() as session:  # A's lease runs out while it is paused
                 session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
             assert reap_once()["requeued"] == 1
@@ -358,7 +320,7 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
             seen["b_keys"] = sorted(o.key for o in get_storage().list(artifact_prefix(tenant, job_id)))
         return original(self, out)
 
-    monkeypatch.setattr(ArtifactPublisher, "publish", stall_then_upload)
+    monkeypatch.setattr(runner_module.JobRunner, "_upload_artifacts", stall_then_upload)
     a = runner_module.JobRunner(job_id)
     a.worker_id = "worker-a"
     a.run()
@@ -379,58 +341,23 @@ def test_a_checkpoint_whose_files_are_gone_restarts_the_step_from_scratch(tenant
     import threading
 
     from app.storage import get_storage
-    from workers.checkpoints import CheckpointStore
-    from workers.runner import LeaseLost
+    from workers.runner import JobRunner, LeaseLost
 
-    lost = threading.Event()
-    store = CheckpointStore(get_storage(), tenant, "job_gone", lost)
-    prefix = store.prefix(0)
+    runner = JobRunner("job_gone")
+    runner.tenant_id = tenant
+    prefix = runner._checkpoint_prefix(0)
     latest = {"version": "ckpt_1", "name": "step-00000010", "files": [{"path": "a.bin", "size": 1, "sha256": "0" * 64}]}
     get_storage().put_bytes(prefix + "latest.json", json.dumps(latest).encode())
-    restored = store.restore(0, tmp_path / "ckpt")
+    restored = runner._restore_checkpoint(0, tmp_path / "ckpt")
     assert restored.is_dir() and not any(restored.iterdir())
 
-    lost.set()
+    class Lost:
+        lost = threading.Event()
+
+    Lost.lost.set()
+    runner.heartbeat = Lost()  # type: ignore[assignment]
     (tmp_path / "step-00000020").mkdir()
     (tmp_path / "step-00000020" / "a.bin").write_bytes(b"x")
     with pytest.raises(LeaseLost):
-        store.save(0, tmp_path / "step-00000020")
+        runner._save_checkpoint(0, tmp_path / "step-00000020")
     assert json.loads(get_storage().get_bytes(prefix + "latest.json")) == latest  # nothing written or pruned
-
-
-@pytest.mark.parametrize(
-    ("break_model", "reason"),
-    [
-        (
-            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-4096]),
-            "model.safetensors is truncated or corrupt: tensor",
-        ),
-        (
-            lambda d: (d / "config.json").write_text(
-                json.dumps({**json.loads((d / "config.json").read_text()), "vocab_size": 1_000_000_000})
-            ),
-            "tensor 'model.embed_tokens.weight' in model.safetensors has shape [256, 64], but config.json implies "
-            "[1000000000, 64]",
-        ),
-        (
-            lambda d: (d / "config.json").write_text(
-                json.dumps({**json.loads((d / "config.json").read_text()), "num_hidden_layers": 1_000_000})
-            ),
-            "config.json num_hidden_layers is 1000000, but the checkpoint has layers 0..1",
-        ),
-    ],
-)
-def test_a_lying_or_broken_model_fails_as_invalid_input_naming_what(
-    tenant: str, tmp_path: Path, break_model: Any, reason: str
-) -> None:
-    model_dir = write_model_dir(tmp_path / "m")
-    break_model(model_dir)
-    spec = {
-        "model": {"upload_id": _upload(tenant, _files(model_dir))},
-        "steps": [{"method": "quantize", "scheme": "w8a16"}],
-    }
-    job_id = _submit(tenant, spec)
-    _run(job_id)
-    job = _job(job_id)
-    assert job.status == "failed" and job.error_type == "invalid_input"
-    assert reason in job.error_message

@@ -132,7 +132,7 @@ def test_from_teacher_layers_are_copied_from_the_teacher(teacher: nn.Module) -> 
     student = build_student(teacher, StudentSpec(from_teacher={"layers": [1, 3]}))
     for s, t in ((0, 1), (1, 3)):
         assert torch.equal(student.model.layers[s].mlp.up_proj.weight, teacher.model.layers[t].mlp.up_proj.weight)
-    assert evenly_spaced_layers(6, 3) == [0, 2, 5] or evenly_spaced_layers(6, 3) == [0, 3, 5]
+    assert evenly_spaced_layers(6, 3) == [0, 2, 5]  # round(2.5) is 2: halves round to even
     assert evenly_spaced_layers(4, 2) == [0, 3]
 
 
@@ -358,6 +358,7 @@ def test_a_non_finite_loss_stops_training_at_the_first_step(teacher: nn.Module, 
 # ------------------------------------------------------------------------------------------ data parallel
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(teacher: nn.Module, stream: torch.Tensor) -> None:
     config = step_config(max_steps=4, ce_weight=0.5, grad_accum=2, hidden_states={"layer_map": [[0, 1]]})
     one, rec_one = run(teacher, config, stream)

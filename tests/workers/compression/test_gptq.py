@@ -214,6 +214,7 @@ def test_kernels_compile_without_a_writable_cache() -> None:
     assert jit(numba.float64(numba.float64))(namespace["twice"])(3.0) == 6.0
 
 
+@pytest.mark.slow
 def test_kernels_load_in_the_background_unless_switched_off() -> None:
     """A fresh process: ``preload_compiled_kernels`` imports the kernels on a background thread; under
     ``without_compiled_kernels`` (the low-memory engine) numba is never loaded."""

@@ -63,6 +63,7 @@ def _train(arch: str, steps: int = 20) -> tuple[torch.nn.Module, Any, torch.Tens
     return model.eval(), tokenizer, windows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_q4_0_perplexity_in_llama_cpp_matches_modelpress(tmp_path: Path, arch: str) -> None:
     model, tokenizer, windows = _trained(arch)
