@@ -299,6 +299,27 @@ def submit_job(tenant_id: str, spec: dict[str, Any]) -> str:
         return job.id
 
 
+def load_job(job_id: str) -> Any:
+    """The job row as it is now (a fresh session)."""
+    from app.db import get_sessionmaker
+    from app.jobs.models import Job
+
+    with get_sessionmaker()() as session:
+        return session.get(Job, job_id)
+
+
+def job_event_types(job_id: str) -> list[str]:
+    """The types of a job's events, in the order they were recorded."""
+    from sqlalchemy import select
+
+    from app.db import get_sessionmaker
+    from app.jobs.models import JobEvent
+
+    with get_sessionmaker()() as session:
+        query = select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        return list(session.execute(query).scalars())
+
+
 # ---------------------------------------------------------------- the whole stack as processes
 
 

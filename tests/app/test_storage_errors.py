@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import BUCKET, free_port
+from tests.helpers import BUCKET, free_port
 
 
 @pytest.fixture(autouse=True)

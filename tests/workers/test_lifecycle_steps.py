@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import job_event_types, load_job, model_files, register_upload, submit_job
 from tests.tiny import write_model_dir
-from tests.workers.test_runner import _events, _files, _job, _submit, _upload
 
 STEPS = [
     {"method": "prune", "algorithm": "magnitude", "sparsity": 0.5},
@@ -28,19 +28,20 @@ def running_job(pg_stack: dict[str, str], tmp_path: Path) -> str:
 
     with session_scope() as session:
         tenant = create_tenant(session, "steps").id
-    job_id = _submit(
-        tenant, {"model": {"upload_id": _upload(tenant, _files(write_model_dir(tmp_path / "m")))}, "steps": STEPS}
+    job_id = submit_job(
+        tenant,
+        {"model": {"upload_id": register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))}, "steps": STEPS},
     )
     with session_scope() as session:
         assert lifecycle.claim(session, job_id, "worker-1", 60)
-        steps = [dict(step) for step in _job(job_id).steps]
+        steps = [dict(step) for step in load_job(job_id).steps]
         steps[0]["status"], steps[1]["status"] = "succeeded", "running"
         assert lifecycle.set_steps(session, job_id, "worker-1", steps)
     return job_id
 
 
 def _statuses(job_id: str) -> list[str]:
-    return [step["status"] for step in _job(job_id).steps]
+    return [step["status"] for step in load_job(job_id).steps]
 
 
 def _expire_lease(job_id: str, **values: Any) -> None:
@@ -60,11 +61,11 @@ def test_a_job_failed_by_the_reaper_leaves_no_step_running(running_job: str) -> 
 
     _expire_lease(running_job, attempts=3)  # its last attempt: the reaper gives up
     assert reap_once()["failed_or_cancelled"] == 1
-    job = _job(running_job)
+    job = load_job(running_job)
     assert job.status == "failed" and job.error_type == "worker_lost"
     assert _statuses(running_job) == ["succeeded", "failed", "pending"]
     assert job.progress_message == "failed"
-    assert _events(running_job)[-2:] == ["job.step.failed", "job.failed"]
+    assert job_event_types(running_job)[-2:] == ["job.step.failed", "job.failed"]
 
 
 def test_a_cancelled_job_says_its_running_step_was_cancelled(running_job: str) -> None:
@@ -75,10 +76,10 @@ def test_a_cancelled_job_says_its_running_step_was_cancelled(running_job: str) -
         assert lifecycle.request_cancel(session, running_job) == "cancelling"
     with session_scope() as session:
         assert lifecycle.mark_cancelled(session, running_job, "worker-1")
-    job = _job(running_job)
+    job = load_job(running_job)
     assert _statuses(running_job) == ["succeeded", "cancelled", "pending"]
     assert job.progress_message == "cancelled"
-    assert _events(running_job)[-2:] == ["job.step.cancelled", "job.cancelled"]
+    assert job_event_types(running_job)[-2:] == ["job.step.cancelled", "job.cancelled"]
 
 
 def test_a_requeued_job_runs_its_interrupted_step_again(running_job: str) -> None:
@@ -86,7 +87,7 @@ def test_a_requeued_job_runs_its_interrupted_step_again(running_job: str) -> Non
 
     _expire_lease(running_job)
     assert reap_once()["requeued"] == 1
-    job = _job(running_job)
+    job = load_job(running_job)
     assert job.status == "queued"
     assert _statuses(running_job) == ["succeeded", "pending", "pending"]
     assert "started_at" not in job.steps[1]
@@ -99,8 +100,8 @@ def test_attempts_released_after_outages_do_not_count_against_max_attempts(runni
 
     _expire_lease(running_job, attempts=3, infra_retries=2)
     assert reap_once()["requeued"] == 1
-    assert _job(running_job).status == "queued"
-    assert _events(running_job)[-1] == "job.retrying"
+    assert load_job(running_job).status == "queued"
+    assert job_event_types(running_job)[-1] == "job.retrying"
 
 
 def test_releases_are_capped_then_the_job_fails_with_a_readable_reason(running_job: str) -> None:
@@ -114,7 +115,7 @@ def test_releases_are_capped_then_the_job_fails_with_a_readable_reason(running_j
         assert lifecycle.claim(session, running_job, "worker-2", 60)
     with session_scope() as session:  # the second outage in a row, with one release allowed
         assert lifecycle.release_for_retry(session, running_job, "worker-2", "storage", 1) is None
-    job = _job(running_job)
+    job = load_job(running_job)
     assert job.status == "failed" and job.error_type == "infrastructure_unavailable"
     assert job.error_message.startswith("the service's storage was unreachable; the job was retried 1 times")
 
@@ -125,12 +126,12 @@ def test_a_release_of_a_job_being_cancelled_cancels_it_and_a_stranger_releases_n
 
     with session_scope() as session:
         assert lifecycle.release_for_retry(session, running_job, "worker-9", "database", 5) is None
-    assert _job(running_job).status == "running"  # not this worker's job
+    assert load_job(running_job).status == "running"  # not this worker's job
     with session_scope() as session:
         assert lifecycle.request_cancel(session, running_job) == "cancelling"
     with session_scope() as session:
         assert lifecycle.release_for_retry(session, running_job, "worker-1", "database", 5) is None
-    assert _job(running_job).status == "cancelled"
+    assert load_job(running_job).status == "cancelled"
     assert _statuses(running_job) == ["succeeded", "cancelled", "pending"]
 
 

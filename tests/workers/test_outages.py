@@ -12,9 +12,17 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import REDIS_URL, apply_env, free_port
+from tests.helpers import (
+    REDIS_URL,
+    apply_env,
+    free_port,
+    job_event_types,
+    load_job,
+    model_files,
+    register_upload,
+    submit_job,
+)
 from tests.tiny import write_model_dir
-from tests.workers.test_runner import _events, _files, _job, _submit, _upload
 
 
 @pytest.fixture
@@ -29,8 +37,8 @@ def tenant(pg_stack: dict[str, str]) -> str:
 @pytest.fixture
 def job_id(tenant: str, tmp_path: Path) -> str:
     """A queued w8a16 job of a tiny model; the queue is emptied of its submission doorbell."""
-    model = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
-    job = _submit(tenant, {"model": {"upload_id": model}, "steps": [{"method": "quantize", "scheme": "w8a16"}]})
+    model = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
+    job = submit_job(tenant, {"model": {"upload_id": model}, "steps": [{"method": "quantize", "scheme": "w8a16"}]})
     redis.Redis.from_url(REDIS_URL).flushdb()
     return job
 
@@ -71,14 +79,14 @@ def test_storage_outage_during_input_fetch_releases_the_attempt_for_a_delayed_re
     # The gate let the job in; the storage went down right after (an empty probe always answers "ready").
     JobRunner(job_id, storage=_dead_storage(), probe=DependencyProbe({})).run()
 
-    job = _job(job_id)
+    job = load_job(job_id)
     assert (job.status, job.attempts, job.infra_retries, job.error_type) == ("queued", 1, 1, None)
     assert job.worker_id is None and job.lease_expires_at is None
     assert job.progress_message == "waiting: the storage was unreachable; retrying"
     kind, data = _last_event(job_id)
     assert kind == "job.retrying"
     assert data == {"reason": "storage unavailable", "infrastructure": True, "infra_retries": 1}
-    assert "job.failed" not in _events(job_id)
+    assert "job.failed" not in job_event_types(job_id)
     # Rung again, delayed by the first back-off step, not at once and not after the reaper's 300 s.
     (message,) = _doorbells()
     assert job_id in message["headers"]["argsrepr"] and message["headers"]["eta"] is not None
@@ -94,13 +102,13 @@ def test_a_missing_upload_object_is_the_users_not_an_outage(tenant: str, job_id:
     from workers.readiness import DependencyProbe
     from workers.runner import JobRunner
 
-    upload_id = _job(job_id).spec["model"]["upload_id"]
+    upload_id = load_job(job_id).spec["model"]["upload_id"]
     with session_scope() as session:
         files = session.get(Upload, upload_id).files  # type: ignore[union-attr]
     get_storage().delete_prefix(upload_key(tenant, upload_id, files[0]["path"]))
 
     JobRunner(job_id, probe=DependencyProbe({})).run()
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "failed" and job.error_type == "invalid_input"
     assert job.error_message == f"model: {files[0]['path']} of upload {upload_id} is gone from storage"
 
@@ -120,7 +128,7 @@ def test_the_gate_does_not_claim_while_storage_is_down_and_claims_once_it_answer
     with pytest.raises(DependenciesUnavailable) as raised:
         JobRunner(job_id, settings=settings, probe=probe).run()
     assert raised.value.down == ["storage"]
-    job = _job(job_id)
+    job = load_job(job_id)
     assert (job.status, job.attempts) == ("queued", 0)  # never claimed: the message goes back to the broker
 
     def storage_back(_seconds: float) -> None:
@@ -128,7 +136,7 @@ def test_the_gate_does_not_claim_while_storage_is_down_and_claims_once_it_answer
 
     probe.sleep = storage_back  # the outage ends while the worker waits, holding the message
     JobRunner(job_id, probe=probe).run()
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "succeeded" and job.attempts == 1, job.error_message
 
 
@@ -144,7 +152,7 @@ def test_a_database_outage_at_claim_hands_the_message_back(
         JobRunner(job_id, probe=DependencyProbe({})).run()
     assert raised.value.down == ["database"]
     apply_env(monkeypatch, pg_stack)
-    job = _job(job_id)
+    job = load_job(job_id)
     assert (job.status, job.attempts) == ("queued", 0)
 
 
@@ -165,7 +173,7 @@ def test_a_database_outage_inside_a_running_job_releases_it_once_the_database_an
     probe = DependencyProbe({"database": check_database}, sleep=lambda _s: apply_env(monkeypatch, pg_stack))
     runner_module.JobRunner(job_id, probe=probe).run()
 
-    job = _job(job_id)
+    job = load_job(job_id)
     assert (job.status, job.attempts, job.infra_retries, job.error_type) == ("queued", 1, 1, None)
     assert _last_event(job_id) == (
         "job.retrying",

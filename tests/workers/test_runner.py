@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import model_files, register_upload, submit_job
+from tests.helpers import job_event_types, load_job, model_files, register_upload, submit_job
 from tests.tiny import sample_text, write_model_dir
-
-
-def _job(job_id: str):  # type: ignore[no-untyped-def]
-    from app.db import get_sessionmaker
-    from app.jobs.models import Job
-
-    with get_sessionmaker()() as session:
-        return session.get(Job, job_id)
-
-
-def _events(job_id: str) -> list[str]:
-    from sqlalchemy import select
-
-    from app.db import get_sessionmaker
-    from app.jobs.models import JobEvent
-
-    with get_sessionmaker()() as session:
-        return [
-            e.type
-            for e in session.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).scalars()
-        ]
 
 
 @pytest.fixture
@@ -56,10 +36,10 @@ def test_pickle_weights_fail_with_a_readable_reason(tenant: str, tmp_path: Path)
         {"model": {"upload_id": register_upload(tenant, files)}, "steps": [{"method": "quantize", "scheme": "w8a16"}]},
     )
     _run(job_id)
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "failed" and job.error_type == "invalid_input"
     assert "pickle" in job.error_message and "safetensors" in job.error_message
-    assert _events(job_id)[-1] == "job.failed"
+    assert job_event_types(job_id)[-1] == "job.failed"
 
 
 def test_remote_code_config_is_refused(tenant: str, tmp_path: Path) -> None:
@@ -75,7 +55,7 @@ def test_remote_code_config_is_refused(tenant: str, tmp_path: Path) -> None:
         },
     )
     _run(job_id)
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "failed" and "remote code" in job.error_message
 
 
@@ -91,7 +71,7 @@ def test_oversize_model_is_refused_before_loading(tenant: str, tmp_path: Path, m
         },
     )
     _run(job_id)
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "failed" and "exceeds the limit of 1000 bytes" in job.error_message
 
 
@@ -105,7 +85,7 @@ def test_corrupted_upload_is_detected_on_download(tenant: str, tmp_path: Path) -
         tenant, {"model": {"upload_id": upload_id}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
     )
     _run(job_id)
-    assert "sha256" in _job(job_id).error_message
+    assert "sha256" in load_job(job_id).error_message
 
 
 @pytest.mark.slow
@@ -124,11 +104,11 @@ def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path
     }
     job_id = submit_job(tenant, spec)
     _run(job_id)
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "succeeded", job.error_message
     assert [s["status"] for s in job.steps] == ["succeeded", "succeeded"]
     assert job.summary["size_ratio"] < 0.5
-    events = _events(job_id)
+    events = job_event_types(job_id)
     assert events[:2] == ["job.queued", "job.started"] and events[-1] == "job.succeeded"
     assert events.count("job.step.succeeded") == 2
 
@@ -156,7 +136,7 @@ def test_prune_then_quantize_chain_keeps_the_sparsity_mask(tenant: str, tmp_path
     assert load_file(out)  # the packed checkpoint is plain safetensors
 
 
-def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> None:
+def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.db import session_scope
     from workers import runner as runner_module
 
@@ -168,23 +148,20 @@ def test_cancel_before_the_first_check_point(tenant: str, tmp_path: Path) -> Non
         },
     )
 
-    original = runner_module.JobRunner._execute
+    original = runner_module.Attempt.execute
 
-    def cancel_then_execute(self, spec, work):  # type: ignore[no-untyped-def]
+    def cancel_then_execute(self, spec):  # type: ignore[no-untyped-def]
         from app.jobs import lifecycle
 
         with session_scope() as session:
             assert lifecycle.request_cancel(session, job_id) == "cancelling"
-        return original(self, spec, work)
+        return original(self, spec)
 
-    runner_module.JobRunner._execute = cancel_then_execute  # type: ignore[method-assign]
-    try:
-        _run(job_id)
-    finally:
-        runner_module.JobRunner._execute = original  # type: ignore[method-assign]
-    job = _job(job_id)
+    monkeypatch.setattr(runner_module.Attempt, "execute", cancel_then_execute)
+    _run(job_id)
+    job = load_job(job_id)
     assert job.status == "cancelled" and job.manifest_key is None
-    events = _events(job_id)
+    events = job_event_types(job_id)
     assert events[-1] == "job.cancelled" and "job.cancelling" in events and "job.succeeded" not in events
 
 
@@ -194,7 +171,7 @@ def test_structured_prune_then_distill_then_quantize(
 ) -> None:
     """The issue's composition: prune(structured) → distill(student = pruned model) → quantize, one job."""
     from app.storage import get_storage
-    from workers.runner import JobRunner
+    from workers.checkpoints import CheckpointStore
 
     model = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
     text = register_upload(tenant, {"train.txt": sample_text(40).encode()})
@@ -218,15 +195,15 @@ def test_structured_prune_then_distill_then_quantize(
     }
     job_id = submit_job(tenant, spec)
     saved: list[int] = []
-    save = JobRunner._save_checkpoint
+    save = CheckpointStore.save
 
-    def spy(runner: JobRunner, index: int, path: Path) -> None:
+    def spy(store: CheckpointStore, index: int, path: Path) -> None:
         saved.append(index)
-        save(runner, index, path)
+        save(store, index, path)
 
-    monkeypatch.setattr(JobRunner, "_save_checkpoint", spy)
+    monkeypatch.setattr(CheckpointStore, "save", spy)
     _run(job_id)
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "succeeded", job.error_message
     report = json.loads(get_storage().get_bytes(job.manifest_key.replace("manifest.json", "report.json")))
     assert [s["method"] for s in report["steps"]] == ["prune", "distill", "quantize"]
@@ -243,22 +220,23 @@ def test_training_metrics_events_are_kept_to_one_a_second_milestones_always(
 ) -> None:
     """A training loop reports every step; the runner records one such event a second, but every
     evaluation, the first step after a resume and every one-off summary."""
-    from workers import runner as runner_module
+    from workers import callbacks as callbacks_module
 
     clock = [100.0]
-    monkeypatch.setattr(runner_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(callbacks_module.time, "monotonic", lambda: clock[0])
     written: list[dict[str, object]] = []
-    job = runner_module.JobRunner("job_x", settings=object(), storage=object())  # type: ignore[arg-type]
-    monkeypatch.setattr(job, "_progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
+    heartbeat = callbacks_module.Heartbeat("job_x", "w", object())  # type: ignore[arg-type]
+    job = callbacks_module.JobCallbacks("job_x", "tenant_x", "w", [], heartbeat)
+    monkeypatch.setattr(job, "progress", lambda _f, _m, data=None, force=False: written.append(dict(data or {})))
 
     for step in range(1, 11):  # ten steps in 0.45 s
         clock[0] += 0.05
-        job._metrics({"step": step, "train_loss": 1.0})
-    job._metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
-    job._metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
-    job._metrics({"quantize_seconds": 1.5})
+        job.metrics({"step": step, "train_loss": 1.0})
+    job.metrics({"step": 11, "train_loss": 1.0, "eval_perplexity": 9.0})
+    job.metrics({"step": 12, "train_loss": 1.0, "resumed_from_step": 11})
+    job.metrics({"quantize_seconds": 1.5})
     clock[0] += 1.0
-    job._metrics({"step": 13, "train_loss": 1.0})
+    job.metrics({"step": 13, "train_loss": 1.0})
     assert [event.get("step") for event in written] == [1, 11, 12, None, 13]
 
 
@@ -292,8 +270,9 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
 
     from app.db import get_sessionmaker, session_scope, utcnow
     from app.jobs.models import Job
-    from app.jobs.service import artifact_prefix, list_artifacts
+    from app.jobs.service import list_artifacts
     from app.storage import get_storage
+    from app.storage_keys import artifact_prefix
     from workers import runner as runner_module
     from workers.reaper import reap_once
 
@@ -304,28 +283,31 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
             "steps": [{"method": "quantize", "scheme": "w8a16"}],
         },
     )
-    original = runner_module.JobRunner._upload_artifacts
+    from workers.publish import ArtifactPublisher
+
+    original = ArtifactPublisher.publish
     seen: dict[str, object] = {}
 
     def stall_then_upload(self, out):  # type: ignore[no-untyped-def]
-        if self.worker_id == "worker-a":
+        if not seen:  # worker A, the first to get here
+            seen["a"] = True
             with session_scope() as session:  # A's lease runs out while it is paused
                 session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
             assert reap_once()["requeued"] == 1
             b = runner_module.JobRunner(job_id)
             b.worker_id = "worker-b"
             b.run()
-            seen["b_manifest"] = _job(job_id).manifest_key
+            seen["b_manifest"] = load_job(job_id).manifest_key
             seen["b_manifest_bytes"] = get_storage().get_bytes(str(seen["b_manifest"]))
             seen["b_keys"] = sorted(o.key for o in get_storage().list(artifact_prefix(tenant, job_id)))
         return original(self, out)
 
-    monkeypatch.setattr(runner_module.JobRunner, "_upload_artifacts", stall_then_upload)
+    monkeypatch.setattr(ArtifactPublisher, "publish", stall_then_upload)
     a = runner_module.JobRunner(job_id)
     a.worker_id = "worker-a"
     a.run()
 
-    job = _job(job_id)
+    job = load_job(job_id)
     assert job.status == "succeeded" and job.manifest_key == seen["b_manifest"]
     assert str(job.manifest_key).startswith(artifact_prefix(tenant, job_id, job.attempts))
     assert sorted(o.key for o in get_storage().list(artifact_prefix(tenant, job_id))) == seen["b_keys"]
@@ -341,23 +323,58 @@ def test_a_checkpoint_whose_files_are_gone_restarts_the_step_from_scratch(tenant
     import threading
 
     from app.storage import get_storage
-    from workers.runner import JobRunner, LeaseLost
+    from workers.checkpoints import CheckpointStore
+    from workers.runner import LeaseLost
 
-    runner = JobRunner("job_gone")
-    runner.tenant_id = tenant
-    prefix = runner._checkpoint_prefix(0)
+    lost = threading.Event()
+    store = CheckpointStore(get_storage(), tenant, "job_gone", lost)
+    prefix = store.prefix(0)
     latest = {"version": "ckpt_1", "name": "step-00000010", "files": [{"path": "a.bin", "size": 1, "sha256": "0" * 64}]}
     get_storage().put_bytes(prefix + "latest.json", json.dumps(latest).encode())
-    restored = runner._restore_checkpoint(0, tmp_path / "ckpt")
+    restored = store.restore(0, tmp_path / "ckpt")
     assert restored.is_dir() and not any(restored.iterdir())
 
-    class Lost:
-        lost = threading.Event()
-
-    Lost.lost.set()
-    runner.heartbeat = Lost()  # type: ignore[assignment]
+    lost.set()
     (tmp_path / "step-00000020").mkdir()
     (tmp_path / "step-00000020" / "a.bin").write_bytes(b"x")
     with pytest.raises(LeaseLost):
-        runner._save_checkpoint(0, tmp_path / "step-00000020")
+        store.save(0, tmp_path / "step-00000020")
     assert json.loads(get_storage().get_bytes(prefix + "latest.json")) == latest  # nothing written or pruned
+
+
+@pytest.mark.parametrize(
+    ("break_model", "reason"),
+    [
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-4096]),
+            "model.safetensors is truncated or corrupt: tensor",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({**json.loads((d / "config.json").read_text()), "vocab_size": 1_000_000_000})
+            ),
+            "tensor 'model.embed_tokens.weight' in model.safetensors has shape [256, 64], but config.json implies "
+            "[1000000000, 64]",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({**json.loads((d / "config.json").read_text()), "num_hidden_layers": 1_000_000})
+            ),
+            "config.json num_hidden_layers is 1000000, but the checkpoint has layers 0..1",
+        ),
+    ],
+)
+def test_a_lying_or_broken_model_fails_as_invalid_input_naming_what(
+    tenant: str, tmp_path: Path, break_model: Any, reason: str
+) -> None:
+    model_dir = write_model_dir(tmp_path / "m")
+    break_model(model_dir)
+    spec = {
+        "model": {"upload_id": register_upload(tenant, model_files(model_dir))},
+        "steps": [{"method": "quantize", "scheme": "w8a16"}],
+    }
+    job_id = submit_job(tenant, spec)
+    _run(job_id)
+    job = load_job(job_id)
+    assert job.status == "failed" and job.error_type == "invalid_input"
+    assert reason in job.error_message

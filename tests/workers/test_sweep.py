@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import model_files, register_upload, submit_job
 from tests.tiny import write_model_dir
-from tests.workers.test_runner import _files, _submit, _upload
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def jobs(pg_stack: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
     with session_scope() as session:
         tenant = create_tenant(session, "sweep").id
-    upload = _upload(tenant, _files(write_model_dir(tmp_path / "m")))
+    upload = register_upload(tenant, model_files(write_model_dir(tmp_path / "m")))
     spec = {"model": {"upload_id": upload}, "steps": [{"method": "quantize", "scheme": "w8a16"}]}
     rows = {
         "running": {"status": "running", "attempts": 2, "worker_id": "elsewhere:1"},
@@ -39,7 +39,7 @@ def jobs(pg_stack: dict[str, str], tmp_path: Path) -> dict[str, str]:
     }
     ids = {}
     for name, values in rows.items():
-        job_id = _submit(tenant, spec)
+        job_id = submit_job(tenant, spec)
         if name == "succeeded":
             values = {**values, "manifest_key": manifest_key(tenant, job_id, 2)}
         with session_scope() as session:
