@@ -76,7 +76,10 @@ def get_engine() -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # A short connect timeout: a database host that does not answer is an outage to report (503) or wait
+    # out (workers), not a request that hangs for the operating system's TCP timeout.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=connect_args)
 
 
 @lru_cache
