@@ -186,8 +186,11 @@ def test_the_task_hands_back_a_job_it_could_not_claim_and_runs_it_when_redeliver
     job_id: str, monkeypatch: pytest.MonkeyPatch, pg_stack: dict[str, str]
 ) -> None:
     """The Celery task wiring: an outage at the gate becomes ``Task.retry`` (run eagerly here: the retry is
-    the next delivery at once), never an acked message whose job nobody runs."""
+    the next delivery at once), never an acked message whose job nobody runs; and the worker sweeps the
+    scratch directory a killed worker left behind."""
+    from app.config import get_settings
     from workers import runner as runner_module
+    from workers import sweep
     from workers.readiness import DependencyProbe
     from workers.tasks import run_job
 
@@ -202,7 +205,12 @@ def test_the_task_hands_back_a_job_it_could_not_claim_and_runs_it_when_redeliver
     monkeypatch.setattr(runner_module, "worker_probe", lambda: probe)
     apply_env(monkeypatch, {**pg_stack, "MODELPRESS_DEPENDENCY_WAIT_S": "0"})
 
+    left_behind = sweep.scratch_dir(get_settings(), "job_of_a_killed_worker", 1)
+    left_behind.mkdir(parents=True)
+    monkeypatch.setattr(sweep, "_last_scratch_sweep", float("-inf"))
+
     result = run_job.apply(args=[job_id])
     assert result.state == "SUCCESS" and len(looks) == 2
+    assert not left_behind.exists()
     job = _job(job_id)
     assert job.status == "succeeded" and job.attempts == 1, job.error_message
