@@ -77,9 +77,12 @@ def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
             cursor.close()
 
         return engine
+    # A short connect timeout: a database host that does not answer is an outage to report (503) or wait
+    # out (workers), not a request that hangs for the operating system's TCP timeout.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
     if not pooled:
-        return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=connect_args)
 
 
 @lru_cache
