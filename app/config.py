@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="period of the sweep of attempt artifacts and checkpoints nobody owns"
     )
     scratch_sweep_interval_s: float = Field(
-        default=60.0, ge=0, description="a job worker sweeps its scratch directories at most this often"
+        default=10.0, ge=0, description="a job worker sweeps its scratch directories at most this often"
     )
 
     # Quotas: operator defaults; a tenant row overrides each one (null there = this default).

@@ -62,8 +62,8 @@ def utcnow() -> datetime:
 
 
 def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
-    """An engine for ``url``. ``pooled=False`` opens a connection per use (and gives up connecting after a few
-    seconds): for a background thread that must neither share sockets across a fork nor hang in an outage."""
+    """An engine for ``url``. ``pooled=False`` opens a connection per use: for a background thread that must
+    not share sockets with a forked child, nor keep a connection an outage broke."""
     if url.startswith("sqlite"):
         pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
@@ -78,9 +78,12 @@ def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
             cursor.close()
 
         return engine
+    # A short connect timeout: a database host that does not answer is an outage to report (503) or wait
+    # out (workers), not a request that hangs for the operating system's TCP timeout.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
     if not pooled:
-        return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=connect_args)
 
 
 @lru_cache

@@ -306,7 +306,14 @@ class S3Storage:
 
         self.settings = settings
         self.bucket = bucket or settings.s3_bucket
-        config = Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"mode": "standard"})
+        # A short connect timeout: an unreachable endpoint must read as an outage in seconds, not minutes
+        # (botocore's default is 60 s per try); reads keep the default, a large object streams slowly.
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard"},
+            connect_timeout=5,
+        )
         self.client = boto3.client(
             "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config
         )

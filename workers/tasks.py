@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Task
+from celery.signals import worker_ready
 
 from app.broker import REAP_TASK, RUN_JOB_TASK, SWEEP_STORAGE_TASK
 from app.config import get_settings
@@ -28,6 +29,7 @@ def run_job(self: Task, job_id: str) -> None:
     from workers.runner import JobRunner  # torch loads in the worker child, not at import time
     from workers.sweep import sweep_scratch_between_jobs
 
+    sweep_scratch_between_jobs()
     try:
         JobRunner(job_id).run()
     except DependenciesUnavailable as exc:
@@ -35,6 +37,22 @@ def run_job(self: Task, job_id: str) -> None:
         raise self.retry(exc=exc, countdown=get_settings().infra_retry_backoff_s) from exc
     finally:
         sweep_scratch_between_jobs()
+
+
+@worker_ready.connect
+def sweep_scratch_at_start(**_: object) -> None:
+    """A worker starting on a host where another one was killed sweeps what that one left behind.
+
+    This runs in the worker's main process, which forks the job processes: its database connections are
+    closed afterwards, so no child inherits one.
+    """
+    from app.db import reset_caches
+    from workers.sweep import sweep_scratch_between_jobs
+
+    try:
+        sweep_scratch_between_jobs()
+    finally:
+        reset_caches()
 
 
 @celery_app.task(name=SWEEP_STORAGE_TASK)

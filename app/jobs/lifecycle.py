@@ -307,7 +307,7 @@ def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now
             job.id,
             job.tenant_id,
             "job.retrying",
-            {"reason": "worker lost (lease expired)", "attempt": counted, "max_attempts": max_attempts},
+            {"reason": "worker lost (lease expired)", "attempt": job.attempts, "max_attempts": max_attempts},
         )
     return ok
 

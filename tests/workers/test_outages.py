@@ -180,3 +180,37 @@ def test_backoff_doubles_from_the_first_delay_up_to_its_cap() -> None:
 
     settings = Settings(infra_retry_backoff_s=5, infra_retry_max_backoff_s=60)
     assert [infra_backoff_s(settings, n) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_the_task_hands_back_a_job_it_could_not_claim_and_runs_it_when_redelivered(
+    job_id: str, monkeypatch: pytest.MonkeyPatch, pg_stack: dict[str, str]
+) -> None:
+    """The Celery task wiring: an outage at the gate becomes ``Task.retry`` (run eagerly here: the retry is
+    the next delivery at once), never an acked message whose job nobody runs; and the worker sweeps the
+    scratch directory a killed worker left behind."""
+    from app.config import get_settings
+    from workers import runner as runner_module
+    from workers import sweep
+    from workers.readiness import DependencyProbe
+    from workers.tasks import run_job
+
+    looks: list[str] = []
+
+    def storage_down_at_first_look() -> None:
+        looks.append("storage")
+        if len(looks) == 1:
+            raise ConnectionRefusedError("storage down")
+
+    probe = DependencyProbe({"storage": storage_down_at_first_look})
+    monkeypatch.setattr(runner_module, "worker_probe", lambda: probe)
+    apply_env(monkeypatch, {**pg_stack, "MODELPRESS_DEPENDENCY_WAIT_S": "0"})
+
+    left_behind = sweep.scratch_dir(get_settings(), "job_of_a_killed_worker", 1)
+    left_behind.mkdir(parents=True)
+    monkeypatch.setattr(sweep, "_last_scratch_sweep", float("-inf"))
+
+    result = run_job.apply(args=[job_id])
+    assert result.state == "SUCCESS" and len(looks) == 2
+    assert not left_behind.exists()
+    job = _job(job_id)
+    assert job.status == "succeeded" and job.attempts == 1, job.error_message
