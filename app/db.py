@@ -61,8 +61,8 @@ def utcnow() -> datetime:
 
 
 def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
-    """An engine for ``url``. ``pooled=False`` opens a connection per use (and gives up connecting after a few
-    seconds): for a background thread that must neither share sockets across a fork nor hang in an outage."""
+    """An engine for ``url``. ``pooled=False`` opens a connection per use: for a background thread that must
+    not share sockets with a forked child, nor keep a connection an outage broke."""
     if url.startswith("sqlite"):
         pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)

@@ -184,8 +184,9 @@ def _check_index(model_dir: Path, tensors: Mapping[str, TensorHeader]) -> None:
 
 
 def check_causal_lm(config: Mapping[str, Any]) -> str:
-    """The model's causal-LM class name; refuses a config that does not declare one transformers knows for
-    its ``model_type`` (transformers picks the class from ``model_type`` and would add a random head)."""
+    """The model's causal-LM class name; refuses a config whose ``architectures`` does not name the one
+    transformers knows for its ``model_type`` (transformers picks the class from ``model_type`` and would add
+    a random head to, say, a ``BertModel``). A config without ``architectures`` names no other class."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
@@ -193,6 +194,8 @@ def check_causal_lm(config: Mapping[str, Any]) -> str:
         raise EngineError(f"config.json model_type {model_type!r} is not a causal language model transformers knows")
     expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     architectures = config.get("architectures")
+    if architectures is None:  # a bare config: transformers builds `expected`, whose head weights load checks
+        return str(expected)
     if not isinstance(architectures, list) or expected not in architectures:
         raise EngineError(
             f"config.json architectures {architectures!r} is not a causal language model with an LM head "

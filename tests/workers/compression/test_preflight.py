@@ -210,3 +210,12 @@ def test_a_config_far_larger_than_the_weights_is_refused_whatever_the_tensors_ar
     _edit_config(model_dir, num_hidden_layers=1_000_000)
     with pytest.raises(EngineError, match=r"num_hidden_layers 1000000\) describes at least 4,096,016,384 param"):
         inspect_model_dir(model_dir)
+
+
+def test_a_config_without_architectures_loads_as_its_model_types_causal_lm(model_dir: Path) -> None:
+    """A bare config (saved without a model) names no other class: transformers' causal LM for the model_type."""
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["architectures"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"

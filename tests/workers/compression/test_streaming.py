@@ -239,7 +239,7 @@ def test_gptq_completes_under_a_memory_cap_below_the_model_size(tmp_path: Path) 
                     }
                 ],
                 "calibration": {"num_samples": 4, "seq_len": 64},
-                "evaluation": {"seq_len": 64, "max_tokens": 256},
+                "evaluation": {"seq_len": 64, "max_tokens": 2048},  # MIN_PERPLEXITY_TOKENS
             }
         )
     )
