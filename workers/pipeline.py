@@ -20,6 +20,14 @@ from torch import nn
 
 from workers.compression.base import Callbacks, EngineError, StepOutcome
 from workers.compression.data import pack_blocks, read_texts, tokenize_stream
+from workers.compression.device import (
+    DeviceUnavailableError,
+    cuda_environment,
+    cuda_peak,
+    fits_on,
+    load_dtype,
+    resolve_device,
+)
 from workers.compression.evaluate import evaluate
 from workers.compression.export import load_model, save_model
 from workers.compression.recipe import (
@@ -54,6 +62,8 @@ class PipelineInputs:
     on_checkpoint: Callable[[int, Path], None] | None = None
     max_model_bytes: int | None = None
     measure_speed: bool = True
+    hardware: str = "auto"
+    """The job's ``hardware``: where the engines compute (:func:`workers.compression.device.resolve_device`)."""
 
 
 @dataclass
@@ -124,18 +134,19 @@ class _StepContext:
     inputs: PipelineInputs
     out_dir: Path
     callbacks: Callbacks
+    device: torch.device
 
 
 def _quantize_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
     from workers.compression.quantize import quantize
 
-    return quantize(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks)
+    return quantize(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks, device=ctx.device)
 
 
 def _prune_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
     from workers.compression.prune import prune
 
-    return prune(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks)
+    return prune(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks, device=ctx.device)
 
 
 def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
@@ -145,7 +156,8 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
     if stream is None:
         raise EngineError(f"steps[{ctx.index}] (distill) needs training text")
     # The teacher is always the job's input model, also after earlier steps changed `model`.
-    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, dtype=load_dtype(ctx.device))
+    teacher.to(ctx.device)  # the student trains where its teacher is
     student = build_student(
         teacher,
         step.student,
@@ -234,8 +246,14 @@ def run_pipeline(
     if use_low_memory(recipe, inputs.model_dir):
         return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
 
+    try:
+        device = resolve_device(inputs.hardware)
+    except DeviceUnavailableError as exc:
+        raise EngineError(f"the job asks for a GPU, but this worker has none: {exc}") from exc
     callbacks.progress(0.0, "loading model")
-    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes)
+    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, dtype=load_dtype(device))
+    if fits_on(model, device):
+        model.to(device)  # else it stays in host memory and the engines onload one layer at a time
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     texts = _prepare_texts(tokenizer, recipe, inputs)
@@ -250,11 +268,13 @@ def run_pipeline(
         runtime = GgufRuntime.prepare(recipe, model, tokenizer, inputs, Path(scratch), callbacks.scaled(0.1, 0.12))
 
         def run_one(index: int, step: Any, current: Any, step_callbacks: Callbacks) -> StepOutcome:
-            ctx = _StepContext(index, recipe.steps, tokenizer, texts, inputs, out_dir, step_callbacks)
+            ctx = _StepContext(index, recipe.steps, tokenizer, texts, inputs, out_dir, step_callbacks, device)
             return ENGINES[step.method](current, step, ctx)
 
         with gguf_exact_scales() if runtime.exports else nullcontext():
-            step_records, model = _run_steps(recipe, run_one, callbacks.scaled(0.12, 0.85), on_step, model)
+            step_records, model = _run_steps(
+                recipe, run_one, callbacks.scaled(0.12, 0.85), on_step, model, device=device
+            )
 
         callbacks.check()
         callbacks.progress(0.85, "saving the compressed model")
@@ -263,7 +283,9 @@ def run_pipeline(
         # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
         callbacks.progress(0.88, "measuring the compressed model")
         del model
-        reloaded, _ = load_model(model_out)
+        reloaded, _ = load_model(model_out, dtype=load_dtype(device))
+        if fits_on(reloaded, device):
+            reloaded.to(device)
         result = measure(reloaded, model_dir=model_out, callbacks=callbacks.scaled(0.88, 0.93))
         runtimes = runtime.measure(out_dir, texts.eval_ids, callbacks.scaled(0.93, 0.99))
     report = build_report(
@@ -274,6 +296,7 @@ def run_pipeline(
         evaluation_info=texts.evaluation_info(),
         runtimes=runtimes,
         notes=runtime.notes,
+        environment=cuda_environment(),
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")
@@ -286,10 +309,13 @@ def _run_steps(
     callbacks: Callbacks,
     on_step: StepHook,
     model: Any = None,
+    *,
+    device: torch.device | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
     """The step loop of both memory modes: ``run_one(index, step, model, callbacks)`` runs a step on the model
     the steps before it made (``model`` at first); here are each step's progress share and label, its state
-    changes through ``on_step`` and its record for the report. Returns the records and the last model."""
+    changes through ``on_step`` and its record for the report (with the step's CUDA peak memory when the
+    steps compute on a CUDA ``device``). Returns the records and the last model."""
     records: list[dict[str, Any]] = []
     span = 1.0 / len(recipe.steps)
     for index, step in enumerate(recipe.steps):
@@ -303,7 +329,8 @@ def _run_steps(
             metrics=partial(_step_metrics, callbacks, index),
         )
         try:
-            outcome = run_one(index, step, model, labelled)
+            with cuda_peak(device) as peak:
+                outcome = run_one(index, step, model, labelled)
         except BaseException:
             on_step(index, "failed", {"duration_s": round(time.perf_counter() - begin, 3)})
             raise
@@ -311,7 +338,10 @@ def _run_steps(
         duration = round(time.perf_counter() - begin, 3)
         on_step(index, "succeeded", {"duration_s": duration})
         params = step.model_dump(mode="json")
-        records.append({"method": step.method, "params": params, "duration_s": duration, "details": outcome.facts})
+        record = {"method": step.method, "params": params, "duration_s": duration, "details": outcome.facts}
+        if peak.bytes is not None:
+            record["peak_device_memory_bytes"] = peak.bytes
+        records.append(record)
     return records, model
 
 

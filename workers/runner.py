@@ -313,6 +313,7 @@ class JobRunner:
         inputs = PipelineInputs(
             model_dir=work / "input" / "model",
             max_model_bytes=self.settings.max_model_bytes,
+            hardware=spec.hardware,
         )
         self._fetch(spec.model, inputs.model_dir, "model", self.settings.max_model_bytes)
         if spec.calibration:

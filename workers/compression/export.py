@@ -165,8 +165,11 @@ def _has_packed_zero_points(config: dict[str, Any]) -> bool:
     return False
 
 
-def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer (``None`` if the directory has none) in float32 on CPU.
+def load_model(
+    model_dir: Path, *, max_bytes: int | None = None, dtype: torch.dtype | str = torch.float32
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer (``None`` if the directory has none) on the CPU, in float32 unless
+    ``dtype`` says otherwise (``"auto"``: the checkpoint's own; see :mod:`workers.compression.device`).
 
     Safetensors only, ``trust_remote_code=False``, configs with ``auto_map`` refused, weights over
     ``max_bytes`` refused. Compressed-tensors checkpoints load too (decompressed on first forward).
@@ -184,7 +187,7 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None) -> tuple[Any, A
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, trust_remote_code=False, use_safetensors=True, dtype=torch.float32, **extra
+            model_dir, trust_remote_code=False, use_safetensors=True, dtype=dtype, **extra
         )
     except (ValueError, OSError, KeyError) as exc:
         raise EngineError(f"cannot load the model: {exc}") from exc
