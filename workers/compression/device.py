@@ -137,8 +137,8 @@ class LayerFootprint:
     """float32 input statistics held at once: every distinct input's ``XᵀX`` when the layer is observed
     whole, the largest one when it is calibrated group by group."""
     solver: int
-    """The widest solve's working set: ``H``, its Cholesky factor and inverse, and float32 copies of the
-    stacked weight (GPTQ/SparseGPT)."""
+    """The largest solve's working set (GPTQ, SparseGPT, the AWQ search): ``H`` and its factors, float32
+    copies of the stacked weight."""
     forward: int
     """One batch's transient forward: the MLP's intermediate activations and the attention's q/k/v/o."""
 
@@ -236,8 +236,10 @@ def layer_footprint(
     f32 = 4
     widths = [width for width, _ in groups]
     statistics = f32 * (sum(d * d for d in widths) if whole_layer_statistics else max(widths, default=0) ** 2)
-    # H (its damped copy), the flipped factor and the inverse factor; W, Wᵀ, Q and the error in float32.
-    solver = f32 * max((3 * d * d + 4 * rows * d for d, rows in groups), default=0) if solves else 0
+    # d x d: H (2/n XᵀX), its damped scratch copy, the Cholesky factor flipped and unflipped, the inverse;
+    # rows x d in float32: the stacked weight, Wᵀ, Q, Q back in W's layout, the clip search's buffers, the
+    # new weights and the error measures.
+    solver = f32 * max((5 * d * d + 8 * rows * d for d, rows in groups), default=0) if solves else 0
     tokens = max((h.numel() // h.shape[-1] for h in hidden), default=0)
     act_size = max((h.element_size() for h in hidden), default=f32)
     widest_out = max((m.out_features for m in linears), default=0)
