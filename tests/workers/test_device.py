@@ -92,6 +92,24 @@ def test_a_gpu_job_on_a_worker_without_cuda_fails_with_a_reason(tmp_path: Path) 
         run_pipeline(recipe, inputs, tmp_path / "out")
 
 
+def test_a_cpu_job_reports_where_its_layers_ran(tmp_path: Path) -> None:
+    from workers.pipeline import PipelineInputs, run_pipeline
+
+    write_model_dir(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(sample_text(30))
+    recipe = Recipe.model_validate({"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]})
+    inputs = PipelineInputs(
+        model_dir=tmp_path / "model", calibration_files=[tmp_path / "calib.txt"], measure_speed=False, hardware="cpu"
+    )
+    report = run_pipeline(recipe, inputs, tmp_path / "out")
+    step = report["steps"][0]
+    memory = step["details"]["device_memory"]
+    assert memory["device"] == "cpu" and memory["onload"] is False and memory["spill"] is False
+    assert memory["expected_peak_bytes"] == peak_bytes(LayerFootprint(**memory["footprint"]), spill=False)
+    # CUDA's numbers only where there is CUDA.
+    assert "peak_device_memory_bytes" not in step and "gpus" not in report["environment"]
+
+
 # ---------------------------------------------------------------- the accounting
 
 
