@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from workers.compression.base import device_of
-from workers.compression.device import LayerFootprint, cuda_environment, module_bytes, peak_bytes
+from workers.compression.device import BUDGET_SHARE, LayerFootprint, cuda_environment, module_bytes, peak_bytes
 from workers.compression.evaluate import perplexity
 from workers.compression.prune import prune
 from workers.compression.quantize import quantize
@@ -323,6 +323,10 @@ def step_larger_than_the_device(sizes: Sizes, device: torch.device, calibration:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(sizes.cap_bytes / total, device)
         out["memory_fraction"] = round(sizes.cap_bytes / total, 6)
+        if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
+            # An older torch cannot tell the engine the cap (device_budget would see the free memory).
+            budget = int(BUDGET_SHARE * sizes.cap_bytes)
+            out["budget_from"] = "the cap, handed over (this torch has no get_per_process_memory_fraction)"
     else:
         budget = sizes.cap_bytes  # the fake device budget: the same accounting decides
     twin = copy.deepcopy(model)  # the same weights for the spilled run
