@@ -56,7 +56,7 @@ class LayerBatch:
     embeddings can differ from layer to layer (sliding-window layers, local and global RoPE). Empty:
     ``kwargs`` serve every layer.
 
-    A spilled batch (:meth:`spill`) keeps its hidden states in host memory: reading :attr:`hidden`
+    A spilled batch (:meth:`to` with ``spill``) keeps its hidden states in host memory: reading :attr:`hidden`
     brings them to the compute device, assigning it puts the new ones back, so the code that reads
     and writes batches is the same either way.
     """
@@ -247,7 +247,8 @@ def layerwise(
     onloaded one layer at a time. ``budget`` is the device bytes the loop may use (default:
     :func:`~workers.compression.device.device_budget`, no limit on the CPU); the hidden states are
     spilled to host memory when :func:`~workers.compression.device.peak_bytes` says they would not
-    fit. ``solves``: the engine runs GPTQ/SparseGPT solves (their working set is counted).
+    fit. ``solves``: the engine solves per group of Linears (GPTQ, SparseGPT, the AWQ search), whose
+    working set is then counted.
     """
     callbacks = callbacks or Callbacks()
     layers = decoder_layers(model)
