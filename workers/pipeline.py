@@ -177,7 +177,7 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
         pad_token_id=ctx.tokenizer.pad_token_id,
         checkpoint_dir=inputs.checkpoint_dirs.get(ctx.index),
         on_checkpoint=partial(inputs.on_checkpoint, ctx.index) if inputs.on_checkpoint is not None else None,
-        world_size=max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1,
+        world_size=torch.cuda.device_count() if ctx.device.type == "cuda" else 1,  # a rank per GPU of the worker
         callbacks=ctx.callbacks,
     )
 
