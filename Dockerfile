@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# Two images from one file: `api` (no torch: small, starts fast) and `worker` (torch + transformers).
+# Three images from one file: `api` (no torch: small, starts fast), `worker` (torch's CPU build + transformers)
+# and `worker-gpu` (torch's CUDA build of the same version).
 
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,12 +20,30 @@ HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request,sys
 CMD ["modelpress", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
-# torch==2.13.0 from PyPI is the CUDA build on Linux: the same image serves GPU and CPU workers.
+# CPU workers: torch's CPU build of the pinned version (no CUDA libraries: gigabytes smaller).
 # llama-cpp-python (GGUF exports measured in llama.cpp) compiles at install: the library alone, portable AVX2.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && pip install --index-url "$TORCH_INDEX" "torch==2.13.0" \
     && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
        pip install ".[worker,gguf]" \
     && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 USER modelpress
 CMD ["modelpress", "worker", "--queues", "cpu"]
+
+FROM base AS worker-gpu
+# GPU workers: the CUDA 12 build of the same torch (pyproject's pin; `==2.13.0` accepts its +cu128 label), from
+# PyTorch's cu128 index (TORCH_INDEX picks another CUDA 12 minor). The NVIDIA container runtime mounts the
+# driver; the image carries the CUDA runtime inside torch's wheels. The worker refuses to start without a
+# visible GPU (`modelpress worker --queues gpu` exits 2), so a missing device reservation shows at once.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && pip install --index-url "$TORCH_INDEX" "torch==2.13.0" \
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
+       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+       pip install ".[worker,gguf]" \
+    && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
+USER modelpress
+CMD ["modelpress", "worker", "--queues", "gpu"]

@@ -72,6 +72,17 @@ def maintenance_argv(*, hostname: str | None = None, schedule: Path | None = Non
 def cmd_worker(args: argparse.Namespace) -> int:
     from app.observability.celery import prepare_metrics_dir
 
+    if "gpu" in {queue.strip() for queue in args.queues.split(",")}:
+        from workers.compression.device import cuda_problem  # torch: the worker side only
+
+        problem = cuda_problem()
+        if problem is not None:
+            print(
+                f"modelpress worker: the gpu queue needs CUDA, and {problem}. Serve the cpu queue instead "
+                "(--queues cpu).",
+                file=sys.stderr,
+            )
+            return 2
     prepare_metrics_dir()
     os.execv(sys.executable, worker_argv(args.queues, args.concurrency))
     return 0  # not reached

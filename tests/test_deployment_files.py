@@ -21,6 +21,7 @@ def test_compose_file_wires_the_full_stack() -> None:
         assert env["MODELPRESS_BROKER_URL"].startswith("redis://"), name
         assert env["MODELPRESS_STORAGE_BACKEND"] == "s3", name
     assert services["api"]["build"]["target"] == "api" and services["worker"]["build"]["target"] == "worker"
+    assert services["worker-gpu"]["build"]["target"] == "worker-gpu"
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
@@ -39,6 +40,21 @@ def test_dockerfile_api_image_has_no_torch() -> None:
     api_stage = text.split("FROM base AS api", 1)[1].split("FROM base AS worker", 1)[0]
     assert "pip install .\n" in api_stage and "[worker]" not in api_stage
     assert 'pip install ".[worker,gguf]"' in text.split("FROM base AS worker", 1)[1]
+
+
+def test_dockerfile_gpu_worker_has_the_cuda_build_of_the_pinned_torch() -> None:
+    import re
+
+    text = (ROOT / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pinned = re.search(r'"torch==([^"]+)"', pyproject)
+    assert pinned is not None
+    cpu = text.split("FROM base AS worker\n", 1)[1].split("FROM base AS worker-gpu", 1)[0]
+    gpu = text.split("FROM base AS worker-gpu", 1)[1]
+    for stage, index in ((cpu, "whl/cpu"), (gpu, "whl/cu12")):
+        assert f'"torch=={pinned.group(1)}"' in stage and index in stage
+        assert 'pip install ".[worker,gguf]"' in stage
+    assert 'CMD ["modelpress", "worker", "--queues", "gpu"]' in gpu
 
 
 def test_api_process_never_loads_torch() -> None:

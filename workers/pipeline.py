@@ -20,6 +20,14 @@ import torch
 from torch import nn
 
 from workers.compression.base import Callbacks, EngineError, StepCancelled, StepOutcome
+from workers.compression.device import (
+    DeviceUnavailableError,
+    cuda_environment,
+    cuda_peak,
+    fits_on,
+    load_dtype,
+    resolve_device,
+)
 from workers.compression.evaluate import evaluate
 from workers.compression.export import inspect_model_dir, load_model, save_model
 from workers.compression.preflight import ModelPreflight
@@ -53,6 +61,8 @@ class PipelineInputs:
     max_model_bytes: int | None = None
     memory_budget_bytes: int | None = None
     measure_speed: bool = True
+    hardware: str = "auto"
+    """The job's ``hardware``: where the engines compute (:func:`workers.compression.device.resolve_device`)."""
 
     def memory_budget(self) -> int:
         """Bytes a job's model may take at the pipeline's peak: the worker's setting, else the machine's memory."""
@@ -78,18 +88,19 @@ class _StepContext:
     inputs: PipelineInputs
     out_dir: Path
     callbacks: Callbacks
+    device: torch.device
 
 
 def _quantize_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
     from workers.compression.quantize import quantize
 
-    return quantize(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks)
+    return quantize(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks, device=ctx.device)
 
 
 def _prune_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
     from workers.compression.prune import prune
 
-    return prune(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks)
+    return prune(model, step, calibration=ctx.texts.calibration, callbacks=ctx.callbacks, device=ctx.device)
 
 
 def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome:
@@ -99,7 +110,13 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
     if stream is None:
         raise EngineError(f"steps[{ctx.index}] (distill) needs training text")
     # The teacher is always the job's input model, also after earlier steps changed `model`.
-    teacher, _ = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=ctx.callbacks.should_stop)
+    teacher, _ = load_model(
+        inputs.model_dir,
+        max_bytes=inputs.max_model_bytes,
+        should_stop=ctx.callbacks.should_stop,
+        dtype=load_dtype(ctx.device),
+    )
+    teacher.to(ctx.device)  # the student trains where its teacher is
     student = build_student(
         teacher,
         step.student,
@@ -120,7 +137,7 @@ def _distill_step(model: nn.Module, step: Any, ctx: _StepContext) -> StepOutcome
         pad_token_id=ctx.tokenizer.pad_token_id,
         checkpoint_dir=inputs.checkpoint_dirs.get(ctx.index),
         on_checkpoint=partial(inputs.on_checkpoint, ctx.index) if inputs.on_checkpoint is not None else None,
-        world_size=max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1,
+        world_size=torch.cuda.device_count() if ctx.device.type == "cuda" else 1,  # a rank per GPU of the worker
         callbacks=ctx.callbacks,
     )
 
@@ -190,12 +207,20 @@ def run_pipeline(
     on_step = on_step or (lambda _i, _s, _e: None)
     started = time.perf_counter()
 
+    try:
+        device = resolve_device(inputs.hardware)
+    except DeviceUnavailableError as exc:
+        raise EngineError(f"the job asks for a GPU, but this worker has none: {exc}") from exc
     callbacks.progress(0.0, "loading model")
     checked = inspect_model_dir(inputs.model_dir, max_bytes=inputs.max_model_bytes)
     if use_low_memory(recipe, checked):
         return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
     checked.check_memory(inputs.memory_budget(), IN_MEMORY_FACTOR)
-    model, tokenizer = load_model(inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=callbacks.should_stop)
+    model, tokenizer = load_model(
+        inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=callbacks.should_stop, dtype=load_dtype(device)
+    )
+    if fits_on(model, device):
+        model.to(device)  # else it stays in host memory and the engines onload one layer at a time
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     texts = inputs.texts(tokenizer, recipe)
@@ -210,11 +235,13 @@ def run_pipeline(
         runtime = GgufRuntime.prepare(recipe, model, tokenizer, inputs, Path(scratch), callbacks.scaled(0.1, 0.12))
 
         def run_one(index: int, step: Any, current: Any, step_callbacks: Callbacks) -> StepOutcome:
-            ctx = _StepContext(index, recipe.steps, tokenizer, texts, inputs, out_dir, step_callbacks)
+            ctx = _StepContext(index, recipe.steps, tokenizer, texts, inputs, out_dir, step_callbacks, device)
             return ENGINES[step.method](current, step, ctx)
 
         with gguf_exact_scales() if runtime.exports else nullcontext():
-            step_records, model = _run_steps(recipe, run_one, callbacks.scaled(0.12, 0.85), on_step, model)
+            step_records, model = _run_steps(
+                recipe, run_one, callbacks.scaled(0.12, 0.85), on_step, model, device=device
+            )
 
         callbacks.check()
         callbacks.progress(0.85, "saving the compressed model")
@@ -223,7 +250,9 @@ def run_pipeline(
         # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
         callbacks.progress(0.88, "measuring the compressed model")
         del model
-        reloaded, _ = load_model(model_out, should_stop=callbacks.should_stop)
+        reloaded, _ = load_model(model_out, should_stop=callbacks.should_stop, dtype=load_dtype(device))
+        if fits_on(reloaded, device):
+            reloaded.to(device)
         result = measure(reloaded, model_dir=model_out, callbacks=callbacks.scaled(0.88, 0.93))
         if result.perplexity is not None and math.isnan(result.perplexity):
             raise EngineError("the compressed model's outputs are not finite (its perplexity is NaN)")
@@ -236,6 +265,7 @@ def run_pipeline(
         evaluation_info=texts.evaluation_info(),
         runtimes=runtimes,
         notes=[*texts.warnings, *runtime.notes],
+        environment=cuda_environment(),
     )
     write_report_files(report, out_dir)
     callbacks.progress(1.0, "done")
@@ -248,10 +278,13 @@ def _run_steps(
     callbacks: Callbacks,
     on_step: StepHook,
     model: Any = None,
+    *,
+    device: torch.device | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
     """The step loop of both memory modes: ``run_one(index, step, model, callbacks)`` runs a step on the model
     the steps before it made (``model`` at first); here are each step's progress share and label, its state
-    changes through ``on_step`` and its record for the report. Returns the records and the last model."""
+    changes through ``on_step`` and its record for the report (with the step's CUDA peak memory when the
+    steps compute on a CUDA ``device``). Returns the records and the last model."""
     records: list[dict[str, Any]] = []
     span = 1.0 / len(recipe.steps)
     for index, step in enumerate(recipe.steps):
@@ -265,7 +298,8 @@ def _run_steps(
             metrics=partial(_step_metrics, callbacks, index),
         )
         try:
-            outcome = run_one(index, step, model, labelled)
+            with cuda_peak(device) as peak:
+                outcome = run_one(index, step, model, labelled)
         except StepCancelled:
             on_step(index, "cancelled", {"duration_s": round(time.perf_counter() - begin, 3)})
             raise
@@ -276,7 +310,10 @@ def _run_steps(
         duration = round(time.perf_counter() - begin, 3)
         on_step(index, "succeeded", {"duration_s": duration})
         params = step.model_dump(mode="json")
-        records.append({"method": step.method, "params": params, "duration_s": duration, "details": outcome.facts})
+        record = {"method": step.method, "params": params, "duration_s": duration, "details": outcome.facts}
+        if peak.bytes is not None:
+            record["peak_device_memory_bytes"] = peak.bytes
+        records.append(record)
     return records, model
 
 

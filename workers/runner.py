@@ -317,6 +317,7 @@ class Attempt:
             model_dir=work / "input" / "model",
             max_model_bytes=self.settings.max_model_bytes,
             memory_budget_bytes=self.settings.max_model_memory_bytes,
+            hardware=spec.hardware,
         )
         self.inputs.fetch(spec.model, inputs.model_dir, "model", self.settings.max_model_bytes)
         if spec.calibration:

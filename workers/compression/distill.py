@@ -229,6 +229,8 @@ def _step_rows(step: int, rows_per_step: int, num_rows: int, seed: int, cache: d
     """Row indices of optimizer step ``step``: a fresh seeded permutation per epoch over the rows.
 
     A pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+    On the CPU whatever the device: the seeded CPU generator gives one order everywhere, and the indices
+    select rows of the host-side data.
     """
     positions = range(step * rows_per_step, (step + 1) * rows_per_step)
     out = []
@@ -237,9 +239,9 @@ def _step_rows(step: int, rows_per_step: int, num_rows: int, seed: int, cache: d
         if epoch not in cache:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             cache.clear()  # one epoch at a time is enough: steps move forward
-            cache[epoch] = torch.randperm(num_rows, generator=generator)
+            cache[epoch] = torch.randperm(num_rows, generator=generator, device="cpu")
         out.append(int(cache[epoch][pos % num_rows]))
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long, device="cpu")
 
 
 # ============================================================================ the loss
@@ -315,8 +317,12 @@ class Trainee(nn.Module):
         super().__init__()
         self.student = student
         self.student_layers = student_layers
+        # Initialised on the CPU from its seeded generator, so a projection starts the same on every device
+        # (the caller moves the trainee to the student's device).
         self.projections = nn.ModuleList(
-            nn.Linear(student_width, teacher_width, bias=False) if student_width != teacher_width else nn.Identity()
+            nn.Linear(student_width, teacher_width, bias=False, device="cpu")
+            if student_width != teacher_width
+            else nn.Identity()
             for _ in student_layers
         )
 

@@ -227,8 +227,15 @@ def stop_checks(should_stop: StopFn | None) -> AbstractContextManager[Any]:
     return _StopChecks(should_stop) if should_stop is not None else nullcontext()
 
 
-def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: StopFn | None = None) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer (``None`` if the directory has none) in float32 on CPU.
+def load_model(
+    model_dir: Path,
+    *,
+    max_bytes: int | None = None,
+    should_stop: StopFn | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer (``None`` if the directory has none) on the CPU, in float32 unless
+    ``dtype`` says otherwise (``"auto"``: the checkpoint's own; see :mod:`workers.compression.device`).
 
     Safetensors only, ``trust_remote_code=False``, configs with ``auto_map`` refused, weights over
     ``max_bytes`` refused, and everything :func:`inspect_model_dir` checks before a byte of weights is read.
@@ -254,7 +261,7 @@ def load_model(model_dir: Path, *, max_bytes: int | None = None, should_stop: St
                 model_dir,
                 trust_remote_code=False,
                 use_safetensors=True,
-                dtype=torch.float32,
+                dtype=dtype,
                 output_loading_info=True,
                 **extra,
             )

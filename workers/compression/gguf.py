@@ -255,7 +255,7 @@ def integer_codes(module: nn.Module) -> _Codes:
     scale = _param(module, "weight_scale").to(torch.float32).reshape(rows, -1)
     zp_param = getattr(module, "weight_zero_point", None)
     zero = (
-        zp_param.detach().to(torch.float32).reshape(rows, -1)
+        zp_param.detach().cpu().to(torch.float32).reshape(rows, -1)
         if zp_param is not None and not args.symmetric
         else torch.zeros_like(scale)
     )
@@ -275,9 +275,10 @@ def integer_codes(module: nn.Module) -> _Codes:
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor:
+    """A module's tensor in host memory, wherever the model computes: GGUF blocks are built by numpy."""
     value = getattr(module, name)
     assert isinstance(value, torch.Tensor)
-    return value.detach()
+    return value.detach().cpu()
 
 
 def _carriable(module: nn.Module | None, qtype: QType) -> bool:
@@ -331,8 +332,8 @@ def _check_carried(blocks: np.ndarray, qtype: QType, module: nn.Module) -> None:
     """The blocks, dequantized by llama.cpp's reference code, must give the model's weight exactly."""
     weight = _param(module, "weight")
     restored = torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).to(weight.dtype)
-    if not torch.equal(restored, weight.cpu()):
-        worst = float((restored.float() - weight.float().cpu()).abs().max())
+    if not torch.equal(restored, weight):
+        worst = float((restored.float() - weight.float()).abs().max())
         raise EngineError(f"GGUF {qtype.name} blocks differ from the quantized weight (max {worst:.3g})")
 
 

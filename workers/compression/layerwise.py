@@ -5,12 +5,19 @@ The calibration batches run through the embeddings once; then, for each decoder 
 engine's ``process`` callback observes the layer on the current inputs (e.g. by hooks while calling
 ``replay()``), modifies it, and the *modified* layer's outputs become the next layer's inputs. Memory
 stays bounded by one layer plus the activations, as in llm-compressor's sequential pipeline.
+
+The loop computes on a ``device`` (where the model lives by default). A model kept in host memory is
+*onloaded*: each decoder layer moves to the device for its turn and back after it, so the device
+holds one layer, the activations and the statistics (llm-compressor's sequential onloading). When
+even the activations do not fit (:func:`workers.compression.device.plan_onload`), they are *spilled*
+to (pinned) host memory and visit the device one batch at a time; the results are the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -19,6 +26,14 @@ from torch import nn
 
 from workers.compression import heap
 from workers.compression.base import Callbacks, EngineError, device_of
+from workers.compression.device import (
+    OnloadPlan,
+    cuda_peak,
+    device_budget,
+    host_buffer,
+    layer_footprint,
+    plan_onload,
+)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -34,22 +49,77 @@ class _Captured(Exception):  # noqa: N818 - control flow
     pass
 
 
-@dataclass
 class LayerBatch:
-    """One calibration batch at the input of a decoder layer: hidden states plus the layer's other kwargs."""
+    """One calibration batch at the input of a decoder layer: hidden states plus the layer's other kwargs.
 
-    hidden: torch.Tensor
-    kwargs: dict[str, Any]
-    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
-    """What each decoder layer receives besides the hidden states: masks and rotary embeddings can
-    differ from layer to layer (sliding-window layers, local and global RoPE). Empty: ``kwargs``
-    serve every layer."""
+    ``layer_kwargs``: what each decoder layer receives besides the hidden states. Masks and rotary
+    embeddings can differ from layer to layer (sliding-window layers, local and global RoPE). Empty:
+    ``kwargs`` serve every layer.
+
+    A spilled batch (:meth:`to` with ``spill``) keeps its hidden states in host memory: reading :attr:`hidden`
+    brings them to the compute device, assigning it puts the new ones back, so the code that reads
+    and writes batches is the same either way.
+    """
+
+    def __init__(
+        self, hidden: torch.Tensor, kwargs: dict[str, Any], layer_kwargs: list[dict[str, Any]] | None = None
+    ) -> None:
+        self._hidden = hidden
+        self.kwargs = kwargs
+        self.layer_kwargs: list[dict[str, Any]] = layer_kwargs if layer_kwargs is not None else []
+        self._compute: torch.device | None = None  # set while spilled
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        if self._compute is None:
+            return self._hidden
+        # From pinned memory the copy is asynchronous, ordered before the kernels that read it.
+        return self._hidden.to(self._compute, non_blocking=True)
+
+    @hidden.setter
+    def hidden(self, value: torch.Tensor) -> None:
+        if self._compute is None:
+            self._hidden = value
+        else:
+            self._hidden = host_buffer(value, self._compute).copy_(value)
+
+    @property
+    def spilled(self) -> bool:
+        return self._compute is not None
 
     def at_layer(self, index: int) -> LayerBatch:
         """Point ``kwargs`` at what decoder layer ``index`` receives."""
         if self.layer_kwargs:
             self.kwargs = self.layer_kwargs[index]
         return self
+
+    def to(self, device: torch.device, *, spill: bool = False, moved: dict[int, Any] | None = None) -> None:
+        """Put the layer arguments on ``device``, and the hidden states too unless ``spill`` (then they wait
+        in host memory). ``moved`` maps tensors already moved (by ``id``) to their copies: the batches of
+        one run share their rotary embeddings and masks, and every layer's arguments are the same
+        tensors, so each is moved once."""
+        moved = {} if moved is None else moved
+        self.kwargs = _moved(self.kwargs, device, moved)
+        self.layer_kwargs = [_moved(kwargs, device, moved) for kwargs in self.layer_kwargs]
+        hidden = self.hidden
+        self._compute = None
+        self.hidden = hidden.to(device)
+        if spill:
+            self._compute = device
+            self.hidden = self._hidden
+
+
+def _moved(value: Any, device: torch.device, moved: dict[int, Any]) -> Any:
+    """``value`` with its tensors (also inside tuples, lists and dicts) on ``device``, each moved once."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in moved:
+            moved[id(value)] = (value, value.to(device))  # the original kept alive: its id stays unique
+        return moved[id(value)][1]
+    if isinstance(value, tuple | list):
+        return type(value)(_moved(v, device, moved) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device, moved) for k, v in value.items()}
+    return value
 
 
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> list[LayerBatch]:
@@ -141,6 +211,15 @@ STORE_BYTES = 1 << 30
 _LLAMA_MODULES = ["input_layernorm", "post_attention_layernorm", *ATTENTION_IN, *ATTENTION_OUT, *MLP_IN, *MLP_OUT]
 
 
+@dataclass(frozen=True)
+class LayerwiseRun:
+    """What :func:`layerwise` did: whether the layers ran group by group (``stage``) rather than observed
+    whole (``process``), and where it computed, with the memory it expected and measured."""
+
+    staged: bool
+    memory: OnloadPlan
+
+
 def layerwise(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -150,9 +229,12 @@ def layerwise(
     propagate: bool = True,
     stage: StageFn | None = None,
     inspect: Callable[[nn.Module, LayerBatch], None] | None = None,
-) -> bool:
-    """Calibrate ``model`` one decoder layer at a time (see module docstring); return whether the
-    layers ran group by group (``stage``) rather than observed whole (``process``).
+    *,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
+    solves: bool = True,
+) -> LayerwiseRun:
+    """Calibrate ``model`` one decoder layer at a time (see module docstring).
 
     With ``propagate=True`` the next layer sees the outputs of the already-modified layer, so
     errors are corrected downstream (GPTQ/SparseGPT practice); with ``False`` it sees the
@@ -160,20 +242,89 @@ def layerwise(
     ``stage``: layers of the Llama shape then run once, in :func:`staged_forward`, instead of
     being observed by ``process`` and run again. ``inspect(first layer, first batch)`` runs once,
     before any layer is modified.
+
+    ``device`` is where the layers compute (default: where the model is); a model elsewhere is
+    onloaded one layer at a time. ``budget`` is the device bytes the loop may use (default:
+    :func:`~workers.compression.device.device_budget`, no limit on the CPU); the hidden states are
+    spilled to host memory when :func:`~workers.compression.device.peak_bytes` says they would not
+    fit. ``solves``: the engine solves per group of Linears (GPTQ, SparseGPT, the AWQ search), whose
+    working set is then counted.
     """
     callbacks = callbacks or Callbacks()
     layers = decoder_layers(model)
-    with heap.retained_heap():  # every layer allocates the same activations again: reuse their pages
+    home = device_of(model)
+    compute = _concrete(torch.device(device) if device is not None else home)
+    onload = compute != home
+    budget = budget if budget is not None else device_budget(compute)
+    staged = False
+    with heap.retained_heap(), cuda_peak(compute) as peak:  # retained heap: each layer reuses the last's pages
         batches = capture_layer_inputs(model, input_ids, batch_size)
-        if inspect is not None and batches:
-            inspect(layers[0], batches[0])
-        staged = stage is not None and propagate and bool(batches) and stages_match(layers[0], batches[0])
+        group_by_group = stage is not None and propagate and _has_llama_shape(layers[0])
+        footprint = layer_footprint(
+            layers[0],
+            [batch.hidden for batch in batches],
+            [(batch.kwargs, batch.layer_kwargs) for batch in batches],
+            input_groups=linear_input_groups(layers[0]),
+            whole_layer_statistics=not group_by_group,
+            solves=solves,
+            onload=onload,
+        )
+        plan = plan_onload(footprint, budget, device=compute, onload=onload)
+        moved: dict[int, Any] = {}
+        for batch in batches:
+            batch.to(compute, spill=plan.spill, moved=moved)
+        del moved
         total = len(layers)
         for index, layer in enumerate(layers):
             callbacks.check()
-            calibrate_layer(index, layer, batches, process, stage if staged else None, propagate)
+            with _visiting(layer, compute, home, onload):
+                if index == 0 and batches:
+                    if inspect is not None:
+                        inspect(layer, batches[0])
+                    staged = stage is not None and propagate and stages_match(layer, batches[0])
+                store = 0 if plan.spill else STORE_BYTES  # spilled: nothing kept across batches on the device
+                calibrate_layer(index, layer, batches, process, stage if staged else None, propagate, store)
             callbacks.progress((index + 1) / total, f"layer {index + 1}/{total}")
-    return staged
+        del batches
+    return LayerwiseRun(staged=staged, memory=replace(plan, measured_peak_bytes=peak.added))
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` as the ``cuda:N`` tensors report (so that a model on it compares equal)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def _visiting(layer: nn.Module, compute: torch.device, home: torch.device, onload: bool) -> Iterator[None]:
+    """With ``onload``, ``layer`` on the compute device for the block and back home after (its Parameter
+    objects stay: hooks, qparams and the engines' references to modules see the moved tensors)."""
+    if not onload:
+        yield
+        return
+    layer.to(compute)
+    try:
+        yield
+    finally:
+        layer.to(home)
+
+
+def linear_input_groups(layer: nn.Module) -> list[tuple[int, int]]:
+    """``(width, rows)`` of every distinct tensor a layer's Linears read, ``rows`` the output rows of the
+    Linears reading it: the four groups of a Llama-shape layer (q/k/v, o, gate/up, down), otherwise one
+    per Linear (an upper bound)."""
+    if not _has_llama_shape(layer):
+        return [(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear)]
+    groups = []
+    for names in (ATTENTION_IN, ATTENTION_OUT, MLP_IN, MLP_OUT):
+        width, rows = 0, 0
+        for name in names:
+            linear = layer.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            width, rows = linear.in_features, rows + linear.out_features
+        groups.append((width, rows))
+    return groups
 
 
 def calibrate_layer(

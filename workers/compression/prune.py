@@ -37,11 +37,15 @@ def prune(
     *,
     calibration: torch.Tensor | None = None,
     callbacks: Callbacks | None = None,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
 ) -> StepOutcome:
     """Prune ``model`` in place as ``config`` says and return it with facts about what was done.
 
     ``calibration`` is ``[n, seq_len]`` token ids, required by wanda, sparsegpt and structured layer
-    dropping. Structured pruning may replace modules; use the returned model.
+    dropping. Structured pruning may replace modules; use the returned model. Calibrated algorithms
+    compute on ``device`` (default: where the model is), one decoder layer at a time when the model
+    is elsewhere, within ``budget`` device bytes (:func:`workers.compression.layerwise.layerwise`).
     """
     callbacks = callbacks or Callbacks()
     if config.algorithm == "structured":
@@ -57,12 +61,19 @@ def prune(
             mlp=targets.mlp,
             calibration=calibration,
             callbacks=callbacks,
+            device=device,
+            budget=budget,
         )
-    return _prune_unstructured(model, config, calibration, callbacks)
+    return _prune_unstructured(model, config, calibration, callbacks, device, budget)
 
 
 def _prune_unstructured(
-    model: nn.Module, config: PruneStep, calibration: torch.Tensor | None, callbacks: Callbacks
+    model: nn.Module,
+    config: PruneStep,
+    calibration: torch.Tensor | None,
+    callbacks: Callbacks,
+    device: torch.device | str | None,
+    budget: int | None,
 ) -> StepOutcome:
     nm = config.nm
     sparsity = config.sparsity
@@ -71,6 +82,7 @@ def _prune_unstructured(
     achieved: dict[str, float] = {}
     obs_loss: dict[str, float] = {}
     sizes: dict[str, int] = {}
+    device_memory: dict[str, Any] | None = None
 
     def selected(prefix: str) -> Callable[[str, nn.Linear], bool]:
         return lambda name, _module: not ignored(f"{prefix}.{name}")
@@ -130,9 +142,14 @@ def _prune_unstructured(
             if stats is not None:
                 prune_group(prefix, layer, chosen, stats)
 
-        layerwise(model, calibration, process, callbacks, stage=stage)
+        run = layerwise(
+            model, calibration, process, callbacks, stage=stage, device=device, budget=budget, solves=not diag_only
+        )
+        device_memory = run.memory.to_dict()
 
-    return StepOutcome(model=model, facts=_facts(config, achieved, sizes, obs_loss, len(layers)))
+    facts = _facts(config, achieved, sizes, obs_loss, len(layers))
+    facts["device_memory"] = device_memory
+    return StepOutcome(model=model, facts=facts)
 
 
 def _sequential_groups(

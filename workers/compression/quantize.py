@@ -135,12 +135,18 @@ def quantize(
     *,
     calibration: torch.Tensor | None = None,
     callbacks: Callbacks | None = None,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
 ) -> StepOutcome:
     """Quantize ``model`` in place per ``config`` and return it with facts for the report.
 
     ``calibration`` is ``input_ids`` ``[n, seq_len]``; required when ``config.calibration_reason is not None``
     (GPTQ, AWQ, SmoothQuant, static activations) and otherwise unused. Cancellation is checked
     between decoder layers. Raises :class:`EngineError` for unusable models/configs.
+
+    Calibrated recipes compute on ``device`` (default: where the model is), onloading one decoder layer
+    at a time when the model is elsewhere; ``budget`` caps the device bytes planned for
+    (:func:`workers.compression.layerwise.layerwise`). RTN needs no forward and works where the model is.
     """
     started = time.perf_counter()
     callbacks = callbacks or Callbacks()
@@ -155,9 +161,10 @@ def quantize(
 
     if config.calibration_reason is not None:
         assert calibration is not None
+        compute = torch.device(device) if device is not None else device_of(model)
         if config.algorithm == "gptq":
-            preload_compiled_kernels(device_of(model))  # while the first layer's inputs are observed
-        run.true_sequential = layerwise(
+            preload_compiled_kernels(compute)  # while the first layer's inputs are observed
+        calibrated = layerwise(
             model,
             calibration,
             run.process_layer,
@@ -165,7 +172,12 @@ def quantize(
             batch_size=CALIBRATION_BATCH,
             stage=run.process_stage if run.stages else None,
             inspect=run.check_scaling,
+            device=compute,
+            budget=budget,
+            solves=config.algorithm in ("gptq", "awq"),
         )
+        run.true_sequential = calibrated.staged
+        run.device_memory = calibrated.memory.to_dict()
     else:
         for index, prefix in enumerate(in_layers):
             callbacks.check()
@@ -245,6 +257,7 @@ class _Run:
         # Producers (a norm, or v_proj / up_proj) whose rescaling changed the first layer's output:
         # their mappings are left out everywhere (see check_scaling). None: not checked.
         self.scaling_skipped: list[str] | None = None
+        self.device_memory: dict[str, Any] | None = None  # the layer loop's device and memory (layerwise)
 
     def check_scaling(self, layer: nn.Module, batch: LayerBatch) -> None:
         """Try every SmoothQuant/AWQ mapping of the first decoder layer on one calibration batch, with
@@ -268,7 +281,9 @@ class _Run:
             for previous, consumers in mappings:
                 probe = copy.deepcopy(reference)
                 width = consumers[0][1].in_features
-                scales = torch.empty(width).uniform_(-0.7, 0.7, generator=torch.Generator().manual_seed(width)).exp()
+                # Drawn on the CPU from a seeded CPU generator, the same probe on every device; moved below.
+                generator = torch.Generator().manual_seed(width)
+                scales = torch.empty(width, device="cpu").uniform_(-0.7, 0.7, generator=generator).exp()
                 linears = [probe.get_submodule(n) for n, _ in consumers]
                 apply_input_scaling(
                     probe.get_submodule(name_of[id(previous)]), [m for m in linears if isinstance(m, nn.Linear)], scales
@@ -332,6 +347,7 @@ class _Run:
             "weight_errors": self.weight_errors,
             "rtn_fallback_modules": self.rtn_fallback,
             "sparsity_preserved_modules": self.sparse_modules,
+            "device_memory": self.device_memory,
             "seconds": round(seconds, 3),
         }
 

@@ -81,7 +81,8 @@ def sparsegpt_prune(
     hinv = inverse_cholesky(h, dampening_frac, name)
     del h
 
-    loss = torch.zeros((), dtype=torch.float64)
+    # Summed on the weight's device: a float() per column would wait for the device every column.
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         count = end - start
@@ -105,7 +106,7 @@ def sparsegpt_prune(
             q = col.masked_fill(mask1[:, i], 0.0)
             q1[:, i] = q
             err = (col - q) / d
-            loss += float(torch.sum(err**2))
+            loss += torch.sum(err**2, dtype=torch.float64)
             # OBS update of the not-yet-processed columns of this block.
             w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # rank-1 update in place
             err1[:, i] = err

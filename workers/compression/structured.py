@@ -33,10 +33,17 @@ from workers.compression.hessian import collect_input_stats
 from workers.compression.layerwise import decoder_layers, layerwise
 
 
-def layer_importance(model: nn.Module, calibration: torch.Tensor, callbacks: Callbacks | None = None) -> list[float]:
+def layer_importance(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    callbacks: Callbacks | None = None,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
+) -> list[float]:
     """ShortGPT block influence per decoder layer: ``1 - mean cosine(input, output)`` over calibration tokens.
 
-    Higher means the layer changes its input more, i.e. matters more. The model is not modified.
+    Higher means the layer changes its input more, i.e. matters more. The model is not modified. The
+    layers run on ``device`` (default: where the model is; see :func:`layerwise`).
     """
     scores: list[float] = []
 
@@ -58,7 +65,7 @@ def layer_importance(model: nn.Module, calibration: torch.Tensor, callbacks: Cal
             count += cos.numel()
         scores.append(1.0 - total / max(count, 1))
 
-    layerwise(model, calibration, process, callbacks)
+    layerwise(model, calibration, process, callbacks, device=device, budget=budget, solves=False)
     return scores
 
 
@@ -71,6 +78,8 @@ def shrink(
     mlp: float | None = None,
     calibration: torch.Tensor | None = None,
     callbacks: Callbacks | None = None,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
 ) -> StepOutcome:
     """Structurally prune ``model`` in place and return it (deep-copy first to keep the original).
 
@@ -79,6 +88,7 @@ def shrink(
     ``mlp`` drop those fractions of attention heads and MLP channels in every remaining layer (heads
     as laid out by :func:`_head_plan`), scored on ``calibration`` if given and on weight norms
     otherwise. Layers are dropped first, so heads/MLP are scored on the already-shortened model.
+    Calibrated scoring runs on ``device`` within ``budget`` (see :func:`layerwise`).
     """
     callbacks = callbacks or Callbacks()
     if keep_layers is not None and drop_layers is not None:
@@ -100,7 +110,7 @@ def shrink(
             raise EngineError("dropping layers by importance needs calibration data")
         n_layers = len(layers)
         n_drop = min(max(1, round(drop_layers * n_layers)), n_layers - 1)
-        scores = layer_importance(model, calibration, layer_phase)
+        scores = layer_importance(model, calibration, layer_phase, device, budget)
         dropped = sorted(sorted(range(n_layers), key=lambda i: scores[i])[:n_drop])
         keep_layers = [i for i in range(n_layers) if i not in dropped]
         facts["layer_scores"] = [round(s, 6) for s in scores]
@@ -113,7 +123,13 @@ def shrink(
     if reshape_later:
         facts.update(
             _prune_heads_and_mlp(
-                model, heads, mlp, calibration, callbacks.scaled(0.5, 1.0) if keep_layers is not None else callbacks
+                model,
+                heads,
+                mlp,
+                calibration,
+                callbacks.scaled(0.5, 1.0) if keep_layers is not None else callbacks,
+                device,
+                budget,
             )
         )
 
@@ -158,6 +174,8 @@ def _prune_heads_and_mlp(
     mlp: float | None,
     calibration: torch.Tensor | None,
     callbacks: Callbacks,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
 ) -> dict[str, Any]:
     config = model.config
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -196,7 +214,7 @@ def _prune_heads_and_mlp(
             _shrink_mlp(block, _channel_scores(layer, norms), keep_channels)
 
     if calibration is not None:
-        layerwise(model, calibration, process, callbacks)
+        layerwise(model, calibration, process, callbacks, device=device, budget=budget, solves=False)
     else:
         layers = decoder_layers(model)
         for index, layer in enumerate(layers):
@@ -260,7 +278,7 @@ def _head_scores(layer: Any, o_gram: torch.Tensor | None, n_heads: int, n_kv: in
     attn = layer.self_attn
     w_o = attn.o_proj.weight.detach().float()  # [hidden, n_heads * d]
     d = w_o.shape[1] // n_heads
-    scores = torch.empty(n_heads)
+    scores = torch.empty(n_heads, device=w_o.device)
     if o_gram is not None:
         gram = o_gram.to(w_o.device)
         for h in range(n_heads):
@@ -292,8 +310,9 @@ def _shrink_attention(attn: Any, scores: torch.Tensor, keep_q: int, keep_kv: int
         for g in kv_kept:
             local = scores[g * ratio : (g + 1) * ratio]
             q_kept += sorted(g * ratio + int(i) for i in torch.topk(local, per_group).indices)
-    q_rows = _head_rows(q_kept, d)
-    kv_rows = _head_rows(kv_kept, d)
+    device = attn.o_proj.weight.device
+    q_rows = _head_rows(q_kept, d, device)
+    kv_rows = _head_rows(kv_kept, d, device)
     attn.q_proj = _slice_linear(attn.q_proj, rows=q_rows)
     attn.k_proj = _slice_linear(attn.k_proj, rows=kv_rows)
     attn.v_proj = _slice_linear(attn.v_proj, rows=kv_rows)
@@ -331,8 +350,8 @@ def _shrink_mlp(block: Any, scores: torch.Tensor, keep: int) -> None:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+def _head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long, device=device)
 
 
 def _slice_linear(linear: Any, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
