@@ -101,7 +101,7 @@ def test_a_cpu_job_reports_where_its_layers_ran(tmp_path: Path) -> None:
     inputs = PipelineInputs(
         model_dir=tmp_path / "model", calibration_files=[tmp_path / "calib.txt"], measure_speed=False, hardware="cpu"
     )
-    report = run_pipeline(recipe, inputs, tmp_path / "out")
+    report = run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")  # report.json's form
     step = report["steps"][0]
     memory = step["details"]["device_memory"]
     assert memory["device"] == "cpu" and memory["onload"] is False and memory["spill"] is False

@@ -134,7 +134,7 @@ def test_the_pipeline_on_a_gpu_records_the_gpu_and_each_steps_peak(tmp_path: Pat
     inputs = PipelineInputs(
         model_dir=tmp_path / "model", calibration_files=[tmp_path / "calib.txt"], measure_speed=True, hardware="gpu"
     )
-    report = run_pipeline(recipe, inputs, tmp_path / "out")
+    report = run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")  # report.json's form
     assert report["environment"]["gpus"][0]["memory_bytes"] > 0
     assert (
         report["baseline"]["device"].startswith("cuda")
