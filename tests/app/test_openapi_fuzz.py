@@ -38,6 +38,15 @@ def fuzz_headers(pg_stack: dict[str, str]) -> dict[str, str]:
         )
         tenant = create_tenant(session, "fuzz", rate_limit_per_minute=1_000_000, max_queued_jobs=100_000)
         _, clear = create_key(session, tenant.id, "fuzz", list(ALL_SCOPES))
+        # A deployment is ready with its maintenance process alive: this one has none, so say it beat just now.
+        record_heartbeat(
+            session,
+            hostname="maintenance@fuzz",
+            role=ROLE_MAINTENANCE,
+            queues=["maintenance"],
+            pid=1,
+            started_at=utcnow(),
+        )
     return {"Authorization": f"Bearer {clear}"}
 
 
