@@ -19,23 +19,11 @@ FAST_EXAMPLES_PER_OPERATION = 3  # `make test-fast`: the first few of the same f
 
 @pytest.fixture
 def fuzz_headers(pg_stack: dict[str, str]) -> dict[str, str]:
-    import os
-
     from app.auth.service import ALL_SCOPES, create_key, create_tenant
     from app.db import session_scope, utcnow
     from app.heartbeats.service import ROLE_MAINTENANCE, record_heartbeat
 
     with session_scope() as session:
-        # A deployment that is ready (a maintenance process beats): the fuzz run is about the contract, and
-        # /readyz's 503 without one is tested in tests/app/test_health.py.
-        record_heartbeat(
-            session,
-            hostname="maintenance@fuzz",
-            role=ROLE_MAINTENANCE,
-            queues=["maintenance"],
-            pid=os.getpid(),
-            started_at=utcnow(),
-        )
         tenant = create_tenant(session, "fuzz", rate_limit_per_minute=1_000_000, max_queued_jobs=100_000)
         _, clear = create_key(session, tenant.id, "fuzz", list(ALL_SCOPES))
         # A deployment is ready with its maintenance process alive: this one has none, so say it beat just now.
