@@ -189,6 +189,19 @@ def _step_metrics(callbacks: Callbacks, index: int, data: dict[str, Any]) -> Non
     callbacks.metrics({"step": index, **data})
 
 
+def _load_on(
+    device: torch.device, model_dir: Path, callbacks: Callbacks, *, max_bytes: int | None = None
+) -> tuple[Any, Any]:
+    """Load a model for ``device`` (its dtype policy) and put it there when it fits; else it stays in host
+    memory and the engines onload one layer at a time."""
+    model, tokenizer = load_model(
+        model_dir, max_bytes=max_bytes, should_stop=callbacks.should_stop, dtype=load_dtype(device)
+    )
+    if fits_on(model, device):
+        model.to(device)
+    return model, tokenizer
+
+
 def run_pipeline(
     recipe: Recipe,
     inputs: PipelineInputs,
@@ -216,11 +229,7 @@ def run_pipeline(
     if use_low_memory(recipe, checked):
         return _run_low_memory(recipe, inputs, out_dir, callbacks, on_step, started)
     checked.check_memory(inputs.memory_budget(), IN_MEMORY_FACTOR)
-    model, tokenizer = load_model(
-        inputs.model_dir, max_bytes=inputs.max_model_bytes, should_stop=callbacks.should_stop, dtype=load_dtype(device)
-    )
-    if fits_on(model, device):
-        model.to(device)  # else it stays in host memory and the engines onload one layer at a time
+    model, tokenizer = _load_on(device, inputs.model_dir, callbacks, max_bytes=inputs.max_model_bytes)
     if tokenizer is None:
         raise EngineError("the model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     texts = inputs.texts(tokenizer, recipe)
@@ -250,9 +259,7 @@ def run_pipeline(
         # Measure the artifact as a user gets it: reloaded from disk by transformers. This also proves it loads.
         callbacks.progress(0.88, "measuring the compressed model")
         del model
-        reloaded, _ = load_model(model_out, should_stop=callbacks.should_stop, dtype=load_dtype(device))
-        if fits_on(reloaded, device):
-            reloaded.to(device)
+        reloaded, _ = _load_on(device, model_out, callbacks)
         result = measure(reloaded, model_dir=model_out, callbacks=callbacks.scaled(0.88, 0.93))
         if result.perplexity is not None and math.isnan(result.perplexity):
             raise EngineError("the compressed model's outputs are not finite (its perplexity is NaN)")

@@ -88,17 +88,7 @@ def _prune_unstructured(
         return lambda name, _module: not ignored(f"{prefix}.{name}")
 
     if config.algorithm == "magnitude":
-        total = len(layers)
-        for index, layer in enumerate(layers):
-            callbacks.check()
-            prefix = f"model.layers.{index}"
-            for name, module in _linears(layer, selected(prefix)):
-                scores = module.weight.detach().abs().float()
-                mask = nm_prune_mask(scores, *nm) if nm else matrix_prune_mask(scores, float(sparsity))  # type: ignore[arg-type]
-                set_weight(module, module.weight.detach().masked_fill(mask, 0.0))
-                achieved[f"{prefix}.{name}"] = _zero_fraction(module.weight)
-                sizes[f"{prefix}.{name}"] = module.weight.numel()
-            callbacks.progress((index + 1) / total, f"layer {index + 1}/{total}")
+        _prune_by_magnitude(layers, config, selected, callbacks, achieved, sizes)
     else:
         if calibration is None:
             raise EngineError(f"{config.algorithm} pruning needs calibration data")
@@ -150,6 +140,28 @@ def _prune_unstructured(
     facts = _facts(config, achieved, sizes, obs_loss, len(layers))
     facts["device_memory"] = device_memory
     return StepOutcome(model=model, facts=facts)
+
+
+def _prune_by_magnitude(
+    layers: nn.ModuleList,
+    config: PruneStep,
+    selected: Callable[[str], Callable[[str, nn.Linear], bool]],
+    callbacks: Callbacks,
+    achieved: dict[str, float],
+    sizes: dict[str, int],
+) -> None:
+    """Zero the smallest weights of every selected linear (per matrix, or N:M), layer by layer; no data needed."""
+    nm, sparsity, total = config.nm, config.sparsity, len(layers)
+    for index, layer in enumerate(layers):
+        callbacks.check()
+        prefix = f"model.layers.{index}"
+        for name, module in _linears(layer, selected(prefix)):
+            scores = module.weight.detach().abs().float()
+            mask = nm_prune_mask(scores, *nm) if nm else matrix_prune_mask(scores, float(sparsity))  # type: ignore[arg-type]
+            set_weight(module, module.weight.detach().masked_fill(mask, 0.0))
+            achieved[f"{prefix}.{name}"] = _zero_fraction(module.weight)
+            sizes[f"{prefix}.{name}"] = module.weight.numel()
+        callbacks.progress((index + 1) / total, f"layer {index + 1}/{total}")
 
 
 def _sequential_groups(
