@@ -431,13 +431,14 @@ def start_stack(
         assert api.poll() is None, (tmp / "api.log").read_text()
         yield stack
     finally:
-        for proc in [api, maintenance, *stack.workers]:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        running = [proc for proc in [api, maintenance, *stack.workers] if proc.poll() is None]
+        for proc in running:  # every process told first, so that they stop side by side
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in running:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         mp.undo()
         from app.db import reset_caches
 

@@ -156,6 +156,7 @@ def test_cli_exit_codes_and_key_sources(proxied_stack: Stack, mp: ModelPress, tm
     assert "serve" in _cli("serve", "--help").stdout
 
 
+@pytest.mark.slow  # a stack of processes per test: `make test` runs it
 def test_async_client(proxied_stack: Stack, mp: ModelPress, tmp_path: Path) -> None:
     import asyncio
 

@@ -37,6 +37,7 @@ def _put_keys(proxy: FaultProxy, since: int = 0) -> Counter[str]:
     return counts
 
 
+@pytest.mark.slow  # a stack of processes per test: `make test` runs it
 def test_a_cut_part_is_sent_again_and_only_it(mp: ModelPress, proxy: FaultProxy, tmp_path: Path) -> None:
     proxy.add(Rule("PUT", "/v1/storage/", "drop_request_body", nth=3, value=300_000))
     upload = mp.uploads.upload(_folder(tmp_path), concurrency=2)
@@ -47,6 +48,7 @@ def test_a_cut_part_is_sent_again_and_only_it(mp: ModelPress, proxy: FaultProxy,
     assert sorted(counts.values()) == [1, 1, 1, 1, 1, 1, 2]  # the cut one twice, every other once
 
 
+@pytest.mark.slow  # a stack of processes per test: `make test` runs it
 def test_an_interrupted_upload_resumes_with_what_the_server_holds(
     proxied_stack: Stack, proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -72,6 +74,7 @@ def test_an_interrupted_upload_resumes_with_what_the_server_holds(
     assert all(n == 1 for n in resent.values())
 
 
+@pytest.mark.slow  # a stack of processes per test: `make test` runs it
 def test_a_lost_201_makes_exactly_one_job(mp: ModelPress, proxy: FaultProxy, tmp_path: Path) -> None:
     upload = mp.uploads.upload(_folder(tmp_path))
     # The server creates the job; its 201 is replaced by a 503 on the way back.
@@ -84,6 +87,7 @@ def test_a_lost_201_makes_exactly_one_job(mp: ModelPress, proxy: FaultProxy, tmp
     assert [j.id for j in jobs] == [job.id] and job.status == "queued"
 
 
+@pytest.mark.slow  # a stack of processes per test: `make test` runs it
 def test_a_cut_event_stream_resumes_from_the_last_event(mp: ModelPress, proxy: FaultProxy, tmp_path: Path) -> None:
     upload = mp.uploads.upload(_folder(tmp_path))
     job = mp.jobs.create(model=upload.id, steps=QUANTIZE)
@@ -98,6 +102,7 @@ def test_a_cut_event_stream_resumes_from_the_last_event(mp: ModelPress, proxy: F
     assert job.wait().status == "cancelled"
 
 
+@pytest.mark.slow  # a stack of processes per test: `make test` runs it
 def test_429_waits_for_retry_after(mp: ModelPress, proxy: FaultProxy) -> None:
     proxy.add(Rule("GET", "/v1/limits", "replace_status", value=429, headers={"Retry-After": "1"}))
     started = time.monotonic()
