@@ -44,7 +44,10 @@ def _celery_worker_argv(queues: str, concurrency: int, hostname: str | None, *ex
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "--queues", queues, "--loglevel", "INFO", "--concurrency", str(concurrency),
-        "--hostname", hostname or f"modelpress-{queues.replace(',', '-')}@%h", *extra,
+        "--hostname", hostname or f"modelpress-{queues.replace(',', '-')}@%h",
+        # No gossip or mingle: nothing here uses them (workers are told nothing by each other), and gossip's
+        # restart after a lost Redis connection can kill the worker (kombu#582, seen in tests/fault).
+        "--without-gossip", "--without-mingle", *extra,
     ]  # fmt: skip
 
 
