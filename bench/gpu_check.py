@@ -102,7 +102,7 @@ DRY = Sizes(
     hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, language_tokens=128,
     train_steps=30, train_batch=8, seq_len=64, calibration_rows=16, eval_windows=4,
     big_hidden=128, big_intermediate=256, big_layers=12, big_heads=4, big_kv_heads=2, big_vocab=512,
-    cap_bytes=6 * 2**20,
+    cap_bytes=7 * 2**20,  # the model (7.26 MiB) exceeds it; one layer resident (6.1 MiB accounted) fits
 )  # fmt: skip
 
 
