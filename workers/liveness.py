@@ -29,6 +29,11 @@ class ProcessHeartbeat(bootsteps.StartStopStep):
     """Write ``worker_heartbeats`` every ``MODELPRESS_LIVENESS_INTERVAL_S``; delete the row on a clean stop."""
 
     label = "modelpress heartbeat"
+    # After the pool has forked its children, and with the first beat made here, before the thread exists: a
+    # child forked while the thread held a lock it then needs (a module being imported on first use, say)
+    # would wait for it forever. Later forks (max_tasks_per_child) meet a thread that only re-runs code it has
+    # already imported.
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -44,26 +49,29 @@ class ProcessHeartbeat(bootsteps.StartStopStep):
         self._engine = create_database_engine(settings.resolved_database_url(), pooled=False)
         role = ROLE_MAINTENANCE if MAINTENANCE_QUEUE in queues else ROLE_JOBS
         beat = {"hostname": self._hostname, "role": role, "queues": queues, "pid": os.getpid(), "started_at": utcnow()}
+        interval_s = settings.liveness_interval_s
+        failing = self._beat(beat, interval_s, failing=False)
         self._thread = threading.Thread(
-            target=self._run, args=(beat, settings.liveness_interval_s), name="modelpress-heartbeat", daemon=True
+            target=self._run, args=(beat, interval_s, failing), name="modelpress-heartbeat", daemon=True
         )
         self._thread.start()
 
-    def _run(self, beat: dict[str, Any], interval_s: float) -> None:
-        failing = False
-        while True:
-            try:
-                with Session(self._engine) as session, session.begin():
-                    record_heartbeat(session, **beat)
-                if failing:
-                    log.info("heartbeat recorded again")
-                failing = False
-            except Exception:
-                if not failing:  # one line per outage, not one per beat
-                    log.warning("could not record the heartbeat; retrying every %.0f s", interval_s, exc_info=True)
-                failing = True
-            if self._stop.wait(interval_s):
-                return
+    def _beat(self, beat: dict[str, Any], interval_s: float, *, failing: bool) -> bool:
+        """Record one heartbeat; whether it failed (logged once per outage, not once per beat)."""
+        try:
+            with Session(self._engine) as session, session.begin():
+                record_heartbeat(session, **beat)
+        except Exception:
+            if not failing:
+                log.warning("could not record the heartbeat; retrying every %.0f s", interval_s, exc_info=True)
+            return True
+        if failing:
+            log.info("heartbeat recorded again")
+        return False
+
+    def _run(self, beat: dict[str, Any], interval_s: float, failing: bool) -> None:
+        while not self._stop.wait(interval_s):
+            failing = self._beat(beat, interval_s, failing=failing)
 
     def stop(self, parent: Any) -> None:
         self._stop.set()
