@@ -320,6 +320,25 @@ def job_event_types(job_id: str) -> list[str]:
         return list(session.execute(query).scalars())
 
 
+def gptq_pipeline_report(tmp_path: Path, *, hardware: str, measure_speed: bool) -> dict[str, Any]:
+    """One W4A16 GPTQ job on a tiny model through :func:`workers.pipeline.run_pipeline`, with ``hardware`` as a
+    job would set it; its report in report.json's form."""
+    from tests.tiny import sample_text, write_model_dir
+    from workers.compression.recipe import Recipe
+    from workers.pipeline import PipelineInputs, run_pipeline
+
+    write_model_dir(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(sample_text(30))
+    recipe = Recipe.model_validate({"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]})
+    inputs = PipelineInputs(
+        model_dir=tmp_path / "model",
+        calibration_files=[tmp_path / "calib.txt"],
+        measure_speed=measure_speed,
+        hardware=hardware,
+    )
+    return run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")
+
+
 # ---------------------------------------------------------------- the whole stack as processes
 
 
