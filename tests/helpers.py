@@ -339,6 +339,22 @@ def gptq_pipeline_report(tmp_path: Path, *, hardware: str, measure_speed: bool) 
     return run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")
 
 
+def start_dev(data_dir: Path, port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``modelpress dev`` as a process in its own group, on ``port``, with its data under ``data_dir/var`` and
+    its output in ``log``; the caller's MODELPRESS_* settings are left out, ``env`` adds some."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    clean |= {"MODELPRESS_DATA_DIR": str(data_dir / "var"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "dev", "--port", str(port)],
+            cwd=ROOT,
+            env=clean,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 # ---------------------------------------------------------------- the whole stack as processes
 
 
