@@ -78,6 +78,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    from tests.helpers import start_dev
     from tests.tiny import sample_text, write_model_dir  # the repo's tiny-model builder (no downloads)
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="modelpress-soak-"))
@@ -87,18 +88,8 @@ def main() -> int:
     eval_file.write_text(sample_text(4))
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-    env |= {"MODELPRESS_DATA_DIR": str(data_dir / "var"), "PYTHONUNBUFFERED": "1"}
     log = data_dir / "dev.log"
-    with log.open("wb") as out:
-        dev = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "dev", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    dev = start_dev(data_dir, port, log)
     print(f"modelpress dev (pid {dev.pid}) on {base}; data in {data_dir}", flush=True)
     started = time.monotonic()
     try:

@@ -320,6 +320,41 @@ def job_event_types(job_id: str) -> list[str]:
         return list(session.execute(query).scalars())
 
 
+def gptq_pipeline_report(tmp_path: Path, *, hardware: str, measure_speed: bool) -> dict[str, Any]:
+    """One W4A16 GPTQ job on a tiny model through :func:`workers.pipeline.run_pipeline`, with ``hardware`` as a
+    job would set it; its report in report.json's form."""
+    from tests.tiny import sample_text, write_model_dir
+    from workers.compression.recipe import Recipe
+    from workers.pipeline import PipelineInputs, run_pipeline
+
+    write_model_dir(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(sample_text(30))
+    recipe = Recipe.model_validate({"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]})
+    inputs = PipelineInputs(
+        model_dir=tmp_path / "model",
+        calibration_files=[tmp_path / "calib.txt"],
+        measure_speed=measure_speed,
+        hardware=hardware,
+    )
+    return run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")
+
+
+def start_dev(data_dir: Path, port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``modelpress dev`` as a process in its own group, on ``port``, with its data under ``data_dir/var`` and
+    its output in ``log``; the caller's MODELPRESS_* settings are left out, ``env`` adds some."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    clean |= {"MODELPRESS_DATA_DIR": str(data_dir / "var"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "dev", "--port", str(port)],
+            cwd=ROOT,
+            env=clean,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 # ---------------------------------------------------------------- the whole stack as processes
 
 

@@ -7,7 +7,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, start_dev
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,23 +47,9 @@ def _maintenance_pid_in_heartbeat(db: Path) -> int | None:
 @pytest.fixture
 def dev(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-    env |= {
-        "MODELPRESS_DATA_DIR": str(tmp_path / "var"),
-        "MODELPRESS_LIVENESS_INTERVAL_S": "0.5",
-        "MODELPRESS_LIVENESS_STALE_S": "10",
-        "PYTHONUNBUFFERED": "1",
-    }
     log = tmp_path / "dev.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "dev", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    liveness = {"MODELPRESS_LIVENESS_INTERVAL_S": "0.5", "MODELPRESS_LIVENESS_STALE_S": "10"}
+    proc = start_dev(tmp_path, port, log, liveness)
     try:
         yield proc, f"http://127.0.0.1:{port}", log
     finally:

@@ -204,52 +204,57 @@ def succeed(
     return ok
 
 
-def fail(session: Session, job_id: str, error_type: str, message: str, worker_id: str | None = None) -> bool:
-    """``running/cancelling/queued → failed`` with a readable reason (worker_id None: the reaper); a step
-    still ``running`` becomes ``failed``."""
-    steps, closed = _close_running_steps(session, job_id, "failed")
+def _end_unfinished(
+    session: Session,
+    job_id: str,
+    sources: tuple[JobStatus, ...],
+    worker_id: str | None,
+    status: JobStatus,
+    event: dict[str, Any],
+    **values: Any,
+) -> bool:
+    """``sources → status`` (failed or cancelled), closing a step still ``running`` with the same word, then
+    the steps' events and the job's (``job.<status>`` with ``event``)."""
+    steps, closed = _close_running_steps(session, job_id, status.value)
     ok = _guarded_update(
         session,
         job_id,
-        (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING),
+        sources,
         (Job.worker_id == worker_id) if worker_id else None,
-        status=JobStatus.FAILED,
-        error_type=error_type,
-        error_message=message[:4000],
+        status=status,
         finished_at=utcnow(),
         lease_expires_at=None,
         steps=json_safe(steps),
-        progress_message="failed",
+        progress_message=status.value,
+        **values,
     )
     if ok:
         tenant_id = _tenant_of(session, job_id)
-        _record_closed_steps(session, job_id, tenant_id, "failed", closed)
-        record_event(
-            session, job_id, tenant_id, "job.failed", {"error": {"type": error_type, "message": message[:4000]}}
-        )
+        _record_closed_steps(session, job_id, tenant_id, status.value, closed)
+        record_event(session, job_id, tenant_id, f"job.{status.value}", event)
     return ok
+
+
+def fail(session: Session, job_id: str, error_type: str, message: str, worker_id: str | None = None) -> bool:
+    """``running/cancelling/queued → failed`` with a readable reason (worker_id None: the reaper); a step
+    still ``running`` becomes ``failed``."""
+    reason = message[:4000]
+    return _end_unfinished(
+        session,
+        job_id,
+        (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING),
+        worker_id,
+        JobStatus.FAILED,
+        {"error": {"type": error_type, "message": reason}},
+        error_type=error_type,
+        error_message=reason,
+    )
 
 
 def mark_cancelled(session: Session, job_id: str, worker_id: str | None = None) -> bool:
     """``cancelling → cancelled`` (the worker stopped, or the reaper found it gone); a step still ``running``
     becomes ``cancelled``."""
-    steps, closed = _close_running_steps(session, job_id, "cancelled")
-    ok = _guarded_update(
-        session,
-        job_id,
-        (JobStatus.CANCELLING,),
-        (Job.worker_id == worker_id) if worker_id else None,
-        status=JobStatus.CANCELLED,
-        finished_at=utcnow(),
-        lease_expires_at=None,
-        steps=json_safe(steps),
-        progress_message="cancelled",
-    )
-    if ok:
-        tenant_id = _tenant_of(session, job_id)
-        _record_closed_steps(session, job_id, tenant_id, "cancelled", closed)
-        record_event(session, job_id, tenant_id, "job.cancelled", {})
-    return ok
+    return _end_unfinished(session, job_id, (JobStatus.CANCELLING,), worker_id, JobStatus.CANCELLED, {})
 
 
 def request_cancel(session: Session, job_id: str) -> str | None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.helpers import gptq_pipeline_report
 from tests.tiny import sample_text, tiny_model, write_model_dir
 from workers.compression.base import EngineError
 from workers.compression.device import (
@@ -93,15 +94,7 @@ def test_a_gpu_job_on_a_worker_without_cuda_fails_with_a_reason(tmp_path: Path) 
 
 
 def test_a_cpu_job_reports_where_its_layers_ran(tmp_path: Path) -> None:
-    from workers.pipeline import PipelineInputs, run_pipeline
-
-    write_model_dir(tmp_path / "model")
-    (tmp_path / "calib.txt").write_text(sample_text(30))
-    recipe = Recipe.model_validate({"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]})
-    inputs = PipelineInputs(
-        model_dir=tmp_path / "model", calibration_files=[tmp_path / "calib.txt"], measure_speed=False, hardware="cpu"
-    )
-    report = run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")  # report.json's form
+    report = gptq_pipeline_report(tmp_path, hardware="cpu", measure_speed=False)
     step = report["steps"][0]
     memory = step["details"]["device_memory"]
     assert memory["device"] == "cpu" and memory["onload"] is False and memory["spill"] is False

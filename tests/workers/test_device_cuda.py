@@ -124,17 +124,9 @@ def test_distillation_on_the_gpu_learns_under_bf16_autocast() -> None:
 
 
 def test_the_pipeline_on_a_gpu_records_the_gpu_and_each_steps_peak(tmp_path: Path) -> None:
-    from tests.tiny import sample_text, write_model_dir
-    from workers.compression.recipe import Recipe
-    from workers.pipeline import PipelineInputs, run_pipeline
+    from tests.helpers import gptq_pipeline_report
 
-    write_model_dir(tmp_path / "model")
-    (tmp_path / "calib.txt").write_text(sample_text(30))
-    recipe = Recipe.model_validate({"steps": [{"method": "quantize", "scheme": "w4a16", "algorithm": "gptq"}]})
-    inputs = PipelineInputs(
-        model_dir=tmp_path / "model", calibration_files=[tmp_path / "calib.txt"], measure_speed=True, hardware="gpu"
-    )
-    report = run_pipeline(recipe, inputs, tmp_path / "out").model_dump(mode="json")  # report.json's form
+    report = gptq_pipeline_report(tmp_path, hardware="gpu", measure_speed=True)
     assert report["environment"]["gpus"][0]["memory_bytes"] > 0
     assert (
         report["baseline"]["device"].startswith("cuda")
