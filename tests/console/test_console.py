@@ -344,6 +344,17 @@ def test_keys_and_webhooks(page: Page, console_stack: Stack, shared: dict[str, A
             )
             assert job.status_code == 201, job.text
         wait_until(receiver.accepted, 60, "the relay to deliver job.queued")
+        # The receiver answers before the relay records the answer: wait for the record, then open the list.
+        with httpx.Client(
+            base_url=console_stack.base_url, headers={"Authorization": f"Bearer {manager.key}"}, timeout=30
+        ) as client:
+            endpoint_id = client.get("/v1/webhooks").json()["data"][0]["id"]
+
+            def recorded() -> bool:
+                deliveries = client.get(f"/v1/webhooks/{endpoint_id}/deliveries").json()["data"]
+                return any(d["status"] == "delivered" for d in deliveries)
+
+            wait_until(recorded, 30, "the relay to record the delivery")
         endpoint_row.get_by_role("button", name="Deliveries").click()
         delivery = page.locator("#deliveries tr", has_text="job.queued")
         expect(delivery).to_contain_text("delivered")
