@@ -92,11 +92,11 @@ def test_killed_distill_job_resumes_from_its_checkpoint(production_stack: Stack,
         latest_key = wait_until(first_checkpoint, 360, f"the first checkpoint of {job_id}")
         # The worker now waits at its second checkpoint, so the job cannot end before it is killed. Webhooks
         # flow while the job runs: the relay has a worker of its own, not the busy job worker.
-        wait_until(receiver.accepted, 60, "a job.progress webhook while the job runs")
+        delivered = wait_until(receiver.accepted, 60, "a job.progress webhook while the job runs")
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         stack.kill_worker(worker)
         receiver.stop()
-        first = verify(receiver.accepted()[0], endpoint.json()["secret"])
+        first = verify(delivered[0], endpoint.json()["secret"])
         assert first["type"] == "job.progress" and first["data"]["job_id"] == job_id
         resume_step = _checkpoint_step(latest_key)  # nobody writes checkpoints now: this is what attempt 2 finds
         assert resume_step == CHECKPOINT_EVERY  # the first checkpoint, the only one the gate let through
