@@ -62,12 +62,12 @@ def eventually(check: Callable[[], T], timeout: float = 60, interval: float = 0.
 
 
 def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """``check()``'s first result that is neither None nor False (see :func:`eventually`); the failure names
-    ``what``."""
+    """``check()``'s first truthy result (see :func:`eventually`): None, False and an empty collection all
+    mean "not yet", so ``wait_until(receiver.accepted, ...)`` waits for a delivery. The failure names ``what``."""
 
     def reached() -> T:
         result = check()
-        assert result is not None and result is not False, f"timed out after {timeout} s waiting for {what}"
+        assert result, f"timed out after {timeout} s waiting for {what}"
         return result
 
     return eventually(reached, timeout, interval)
