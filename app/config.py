@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     quota_upload_bytes_per_day: int = Field(default=1024**4, ge=1, description="upload bytes per rolling 24 h")
     quota_requests_per_minute: int = Field(default=600, ge=1, description="API requests per minute per key")
     quota_retry_after_s: int = Field(default=15, ge=1, description="Retry-After of a full queue; worker re-try")
+    api_database_pool_size: int = Field(
+        default=32,
+        ge=1,
+        le=1000,
+        description="database connections an API process keeps for its request path (authentication, job reads): "
+        "about its concurrent requests; a burst beyond it opens up to half as many more, closed after use",
+    )
     unavailable_retry_after_s: int = Field(
         default=5, ge=1, description="Retry-After of a 503 while the database, broker or storage is unreachable"
     )

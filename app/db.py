@@ -9,7 +9,8 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
@@ -60,29 +61,58 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite.
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"check_same_thread": False, "timeout": 30}
+    # A short connect timeout: a database host that does not answer is an outage to report (503) or wait
+    # out (workers), not a request that hangs for the operating system's TCP timeout.
+    return {"connect_timeout": 5} if url.startswith("postgresql") else {}
+
+
 def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
     """An engine for ``url``. ``pooled=False`` opens a connection per use: for a background thread that must
     not share sockets with a forked child, nor keep a connection an outage broke."""
     if url.startswith("sqlite"):
         pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite.
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
+        engine = create_engine(url, connect_args=_connect_args(url), **pool)
+        event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # A short connect timeout: a database host that does not answer is an outage to report (503) or wait
-    # out (workers), not a request that hangs for the operating system's TCP timeout.
-    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
     if not pooled:
-        return create_engine(url, poolclass=NullPool, connect_args=connect_args)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=connect_args)
+        return create_engine(url, poolclass=NullPool, connect_args=_connect_args(url))
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=_connect_args(url))
+
+
+def create_request_engine(url: str, pool_size: int = 32) -> AsyncEngine:
+    """The API's engine for its request path (the caller's key, one job): asyncio, so a read costs no
+    thread-pool hop; autocommit, so a single statement costs no BEGIN and ROLLBACK round trips; used with
+    Core statements, not the ORM. No pre-ping either: a connection an outage broke fails its statement
+    (a 503, and SQLAlchemy then invalidates the whole pool), where a ping would cost every request a
+    round trip. One per app, made in its lifespan: an asyncio connection belongs to the event loop that
+    opened it. ``pool_size`` is about the number of concurrent requests: each holds a connection only for
+    its statements, but a burst past the pool opens overflow connections that are closed again after use
+    (a connect costs far more than a read)."""
+    target = make_url(url)
+    if target.drivername.startswith("sqlite"):
+        target = target.set(drivername="sqlite+aiosqlite")
+        engine = create_async_engine(target, connect_args={"timeout": 30}, isolation_level="AUTOCOMMIT")
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        target,
+        pool_size=pool_size,
+        max_overflow=pool_size // 2,
+        isolation_level="AUTOCOMMIT",
+        connect_args=_connect_args(url),
+    )
 
 
 @lru_cache

@@ -1,20 +1,22 @@
-"""FastAPI dependencies, as ``Annotated`` aliases: sessions, the caller, storage, settings."""
+"""FastAPI dependencies, as ``Annotated`` aliases: sessions, the request path, the caller, storage, settings."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.auth.quotas import too_many
-from app.auth.ratelimit import check_rate
+from app.auth.ratelimit import RateLimiter, check_rate, create_rate_limiter
 from app.auth.service import Principal, authenticate
 from app.config import Settings, get_settings
-from app.db import get_sessionmaker
+from app.db import create_request_engine, get_sessionmaker
 from app.errors import Problem
 from app.storage import Storage, get_storage
 
@@ -43,18 +45,47 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def current_principal(request: Request, session: SessionDep) -> Principal:
+@dataclass(frozen=True)
+class RequestPath:
+    """What every API request uses before its route: the request engine (the caller's key, and the hot
+    reads such as one job) and the rate limiter. Both are asyncio, so authentication and the rate check
+    run on the event loop with no thread-pool hop; one per app, opened and closed by its lifespan, since
+    an asyncio connection belongs to the event loop that opened it."""
+
+    engine: AsyncEngine
+    limiter: RateLimiter
+
+    @classmethod
+    def open(cls, settings: Settings) -> RequestPath:
+        engine = create_request_engine(settings.resolved_database_url(), settings.api_database_pool_size)
+        return cls(engine, create_rate_limiter(settings))
+
+    async def close(self) -> None:
+        await self.limiter.aclose()
+        await self.engine.dispose()
+
+
+async def request_path(request: Request) -> RequestPath:
+    # async: a sync dependency would cost a thread-pool hop.
+    path: RequestPath = request.app.state.request_path
+    return path
+
+
+RequestPathDep = Annotated[RequestPath, Depends(request_path)]
+
+
+async def current_principal(request: Request, path: RequestPathDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Problem(
             401, "Unauthorized", "send 'Authorization: Bearer <api key>'", headers={"WWW-Authenticate": "Bearer"}
         )
-    principal = authenticate(session, token.strip())
+    principal = await authenticate(path.engine, token.strip())
     if principal is None:
         raise Problem(401, "Unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     # Counted per key after authentication: an unauthenticated flood costs a hash lookup, not a budget.
-    decision = check_rate(get_settings(), principal.key_id, principal.rate_limit_per_minute)
+    decision = await check_rate(path.limiter, get_settings(), principal.key_id, principal.rate_limit_per_minute)
     if not decision.allowed:
         raise too_many(
             f"this API key may make {decision.limit} requests per minute",

@@ -16,6 +16,7 @@ from app.body_limit import BodyLimitMiddleware
 from app.config import get_settings
 from app.console.router import install_console
 from app.db import session_scope
+from app.deps import RequestPath
 from app.errors import document_problems, install_error_handlers
 from app.jobs.router import router as jobs_router
 from app.observability import http as observability
@@ -25,14 +26,18 @@ from app.webhooks.router import router as webhooks_router  # also registers the 
 
 
 @asynccontextmanager
-async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     if settings.bootstrap_api_key:
         if settings.environment == "production":
             raise RuntimeError("MODELPRESS_BOOTSTRAP_API_KEY must not be set in production")
         with session_scope() as session:
             ensure_bootstrap_key(session, settings.bootstrap_api_key)
-    yield
+    app.state.request_path = RequestPath.open(settings)
+    try:
+        yield
+    finally:
+        await app.state.request_path.close()
 
 
 def create_app() -> FastAPI:

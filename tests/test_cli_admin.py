@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -19,8 +20,21 @@ def test_admin_commands_create_and_revoke(embedded_stack: dict[str, str], capsys
     from sqlalchemy import select
 
     from app.auth.models import ApiKey
-    from app.auth.service import authenticate, hash_secret
-    from app.db import session_scope
+    from app.auth.service import Principal, authenticate, hash_secret
+    from app.config import get_settings
+    from app.db import create_request_engine, session_scope
+
+    def caller(clear: str) -> Principal | None:
+        """Who the API would take a request with this key for."""
+
+        async def lookup() -> Principal | None:
+            engine = create_request_engine(get_settings().resolved_database_url())
+            try:
+                return await authenticate(engine, clear)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(lookup())
 
     code, tenant, _ = run(capsys, "create-tenant", "acme")
     assert code == 0 and tenant["name"] == "acme" and str(tenant["id"]).startswith("ten_")
@@ -29,10 +43,10 @@ def test_admin_commands_create_and_revoke(embedded_stack: dict[str, str], capsys
     assert code == 0 and "not shown again" in err
     clear = str(key["key"])
     assert clear.startswith("mp_live_") and key["scopes"] == ["jobs:read", "jobs:write"]
+    principal = caller(clear)
+    assert principal is not None and principal.tenant_id == tenant["id"]
+    assert principal.scopes == {"jobs:read", "jobs:write"}
     with session_scope() as session:
-        principal = authenticate(session, clear)
-        assert principal is not None and principal.tenant_id == tenant["id"]
-        assert principal.scopes == {"jobs:read", "jobs:write"}
         stored = session.execute(select(ApiKey).where(ApiKey.id == key["id"])).scalar_one()
         assert stored.secret_hash == hash_secret(clear) and stored.name == "ci"
 
@@ -41,9 +55,8 @@ def test_admin_commands_create_and_revoke(embedded_stack: dict[str, str], capsys
 
     code, revoked, _ = run(capsys, "revoke-key", str(key["id"]))
     assert code == 0 and revoked == {"id": key["id"], "revoked": True}
-    with session_scope() as session:
-        assert authenticate(session, clear) is None  # at once
-        assert authenticate(session, str(default_key["key"])) is not None  # only that key
+    assert caller(clear) is None  # at once
+    assert caller(str(default_key["key"])) is not None  # only that key
     code, _, err = run(capsys, "revoke-key", str(key["id"]))
     assert code == 1 and "no active key" in err
 

@@ -8,17 +8,16 @@ with fixed windows, and only one key to store. The rejection carries the exact w
 
 Where: Redis when the broker is ``redis://`` (shared by every API process; an atomic Lua script using
 the Redis clock, so API hosts need no synchronised clocks); a dictionary in this process in the
-embedded mode (one API process, no server).
+embedded mode (one API process, no server). Both are asyncio: the check runs on the API's event loop, and
+each app makes its own limiter in its lifespan (an asyncio Redis connection belongs to one event loop).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Protocol
 
 from app.config import Settings
@@ -36,7 +35,9 @@ class Decision:
 
 
 class RateLimiter(Protocol):
-    def hit(self, key: str, limit: int) -> Decision: ...
+    async def hit(self, key: str, limit: int) -> Decision: ...
+
+    async def aclose(self) -> None: ...
 
 
 def _gcra(tat: float, now: float, limit: int) -> tuple[bool, float, int, float]:
@@ -51,21 +52,23 @@ def _gcra(tat: float, now: float, limit: int) -> tuple[bool, float, int, float]:
 
 
 class MemoryRateLimiter:
-    """In-process GCRA (embedded mode: a single API process)."""
+    """In-process GCRA (embedded mode: a single API process). Used only from its app's event loop, so a
+    hit runs whole, with no other hit in between: no lock."""
 
     def __init__(self, clock: Any = None) -> None:
         self._clock = clock or (lambda: time.monotonic() * 1000)
         self._tat: dict[str, float] = {}
-        self._lock = threading.Lock()
 
-    def hit(self, key: str, limit: int) -> Decision:
-        with self._lock:
-            now = float(self._clock())
-            if len(self._tat) > 10_000:  # forget keys whose budget is full again (bounded memory)
-                self._tat = {k: v for k, v in self._tat.items() if v > now}
-            allowed, tat, remaining, wait_ms = _gcra(self._tat.get(key, now), now, limit)
-            self._tat[key] = tat
+    async def hit(self, key: str, limit: int) -> Decision:
+        now = float(self._clock())
+        if len(self._tat) > 10_000:  # forget keys whose budget is full again (bounded memory)
+            self._tat = {k: v for k, v in self._tat.items() if v > now}
+        allowed, tat, remaining, wait_ms = _gcra(self._tat.get(key, now), now, limit)
+        self._tat[key] = tat
         return Decision(allowed, limit, remaining, math.ceil(wait_ms / 1000))
+
+    async def aclose(self) -> None:
+        pass
 
 
 # KEYS[1] = the key's TAT; ARGV = period ms, limit. Returns {allowed, remaining, wait ms}.
@@ -92,34 +95,34 @@ class RedisRateLimiter:
     """GCRA in Redis: one key per API key, expiring when its budget is full again."""
 
     def __init__(self, url: str) -> None:
-        import redis
+        import redis.asyncio
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         self._script = self._redis.register_script(_LUA)
 
-    def hit(self, key: str, limit: int) -> Decision:
-        allowed, remaining, wait_ms = self._script(keys=[f"modelpress:ratelimit:{key}"], args=[PERIOD_MS, limit])
+    async def hit(self, key: str, limit: int) -> Decision:
+        keys = [f"modelpress:ratelimit:{key}"]
+        allowed, remaining, wait_ms = await self._script(keys=keys, args=[PERIOD_MS, limit])
         return Decision(bool(allowed), limit, int(remaining), math.ceil(int(wait_ms) / 1000))
 
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
-@lru_cache
-def _limiter_for(broker_url: str) -> RateLimiter:
+
+def create_rate_limiter(settings: Settings) -> RateLimiter:
+    """Redis when the broker is Redis (shared by every API process), else in this process (embedded)."""
+    broker_url = settings.resolved_broker_url()
     if broker_url.startswith(("redis://", "rediss://")):
         return RedisRateLimiter(broker_url)
     return MemoryRateLimiter()
 
 
-def get_rate_limiter(settings: Settings) -> RateLimiter:
-    """The limiter for these settings (cached per broker URL, so tests that switch stacks get a fresh one)."""
-    return _limiter_for(settings.resolved_broker_url())
-
-
-def check_rate(settings: Settings, key_id: str, limit: int | None) -> Decision:
+async def check_rate(limiter: RateLimiter, settings: Settings, key_id: str, limit: int | None) -> Decision:
     """Count one request of ``key_id``. A Redis outage lets requests through (logged): the limiter protects
     the service, it must not be the thing that takes it down."""
     effective = limit or settings.quota_requests_per_minute
     try:
-        return get_rate_limiter(settings).hit(key_id, effective)
+        return await limiter.hit(key_id, effective)
     except Exception:
         log.warning("rate limiter unavailable; allowing the request", exc_info=True)
         return Decision(True, effective, effective, 0)

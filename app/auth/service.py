@@ -7,8 +7,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Row, Select, Update, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.auth.models import ApiKey, Tenant
@@ -129,25 +130,44 @@ def list_keys(session: Session, tenant_id: str, include_revoked: bool = False) -
     return list(session.execute(stmt).scalars())
 
 
-def authenticate(session: Session, clear: str) -> Principal | None:
-    row = session.execute(
-        select(ApiKey, Tenant.rate_limit_per_minute)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.secret_hash == hash_secret(clear), ApiKey.revoked_at.is_(None))
-    ).one_or_none()
-    if row is None:
-        return None
-    key, rate_limit = row
+# The key behind a clear-text secret, with its tenant's request-rate override: one statement.
+_KEY_LOOKUP = (
+    select(ApiKey.id, ApiKey.tenant_id, ApiKey.scopes, ApiKey.last_used_at, Tenant.rate_limit_per_minute)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.secret_hash == bindparam("secret_hash"), ApiKey.revoked_at.is_(None))
+)
+# Coarse last-used tracking: at most one write a minute per key; every other request only reads.
+LAST_USED_RESOLUTION_S = 60
+
+
+def _touch(row: Row[Any]) -> Update | None:
     now = utcnow()
-    # Coarse last-used tracking: at most one write a minute per key, committed at once. Every other
-    # request only reads here, so its transaction stays open for the route's own queries: no COMMIT and
-    # BEGIN between the key lookup and the work (two database round trips of a read that needs five).
-    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
-        session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
-        session.commit()
+    if row.last_used_at is None or (now - row.last_used_at).total_seconds() > LAST_USED_RESOLUTION_S:
+        return update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now)
+    return None
+
+
+def _principal(row: Row[Any]) -> Principal:
     return Principal(
-        tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes), rate_limit_per_minute=rate_limit
+        tenant_id=row.tenant_id,
+        key_id=row.id,
+        scopes=frozenset(row.scopes),
+        rate_limit_per_minute=row.rate_limit_per_minute,
     )
+
+
+async def authenticate(engine: AsyncEngine, clear: str) -> Principal | None:
+    """The caller behind an API key, None when it is unknown or revoked: what every API request does
+    first, on the request engine (no thread hop, no transaction). Revocation takes effect on the very
+    next request: nothing is cached."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(_KEY_LOOKUP, {"secret_hash": hash_secret(clear)})).one_or_none()
+        if row is None:
+            return None
+        touch = _touch(row)
+        if touch is not None:
+            await conn.execute(touch)
+    return _principal(row)
 
 
 def revoke_key(session: Session, key_id: str, tenant_id: str | None = None) -> bool:

@@ -14,7 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from app.db import JSON_INT_MAX, get_sessionmaker
-from app.deps import JobsReader, JobsWriter, SessionDep, SettingsDep, StorageDep
+from app.deps import JobsReader, JobsWriter, RequestPathDep, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
 from app.jobs.models import TERMINAL_STATUSES
 from app.jobs.schemas import ArtifactList, EventList, EventOut, JobList, JobOut, JobStatus, event_out, job_out
@@ -63,8 +63,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, principal: JobsReader, session: SessionDep) -> JobOut:
-    return job_out(service.get_job(session, principal.tenant_id, job_id))
+async def get_job(job_id: str, principal: JobsReader, path: RequestPathDep) -> JobOut:
+    return job_out(await service.read_job(path.engine, principal.tenant_id, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.jobs.models import Job, JobEvent
+from app.jobs.models import Job, JobEvent, JobView
 from modelpress.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job | JobView) -> JobOut:
     return JobOut(
         id=job.id,
         status=job.status,  # type: ignore[arg-type]

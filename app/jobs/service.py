@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Select, delete, exists, select, update
+from sqlalchemy import CursorResult, Select, bindparam, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, joinedload
 
 from app.auth import quotas
@@ -23,7 +24,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import conflict, not_found, unprocessable
 from app.jobs import lifecycle
-from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
+from app.jobs.models import JOB_VIEW_COLUMNS, IdempotencyKey, Job, JobEvent, JobMetadata, JobView
 from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, split_s3_uri
 from app.storage_keys import upload_key
@@ -34,6 +35,26 @@ from workers.compression.recipe import QuantizeStep, group_size_problem, llama_l
 
 def _scoped(tenant_id: str) -> Select[Job]:
     return select(Job).where(Job.tenant_id == tenant_id)
+
+
+# A job and its metadata rows (one row per item, or one with NULLs), scoped by tenant: one statement.
+_JOB_VIEW = (
+    select(*JOB_VIEW_COLUMNS, JobMetadata.key.label("metadata_key"), JobMetadata.value.label("metadata_value"))
+    .outerjoin(JobMetadata, JobMetadata.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+)
+
+
+async def read_job(engine: AsyncEngine, tenant_id: str, job_id: str) -> JobView:
+    """One job as the API shows it, on the request engine (see :func:`app.db.create_request_engine`)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(_JOB_VIEW, {"job_id": job_id, "tenant_id": tenant_id})).all()
+    if not rows:
+        raise not_found("job", job_id)
+    job_values = rows[0][: len(JOB_VIEW_COLUMNS)]
+    columns = {column.name: value for column, value in zip(JOB_VIEW_COLUMNS, job_values, strict=True)}
+    metadata = {row.metadata_key: row.metadata_value for row in rows if row.metadata_key is not None}
+    return JobView(**columns, metadata_dict=metadata)
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.auth.ratelimit import Decision
 from tests.helpers import REDIS_URL, Caller, quantize_job, sha256_bytes, upload_files
 
 PROBLEM = "application/problem+json"
@@ -133,24 +135,33 @@ def test_memory_rate_limiter_gcra() -> None:
 
     now = [0.0]
     limiter = MemoryRateLimiter(clock=lambda: now[0])
-    assert [limiter.hit("k", 6).allowed for _ in range(7)] == [True] * 6 + [False]  # a full burst, then stop
-    assert limiter.hit("k", 6).retry_after_s == 10  # one request per 10 s comes back
+
+    def hit(key: str) -> Decision:
+        return asyncio.run(limiter.hit(key, 6))
+
+    assert [hit("k").allowed for _ in range(7)] == [True] * 6 + [False]  # a full burst, then stop
+    assert hit("k").retry_after_s == 10  # one request per 10 s comes back
     now[0] = 10_000.0
-    decision = limiter.hit("k", 6)
+    decision = hit("k")
     assert decision.allowed and decision.remaining == 0
-    assert not limiter.hit("k", 6).allowed
-    assert limiter.hit("other", 6).allowed  # keys are independent
+    assert not hit("k").allowed
+    assert hit("other").allowed  # keys are independent
     now[0] = 120_000.0  # idle for long: the budget is full again, not more
-    assert [limiter.hit("k", 6).allowed for _ in range(7)] == [True] * 6 + [False]
+    assert [hit("k").allowed for _ in range(7)] == [True] * 6 + [False]
 
 
 def test_embedded_mode_uses_the_in_process_limiter(embedded_stack: dict[str, str]) -> None:
-    from app.auth.ratelimit import MemoryRateLimiter, check_rate, get_rate_limiter
+    from app.auth.ratelimit import MemoryRateLimiter, check_rate, create_rate_limiter
     from app.config import get_settings
 
     settings = get_settings()
-    assert isinstance(get_rate_limiter(settings), MemoryRateLimiter)
-    assert [check_rate(settings, "key_embedded", 2).allowed for _ in range(3)] == [True, True, False]
+    limiter = create_rate_limiter(settings)
+    assert isinstance(limiter, MemoryRateLimiter)
+
+    async def three() -> list[bool]:
+        return [(await check_rate(limiter, settings, "key_embedded", 2)).allowed for _ in range(3)]
+
+    assert asyncio.run(three()) == [True, True, False]
 
 
 def test_limits_shows_defaults_overrides_and_usage(client: TestClient, alice: Caller) -> None:

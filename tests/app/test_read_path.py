@@ -1,8 +1,10 @@
-"""A read is cheap: ``GET /v1/jobs/{id}`` costs two queries (the key, the job with its metadata) and no
-COMMIT, while a revoked key is refused on the very next request."""
+"""A read is cheap: ``GET /v1/jobs/{id}`` costs two statements on the request engine (the key with its
+tenant's limit, the job with its metadata), no transaction and no thread-pool hop, while a revoked key is
+refused on the very next request."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,38 +17,48 @@ from tests.helpers import Caller, quantize_job, upload_files
 
 @pytest.fixture
 def statements(client: TestClient) -> Iterator[dict[str, list[Any]]]:
+    """What the request engine and the ORM engine run, and on which thread."""
     from app.db import get_engine
 
-    seen: dict[str, list[Any]] = {"sql": [], "commits": []}
+    seen: dict[str, list[Any]] = {"request": [], "orm": []}
 
-    def on_execute(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        seen["sql"].append(sql)
+    def recorder(kind: str) -> Any:
+        def on_execute(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+            # autocommit: the driver sends the statement alone, with no BEGIN before it (nor ROLLBACK after)
+            autocommit = conn.connection.dbapi_connection.autocommit
+            seen[kind].append((sql, threading.current_thread().name, autocommit))
 
-    def on_commit(conn: Any) -> None:
-        seen["commits"].append(conn)
+        return on_execute
 
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", on_execute)
-    event.listen(engine, "commit", on_commit)
+    request_engine = client.app.state.request_path.engine.sync_engine  # type: ignore[attr-defined]
+    listeners = [
+        (request_engine, "before_cursor_execute", recorder("request")),
+        (get_engine(), "before_cursor_execute", recorder("orm")),
+    ]
+    for target, name, fn in listeners:
+        event.listen(target, name, fn)
     yield seen
-    event.remove(engine, "before_cursor_execute", on_execute)
-    event.remove(engine, "commit", on_commit)
+    for target, name, fn in listeners:
+        event.remove(target, name, fn)
 
 
-def test_job_read_is_two_queries_and_no_commit(
+def test_job_read_is_two_statements_on_the_event_loop(
     client: TestClient, alice: Caller, statements: dict[str, list[Any]]
 ) -> None:
     upload_id = upload_files(client, alice.headers, {"config.json": b"{}"})
     spec = quantize_job(upload_id, metadata={"team": "search", "run": "7"})
     job_id = client.post("/v1/jobs", json=spec, headers=alice.headers).json()["id"]
     client.get(f"/v1/jobs/{job_id}", headers=alice.headers)  # last_used_at was just written; reads follow
-    statements["sql"].clear()
-    statements["commits"].clear()
+    for recorded in statements.values():
+        recorded.clear()
 
     response = client.get(f"/v1/jobs/{job_id}", headers=alice.headers)
     assert response.status_code == 200 and response.json()["metadata"] == {"run": "7", "team": "search"}
-    assert len(statements["sql"]) == 2, statements["sql"]  # the key (with its tenant's limit), the job
-    assert statements["commits"] == []
+    assert len(statements["request"]) == 2, statements["request"]  # the key (with its tenant's limit), the job
+    assert statements["orm"] == []
+    assert all(autocommit for _, _, autocommit in statements["request"])
+    # Both ran on the event loop's thread, not in the thread pool that runs sync routes and dependencies.
+    assert [thread for _, thread, _ in statements["request"] if thread == "AnyIO worker thread"] == []
 
 
 def test_revoked_key_is_refused_on_the_next_request(client: TestClient, alice: Caller) -> None:
