@@ -36,7 +36,14 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port or _port(), proxy_headers=True, log_level="info")
+    uvicorn.run(
+        "app.main:serving_app",
+        factory=True,
+        host=args.host,
+        port=args.port or _port(),
+        proxy_headers=True,
+        log_level="info",
+    )
     return 0
 
 

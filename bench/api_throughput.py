@@ -1,6 +1,7 @@
 """Throughput of ``GET /v1/jobs/{id}`` next to a FastAPI hello-world, side by side on loopback.
 
-Starts the real API (uvicorn, one process, Postgres + Redis configured as in production) and a hello-world
+Starts the real API (uvicorn, one process, Postgres + Redis configured as in production, the app built as
+``modelpress serve`` builds it) and a hello-world
 FastAPI app (uvicorn, one process), both with the same uvicorn options (``--http httptools --loop uvloop
 --no-access-log``), then drives each with the same bounded load from ``wrk`` (``apt-get install wrk``):
 N connections for D seconds after a short warm-up. The two are measured alternately, ``--rounds`` times
@@ -21,6 +22,7 @@ still one Redis round trip per request) and a queued job are created first, in a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -30,11 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from psycopg.rows import dict_row
+from sqlalchemy.engine import make_url
 
 hello = FastAPI()
 
@@ -45,6 +50,53 @@ async def hello_world() -> dict[str, str]:
     return {"message": "Hello World"}
 
 
+@hello.get("/hello-sync")
+def hello_world_sync() -> dict[str, str]:
+    """The same as a plain ``def``: FastAPI runs it in its thread pool, one hop there and back (``--floor``)."""
+    return {"message": "Hello World"}
+
+
+@asynccontextmanager
+async def _floor_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    import psycopg
+    import redis.asyncio
+
+    from app.auth.ratelimit import _LUA
+
+    conninfo = os.environ["BENCH_FLOOR_CONNINFO"]
+    connections: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+    for _ in range(8):
+        connections.put_nowait(await psycopg.AsyncConnection.connect(conninfo, autocommit=True))
+    client = redis.asyncio.Redis.from_url(os.environ["MODELPRESS_BROKER_URL"])
+    app.state.connections, app.state.limit = connections, client.register_script(_LUA)
+    yield
+    await client.aclose()
+    while not connections.empty():
+        await connections.get_nowait().close()
+
+
+floor = FastAPI(lifespan=_floor_lifespan)
+
+
+@floor.get("/jobs/{job_id}")
+async def floor_read(job_id: str, request: Request) -> dict[str, Any]:
+    """The least an authenticated, rate-limited database read can cost on this stack (``--floor``): one Redis
+    EVALSHA (the API's rate-limit script) and one prepared primary-key SELECT on a raw asyncio psycopg
+    connection, no middleware, no key lookup, no ORM or SQLAlchemy, no response model."""
+    state = request.app.state
+    await state.limit(keys=["modelpress:ratelimit:bench-floor"], args=[60_000, 100_000_000])
+    conn = await state.connections.get()
+    try:
+        cursor = conn.cursor(row_factory=dict_row)
+        await cursor.execute("SELECT * FROM jobs WHERE id = %s", (job_id,), prepare=True)
+        row = await cursor.fetchone()
+    finally:
+        state.connections.put_nowait(conn)
+    return {"id": row["id"], "status": row["status"], "spec": row["spec"]} if row else {}
+
+
+# The API as ``modelpress serve`` runs it (a factory: the app with its garbage collector tuned for serving).
+API_TARGET = "app.main:serving_app"
 UVICORN_OPTIONS = ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -68,9 +120,29 @@ def _wait_http(url: str, headers: dict[str, str], timeout_s: float = 60.0) -> No
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
+def _api_target(tree: Path) -> str:
+    """How ``modelpress serve`` runs that tree's API: its serving factory, where the tree has one."""
+    return API_TARGET if "def serving_app" in (tree / "app" / "main.py").read_text() else "app.main:app"
+
+
 def _serve(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), *UVICORN_OPTIONS]
-    return subprocess.Popen(command, env=env)
+    """uvicorn serving ``target`` from the tree on ``env``'s PYTHONPATH. It runs in that directory: ``python -m``
+    puts the working directory first on ``sys.path``, ahead of PYTHONPATH, so started from this checkout a
+    ``--baseline-tree`` server would import this checkout's code instead of the baseline's."""
+    factory = ["--factory"] if target == API_TARGET else []  # a function that builds the app
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        *factory,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *UVICORN_OPTIONS,
+    ]
+    return subprocess.Popen(command, env=env, cwd=env["PYTHONPATH"].split(os.pathsep)[0])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -158,7 +230,6 @@ def measure(
 
 def _ensure_database(url: str) -> str:
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
 
     target = make_url(url)
     engine = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
@@ -206,6 +277,12 @@ def main() -> None:
         default=os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/bench_api"),
     )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9"))
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure two references between the hello-world and the API: the hello-world as a sync route "
+        "(one thread-pool hop) and the floor of a rate-limited database read (see floor_read)",
+    )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the API process (repeatable)")
     parser.add_argument(
         "--baseline-tree",
@@ -243,18 +320,32 @@ def main() -> None:
                 {},
             )
             port = _free_port()
-            servers["get_job"] = (_serve("app.main:app", port, env), f"http://127.0.0.1:{port}/v1/jobs/{job_id}", auth)
+            servers["get_job"] = (
+                _serve(_api_target(root), port, env),
+                f"http://127.0.0.1:{port}/v1/jobs/{job_id}",
+                auth,
+            )
+            if args.floor:
+                port = _free_port()
+                url = f"http://127.0.0.1:{port}/hello-sync"
+                servers["hello_sync"] = (_serve("bench.api_throughput:hello", port, env), url, {})
+                port = _free_port()
+                conninfo = make_url(args.database_url).set(drivername="postgresql").render_as_string(False)
+                floor_env = {**env, "BENCH_FLOOR_CONNINFO": conninfo}
+                url = f"http://127.0.0.1:{port}/jobs/{job_id}"
+                servers["floor"] = (_serve("bench.api_throughput:floor", port, floor_env), url, {})
             if args.baseline_tree:
                 port = _free_port()
                 baseline_env = {**env, "PYTHONPATH": str(args.baseline_tree.resolve())}
                 url = f"http://127.0.0.1:{port}/v1/jobs/{job_id}"
-                servers["get_job_baseline"] = (_serve("app.main:app", port, baseline_env), url, auth)
+                baseline = _serve(_api_target(args.baseline_tree), port, baseline_env)
+                servers["get_job_baseline"] = (baseline, url, auth)
             for _, url, headers in servers.values():
                 _wait_http(url, headers)
             redis_pids = _pids_of("redis-server")
 
             def others(name: str) -> Callable[[], dict[str, list[int]]]:
-                if name == "hello_world":
+                if name.startswith("hello"):
                     return lambda: {"redis": redis_pids}
                 return lambda: {"redis": redis_pids, "postgres": _postgres_backends(args.database_url, database)}
 
