@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -106,27 +105,3 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-@dataclass(frozen=True, slots=True)
-class JobView:
-    """The columns of a job the API shows, read with a Core statement instead of the ORM: the hot read
-    (``GET /v1/jobs/{id}``, what every poller calls) skips building a mapped instance."""
-
-    id: str
-    status: str
-    progress: float
-    progress_message: str
-    steps: list[Any]
-    error_type: str | None
-    error_message: str | None
-    summary: dict[str, Any] | None
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    spec: dict[str, Any]
-    metadata_dict: dict[str, str]
-
-
-JOB_VIEW_COLUMNS = [Job.__table__.c[f.name] for f in fields(JobView) if f.name != "metadata_dict"]

@@ -64,7 +64,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, principal: JobsReader, path: RequestPathDep) -> JobOut:
-    return job_out(await service.read_job(path.engine, principal.tenant_id, job_id))
+    return await service.read_job(path.engine, principal.tenant_id, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from app.jobs.models import Job, JobEvent, JobView
+from collections.abc import Mapping
+from typing import Any
+
+from app.jobs.models import Job, JobEvent
 from modelpress.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -26,25 +29,41 @@ __all__ = [
     "JobStatus",
     "event_out",
     "job_out",
+    "job_out_from",
 ]
 
 
-def job_out(job: Job | JobView) -> JobOut:
+# The job columns a JobOut is built from: what the Core read of one job selects (app.jobs.service.read_job).
+JOB_OUT_COLUMNS = (
+    "id", "status", "progress", "progress_message", "steps", "error_type", "error_message", "summary", "attempts",
+    "created_at", "started_at", "finished_at", "spec",
+)  # fmt: skip
+
+
+def job_out(job: Job) -> JobOut:
+    # webhook_secret: set only by create_job on the instance it returns (see app.jobs.service.create_job).
+    columns = {name: getattr(job, name) for name in JOB_OUT_COLUMNS}
+    return job_out_from(columns, job.metadata_dict, getattr(job, "webhook_secret", None))
+
+
+def job_out_from(columns: Mapping[str, Any], metadata: dict[str, str], webhook_secret: str | None = None) -> JobOut:
+    """A job's response from its :data:`JOB_OUT_COLUMNS` (a row, or a mapped instance's attributes)."""
     return JobOut(
-        id=job.id,
-        status=job.status,  # type: ignore[arg-type]
-        progress=Progress(fraction=job.progress, message=job.progress_message),
-        steps=[StepState(**s) for s in job.steps],
-        error=JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None,
-        metadata=job.metadata_dict,
-        summary=job.summary,
-        attempts=job.attempts,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        spec=job.spec,
-        # Set only by create_job on the instance it returns (see app.jobs.service.create_job).
-        webhook_secret=getattr(job, "webhook_secret", None),
+        id=columns["id"],
+        status=columns["status"],
+        progress=Progress(fraction=columns["progress"], message=columns["progress_message"]),
+        steps=[StepState(**s) for s in columns["steps"]],
+        error=JobError(type=columns["error_type"], message=columns["error_message"] or "")
+        if columns["error_type"]
+        else None,
+        metadata=metadata,
+        summary=columns["summary"],
+        attempts=columns["attempts"],
+        created_at=columns["created_at"],
+        started_at=columns["started_at"],
+        finished_at=columns["finished_at"],
+        spec=columns["spec"],
+        webhook_secret=webhook_secret,
     )
 
 

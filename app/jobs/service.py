@@ -24,7 +24,8 @@ from app.config import Settings
 from app.db import utcnow
 from app.errors import conflict, not_found, unprocessable
 from app.jobs import lifecycle
-from app.jobs.models import JOB_VIEW_COLUMNS, IdempotencyKey, Job, JobEvent, JobMetadata, JobView
+from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
+from app.jobs.schemas import JOB_OUT_COLUMNS, JobOut, job_out_from
 from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, split_s3_uri
 from app.storage_keys import upload_key
@@ -38,23 +39,26 @@ def _scoped(tenant_id: str) -> Select[Job]:
 
 
 # A job and its metadata rows (one row per item, or one with NULLs), scoped by tenant: one statement.
-_JOB_VIEW = (
-    select(*JOB_VIEW_COLUMNS, JobMetadata.key.label("metadata_key"), JobMetadata.value.label("metadata_value"))
+_JOB_READ = (
+    select(
+        *(Job.__table__.c[name] for name in JOB_OUT_COLUMNS),
+        JobMetadata.key.label("metadata_key"),
+        JobMetadata.value.label("metadata_value"),
+    )
     .outerjoin(JobMetadata, JobMetadata.job_id == Job.id)
     .where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 )
 
 
-async def read_job(engine: AsyncEngine, tenant_id: str, job_id: str) -> JobView:
-    """One job as the API shows it, on the request engine (see :func:`app.db.create_request_engine`)."""
+async def read_job(engine: AsyncEngine, tenant_id: str, job_id: str) -> JobOut:
+    """One job as the API shows it, read with a Core statement on the request engine (see
+    :func:`app.db.create_request_engine`): the read every poller repeats builds no mapped instance."""
     async with engine.connect() as conn:
-        rows = (await conn.execute(_JOB_VIEW, {"job_id": job_id, "tenant_id": tenant_id})).all()
+        rows = (await conn.execute(_JOB_READ, {"job_id": job_id, "tenant_id": tenant_id})).all()
     if not rows:
         raise not_found("job", job_id)
-    job_values = rows[0][: len(JOB_VIEW_COLUMNS)]
-    columns = {column.name: value for column, value in zip(JOB_VIEW_COLUMNS, job_values, strict=True)}
     metadata = {row.metadata_key: row.metadata_value for row in rows if row.metadata_key is not None}
-    return JobView(**columns, metadata_dict=metadata)
+    return job_out_from(rows[0]._asdict(), metadata)
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
