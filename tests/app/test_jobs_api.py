@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import Caller, quantize_job, upload_files
+from tests.helpers import Caller, quantize_job, reap_with_sight, upload_files
 
 
 def _model_upload(client: TestClient, caller: Caller) -> str:
@@ -309,7 +309,6 @@ def test_reaper_requeues_then_fails_lost_jobs(client: TestClient, alice: Caller)
     from app.db import session_scope, utcnow
     from app.jobs import lifecycle
     from app.jobs.models import Job
-    from workers.reaper import reap_once
 
     upload = _model_upload(client, alice)
     job = client.post("/v1/jobs", json=quantize_job(upload), headers=alice.headers).json()
@@ -320,7 +319,7 @@ def test_reaper_requeues_then_fails_lost_jobs(client: TestClient, alice: Caller)
             session.execute(
                 update(Job).where(Job.id == job["id"]).values(lease_expires_at=utcnow() - timedelta(seconds=1))
             )
-        reap_once()
+        reap_with_sight()
         state = client.get(f"/v1/jobs/{job['id']}", headers=alice.headers).json()
         if attempt < max_attempts:
             assert state["status"] == "queued" and state["attempts"] == attempt

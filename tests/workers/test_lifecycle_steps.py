@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import job_event_types, load_job, model_files, register_upload, submit_job
+from tests.helpers import job_event_types, load_job, model_files, reap_with_sight, register_upload, submit_job
 from tests.tiny import write_model_dir
 
 STEPS = [
@@ -57,10 +57,9 @@ def _expire_lease(job_id: str, **values: Any) -> None:
 
 
 def test_a_job_failed_by_the_reaper_leaves_no_step_running(running_job: str) -> None:
-    from workers.reaper import reap_once
 
     _expire_lease(running_job, attempts=3)  # its last attempt: the reaper gives up
-    assert reap_once()["failed_or_cancelled"] == 1
+    assert reap_with_sight()["failed_or_cancelled"] == 1
     job = load_job(running_job)
     assert job.status == "failed" and job.error_type == "worker_lost"
     assert _statuses(running_job) == ["succeeded", "failed", "pending"]
@@ -83,10 +82,9 @@ def test_a_cancelled_job_says_its_running_step_was_cancelled(running_job: str) -
 
 
 def test_a_requeued_job_runs_its_interrupted_step_again(running_job: str) -> None:
-    from workers.reaper import reap_once
 
     _expire_lease(running_job)
-    assert reap_once()["requeued"] == 1
+    assert reap_with_sight()["requeued"] == 1
     job = load_job(running_job)
     assert job.status == "queued"
     assert _statuses(running_job) == ["succeeded", "pending", "pending"]
@@ -96,10 +94,9 @@ def test_a_requeued_job_runs_its_interrupted_step_again(running_job: str) -> Non
 def test_attempts_released_after_outages_do_not_count_against_max_attempts(running_job: str) -> None:
     """Attempt 3 of a job whose first two were released after outages is the user's first: the reaper
     re-queues it instead of giving up after max_attempts = 3."""
-    from workers.reaper import reap_once
 
     _expire_lease(running_job, attempts=3, infra_retries=2)
-    assert reap_once()["requeued"] == 1
+    assert reap_with_sight()["requeued"] == 1
     assert load_job(running_job).status == "queued"
     assert job_event_types(running_job)[-1] == "job.retrying"
 
@@ -149,3 +146,45 @@ def test_the_pipeline_reports_a_cancelled_step_as_cancelled() -> None:
     with pytest.raises(StepCancelled):
         _run_steps(recipe, run_one, Callbacks(), lambda index, status, _extra: seen.append((index, status)))
     assert seen == [(0, "running"), (0, "cancelled")]
+
+
+def test_a_lease_that_ran_out_in_an_outage_is_judged_a_lease_period_after_it(running_job: str) -> None:
+    """The reaper's first pass after a database outage longer than the lease re-queues nothing: the worker
+    could not renew its lease either. Once the reaper has reached the database, pass after pass, for a
+    whole lease period, the lease is judged (here the worker never came back, so the job is re-queued)."""
+    from app.config import get_settings
+    from workers.reaper import DatabaseSight, reap_once
+
+    settings = get_settings()
+    now = [1000.0]
+    sight = DatabaseSight(clock=lambda: now[0])
+    sight.reached(max_gap_s=1e9)  # a pass before the outage
+    now[0] += 10 * settings.lease_s  # the outage: no pass reached the database for ten lease periods
+    _expire_lease(running_job)
+    assert reap_once(sight)["requeued"] == 0  # the first pass after it
+    assert load_job(running_job).status == "running"
+    passes = 0
+    while load_job(running_job).status == "running":
+        now[0] += settings.reaper_interval_s
+        reap_once(sight)
+        passes += 1
+        assert passes * settings.reaper_interval_s <= settings.lease_s + settings.reaper_interval_s
+    assert load_job(running_job).status == "queued"
+    assert passes * settings.reaper_interval_s >= settings.lease_s
+
+
+def test_database_sight_counts_unbroken_access_and_restarts_after_a_gap() -> None:
+    from workers.reaper import DatabaseSight
+
+    now = [0.0]
+    sight = DatabaseSight(clock=lambda: now[0])
+    assert sight.unbroken_s(max_gap_s=15) == 0.0  # never reached
+    for _ in range(12):  # a pass every 5 s for a minute
+        sight.reached(max_gap_s=15)
+        now[0] += 5
+    assert sight.unbroken_s(max_gap_s=15) == 60.0
+    now[0] += 30  # no pass for 30 s: a gap
+    assert sight.unbroken_s(max_gap_s=15) == 0.0
+    sight.reached(max_gap_s=15)
+    now[0] += 5
+    assert sight.unbroken_s(max_gap_s=15) == 5.0  # counted again from the pass after the gap

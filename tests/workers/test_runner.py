@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import job_event_types, load_job, model_files, register_upload, submit_job
+from tests.helpers import job_event_types, load_job, model_files, reap_with_sight, register_upload, submit_job
 from tests.tiny import sample_text, write_model_dir
 
 
@@ -274,7 +274,6 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     from app.storage import get_storage
     from app.storage_keys import artifact_prefix
     from workers import runner as runner_module
-    from workers.reaper import reap_once
 
     job_id = submit_job(
         tenant,
@@ -293,7 +292,7 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
             seen["a"] = True
             with session_scope() as session:  # A's lease runs out while it is paused
                 session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
-            assert reap_once()["requeued"] == 1
+            assert reap_with_sight()["requeued"] == 1
             b = runner_module.JobRunner(job_id)
             b.worker_id = "worker-b"
             b.run()
