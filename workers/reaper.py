@@ -28,8 +28,10 @@ class DatabaseSight:
     after pass, for a whole lease period: by then a live worker has renewed its lease (it beats every
     ``heartbeat_s``), and a dead one's job is re-queued. Without this, the first pass after an outage longer
     than the lease re-queued every running job, counted the attempt against ``max_attempts``, and let a
-    second worker start the job while the first still ran it. A gap is a pass that failed, or none for
-    longer than ``max_gap_s`` (the process was stopped or starved)."""
+    second worker start the job while the first still ran it. A lease that ran out before the sight began is
+    the outage's too: its worker may have given up waiting to record the outage itself, so the job is
+    re-queued as an outage's (``infra_retries``), not as a lost worker's (``attempts``). A gap is a pass that
+    failed, or none for longer than ``max_gap_s`` (the process was stopped or starved)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -61,8 +63,12 @@ def reap_once(sight: DatabaseSight | None = None) -> dict[str, int]:
     settings = get_settings()
     sight = sight or SIGHT
     max_gap_s = max(3 * settings.reaper_interval_s, settings.heartbeat_s)
-    judge_leases = sight.unbroken_s(max_gap_s) >= settings.lease_s
+    unbroken_s = sight.unbroken_s(max_gap_s)
+    judge_leases = unbroken_s >= settings.lease_s
     now = utcnow()
+    # Since when this process has reached the database without a gap: a lease that ran out before then ran
+    # out in an outage (or before this process started), when its worker could not write either.
+    seen_since = now - timedelta(seconds=unbroken_s)
     requeued: list[tuple[str, str, int]] = []  # job, queue, its tenant's priority
     counts = {"requeued": 0, "failed_or_cancelled": 0, "resent": 0}
     with session_scope() as session:
@@ -78,7 +84,15 @@ def reap_once(sight: DatabaseSight | None = None) -> dict[str, int]:
             else ()
         )
         for job in list(expired):
-            if lifecycle.requeue_after_lost_worker(session, job, settings.max_attempts, now):
+            outage = job.lease_expires_at is not None and job.lease_expires_at < seen_since
+            if lifecycle.requeue_after_lost_worker(
+                session,
+                job,
+                now,
+                max_attempts=settings.max_attempts,
+                max_infra_retries=settings.max_infra_retries,
+                outage=outage,
+            ):
                 requeued.append((job.id, job.queue, tenant_priority(session, job.tenant_id, settings)))
                 counts["requeued"] += 1
             else:

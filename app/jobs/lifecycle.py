@@ -9,10 +9,11 @@ Each transition writes its event in the same transaction (the outbox rule).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import quotas
@@ -277,12 +278,21 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     return JobStatus.CANCELLING if status == JobStatus.CANCELLING else None
 
 
-def requeue_after_lost_worker(session: Session, job: Job, max_attempts: int, now: datetime) -> bool:
-    """The reaper's rule for a job whose lease expired: retry (bounded) or fail; cancelling → cancelled."""
+def requeue_after_lost_worker(
+    session: Session, job: Job, now: datetime, *, max_attempts: int, max_infra_retries: int, outage: bool
+) -> bool:
+    """The reaper's rule for a job whose lease expired: retry (bounded) or fail; cancelling → cancelled.
+
+    ``outage``: the lease ran out while the database was unreachable (the reaper could not reach it either),
+    so its worker may well have given up waiting to record the outage itself: the attempt is the outage's,
+    re-queued as :func:`release_for_retry` would have, not counted against ``max_attempts``."""
     if job.status == JobStatus.CANCELLING:
         mark_cancelled(session, job.id)
         return False
     expired = Job.lease_expires_at < now
+    if outage:
+        held = _Held(job.id, job.tenant_id, job.infra_retries)
+        return _requeue_for_outage(session, held, "database", max_infra_retries, expired, worker_id=None)
     # Attempts released after an outage are not the user's: they do not count (see release_for_retry).
     counted = job.attempts - job.infra_retries
     if counted >= max_attempts:
@@ -330,14 +340,41 @@ def release_for_retry(
     None otherwise (cancelled, failed, or the job is no longer this worker's).
     """
     job = session.execute(
-        select(Job.status, Job.infra_retries, Job.tenant_id).where(Job.id == job_id, Job.worker_id == worker_id)
+        select(Job.id, Job.status, Job.infra_retries, Job.tenant_id).where(Job.id == job_id, Job.worker_id == worker_id)
     ).one_or_none()
     if job is None:
         return None
-    status, infra_retries, tenant_id = job
-    if status == JobStatus.CANCELLING:
+    if job.status == JobStatus.CANCELLING:
         mark_cancelled(session, job_id, worker_id)
         return None
+    held = _Held(job.id, job.tenant_id, job.infra_retries)
+    mine = Job.worker_id == worker_id
+    if not _requeue_for_outage(session, held, dependency, max_infra_retries, mine, worker_id=worker_id):
+        return None
+    return job.infra_retries + 1
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The columns of a held job that re-queueing it after an outage needs."""
+
+    id: str
+    tenant_id: str
+    infra_retries: int
+
+
+def _requeue_for_outage(
+    session: Session,
+    job: _Held,
+    dependency: str,
+    max_infra_retries: int,
+    guard: ColumnElement[bool],
+    *,
+    worker_id: str | None,
+) -> bool:
+    """``running → queued`` after an outage (``guard``: the row is still the caller's to re-queue), counted in
+    ``infra_retries``; past ``max_infra_retries`` the job fails ``infrastructure_unavailable``."""
+    job_id, tenant_id, infra_retries = job.id, job.tenant_id, job.infra_retries
     if infra_retries >= max_infra_retries:
         fail(
             session,
@@ -347,13 +384,13 @@ def release_for_retry(
             "and then given up. Submit it again.",
             worker_id,
         )
-        return None
+        return False
     steps, _ = _close_running_steps(session, job_id, "pending")
     ok = _guarded_update(
         session,
         job_id,
         (JobStatus.RUNNING,),
-        Job.worker_id == worker_id,
+        guard,
         status=JobStatus.QUEUED,
         worker_id=None,
         lease_expires_at=None,
@@ -362,13 +399,12 @@ def release_for_retry(
         steps=json_safe(steps),
         infra_retries=Job.infra_retries + 1,
     )
-    if not ok:
-        return None
-    record_event(
-        session,
-        job_id,
-        tenant_id,
-        "job.retrying",
-        {"reason": f"{dependency} unavailable", "infrastructure": True, "infra_retries": infra_retries + 1},
-    )
-    return infra_retries + 1
+    if ok:
+        record_event(
+            session,
+            job_id,
+            tenant_id,
+            "job.retrying",
+            {"reason": f"{dependency} unavailable", "infrastructure": True, "infra_retries": infra_retries + 1},
+        )
+    return ok

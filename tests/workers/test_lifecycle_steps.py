@@ -50,10 +50,19 @@ def _expire_lease(job_id: str, **values: Any) -> None:
     from app.db import session_scope, utcnow
     from app.jobs.models import Job
 
+    values.setdefault("lease_expires_at", utcnow() - timedelta(seconds=1))
     with session_scope() as session:
-        session.execute(
-            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1), **values)
-        )
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def job_events(job_id: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.jobs.models import JobEvent
+
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
 def test_a_job_failed_by_the_reaper_leaves_no_step_running(running_job: str) -> None:
@@ -151,16 +160,19 @@ def test_the_pipeline_reports_a_cancelled_step_as_cancelled() -> None:
 def test_a_lease_that_ran_out_in_an_outage_is_judged_a_lease_period_after_it(running_job: str) -> None:
     """The reaper's first pass after a database outage longer than the lease re-queues nothing: the worker
     could not renew its lease either. Once the reaper has reached the database, pass after pass, for a
-    whole lease period, the lease is judged (here the worker never came back, so the job is re-queued)."""
+    whole lease period, the lease is judged. Here the worker never came back (it gave up waiting to record
+    the outage): the job is re-queued as the outage's, not counted against the user's attempts."""
     from app.config import get_settings
+    from app.db import utcnow
     from workers.reaper import DatabaseSight, reap_once
 
     settings = get_settings()
     now = [1000.0]
     sight = DatabaseSight(clock=lambda: now[0])
     sight.reached(max_gap_s=1e9)  # a pass before the outage
-    now[0] += 10 * settings.lease_s  # the outage: no pass reached the database for ten lease periods
-    _expire_lease(running_job)
+    outage_s = 10 * settings.lease_s
+    now[0] += outage_s  # the outage: no pass reached the database for ten lease periods
+    _expire_lease(running_job, lease_expires_at=utcnow() - timedelta(seconds=outage_s / 2))  # ran out in it
     assert reap_once(sight)["requeued"] == 0  # the first pass after it
     assert load_job(running_job).status == "running"
     passes = 0
@@ -169,8 +181,27 @@ def test_a_lease_that_ran_out_in_an_outage_is_judged_a_lease_period_after_it(run
         reap_once(sight)
         passes += 1
         assert passes * settings.reaper_interval_s <= settings.lease_s + settings.reaper_interval_s
-    assert load_job(running_job).status == "queued"
     assert passes * settings.reaper_interval_s >= settings.lease_s
+    job = load_job(running_job)
+    assert job.status == "queued" and (job.attempts, job.infra_retries) == (1, 1)
+    retrying = [e for e in job_events(running_job) if e.type == "job.retrying"]
+    assert [e.data["infrastructure"] for e in retrying] == [True]
+
+
+def test_a_lease_that_ran_out_in_sight_of_the_database_is_a_lost_worker(running_job: str) -> None:
+    from workers.reaper import DatabaseSight, reap_once
+
+    now = [1000.0]
+    sight = DatabaseSight(clock=lambda: now[0])
+    for _ in range(100):  # the reaper has reached the database every second for 100 s
+        sight.reached(max_gap_s=3)
+        now[0] += 1
+    _expire_lease(running_job)  # ran out a second ago: its worker stopped renewing while the database answered
+    assert reap_once(sight)["requeued"] == 1
+    job = load_job(running_job)
+    assert job.status == "queued" and (job.attempts, job.infra_retries) == (1, 0)
+    [retrying] = [e for e in job_events(running_job) if e.type == "job.retrying"]
+    assert retrying.data["reason"] == "worker lost (lease expired)"
 
 
 def test_database_sight_counts_unbroken_access_and_restarts_after_a_gap() -> None:
