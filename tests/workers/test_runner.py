@@ -266,6 +266,8 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     """Worker A stalls before uploading (its lease runs out), attempt B runs the job to success; when
     A resumes, its upload lands under its own attempt's prefix, its success is refused, and what it
     uploaded is deleted: B's artifacts stay whole and listable."""
+    import threading
+
     from sqlalchemy import update
 
     from app.db import get_sessionmaker, session_scope, utcnow
@@ -290,7 +292,10 @@ def test_a_worker_that_lost_its_lease_cannot_touch_the_published_artifacts(
     def stall_then_upload(self, out):  # type: ignore[no-untyped-def]
         if not seen:  # worker A, the first to get here
             seen["a"] = True
-            with session_scope() as session:  # A's lease runs out while it is paused
+            # A is paused, its heartbeat thread with it (as in a stopped process), and its lease runs out.
+            [heartbeat] = [t for t in threading.enumerate() if t.name == f"heartbeat-{job_id}"]
+            heartbeat.stop()  # type: ignore[attr-defined]
+            with session_scope() as session:
                 session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
             assert reap_with_sight()["requeued"] == 1
             b = runner_module.JobRunner(job_id)
