@@ -47,8 +47,9 @@ def tune_gc_for_serving() -> None:
     """A long-lived server's garbage collector: what start-up made (modules, routes, settings: ~140 000
     objects) is frozen out of every later collection, and the youngest generation is collected every 50 000
     allocations instead of 700. Without it, the full collections that now and then walked all of that were
-    the slow tail of the API's latency: p99 of ``GET /v1/jobs/{id}`` at 32 connections 150-180 ms with, 66-77
-    ms without (docs/BENCHMARKS.md). Memory is freed by reference counting as before; only cycles wait longer."""
+    the slow tail of the API's latency: p99 of ``GET /v1/jobs/{id}`` at 32 connections was 150-180 ms without
+    this and 66-100 ms with it (docs/BENCHMARKS.md). Memory is freed by reference counting as before; only
+    cycles wait longer."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

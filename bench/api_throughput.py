@@ -80,7 +80,7 @@ floor = FastAPI(lifespan=_floor_lifespan)
 
 @floor.get("/jobs/{job_id}")
 async def floor_read(job_id: str, request: Request) -> dict[str, Any]:
-    """The least an authenticated, rate-limited database read can cost on this stack (``--floor``): one Redis
+    """The least a rate-limited database read can cost on this stack (``--floor``): one Redis
     EVALSHA (the API's rate-limit script) and one prepared primary-key SELECT on a raw asyncio psycopg
     connection, no middleware, no key lookup, no ORM or SQLAlchemy, no response model."""
     state = request.app.state
