@@ -308,16 +308,21 @@ def load_job(job_id: str) -> Any:
         return session.get(Job, job_id)
 
 
-def job_event_types(job_id: str) -> list[str]:
-    """The types of a job's events, in the order they were recorded."""
+def job_events(*job_ids: str) -> list[Any]:
+    """The events of these jobs (``JobEvent`` rows), in the order they were recorded."""
     from sqlalchemy import select
 
     from app.db import get_sessionmaker
     from app.jobs.models import JobEvent
 
     with get_sessionmaker()() as session:
-        query = select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        query = select(JobEvent).where(JobEvent.job_id.in_(job_ids)).order_by(JobEvent.id)
         return list(session.execute(query).scalars())
+
+
+def job_event_types(job_id: str) -> list[str]:
+    """The types of a job's events, in the order they were recorded."""
+    return [event.type for event in job_events(job_id)]
 
 
 def gptq_pipeline_report(tmp_path: Path, *, hardware: str, measure_speed: bool) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.fault.conftest import FAULT_JOBS, OUTAGE_S, FaultStack
-from tests.helpers import BUCKET, Receiver, free_port, verify
+from tests.helpers import BUCKET, Receiver, free_port, job_events, verify
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -141,10 +141,10 @@ def test_outage_destroys_no_work(dependency: str, fault_stack: FaultStack, recei
                 every=1.0,
             )
         except AssertionError as exc:
-            events = [(e.job_id, e.type, e.data, e.created_at.time().isoformat()) for e in _events(job_ids)]
+            events = [(e.job_id, e.type, e.data, e.created_at.time().isoformat()) for e in job_events(*job_ids)]
             raise AssertionError(f"{exc}\n{_statuses(client, job_ids)}\n{events}\n{stack.logs()}") from None
     assert final == dict.fromkeys(job_ids, "succeeded"), _failures(job_ids)
-    events = _events(job_ids)
+    events = job_events(*job_ids)
     _assert_attempts_never_overlap(events)
     _assert_no_worker_counted_lost(events)
     _assert_queue_resumed(events, restored_at)
@@ -181,14 +181,6 @@ def _failures(job_ids: list[str]) -> str:
     with session_scope() as session:
         jobs = session.scalars(select(Job).where(Job.id.in_(job_ids), Job.status != "succeeded")).all()
         return "\n".join(f"{j.id} {j.status} {j.error_type}: {j.error_message}" for j in jobs)
-
-
-def _events(job_ids: list[str]) -> list[Any]:
-    from app.db import session_scope
-    from app.jobs.models import JobEvent
-
-    with session_scope() as session:
-        return list(session.scalars(select(JobEvent).where(JobEvent.job_id.in_(job_ids)).order_by(JobEvent.id)))
 
 
 def _assert_attempts_never_overlap(events: list[Any]) -> None:

@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import job_event_types, load_job, model_files, reap_with_sight, register_upload, submit_job
+from tests.helpers import (
+    job_event_types,
+    job_events,
+    load_job,
+    model_files,
+    reap_with_sight,
+    register_upload,
+    submit_job,
+)
 from tests.tiny import write_model_dir
 
 STEPS = [
@@ -53,16 +61,6 @@ def _expire_lease(job_id: str, **values: Any) -> None:
     values.setdefault("lease_expires_at", utcnow() - timedelta(seconds=1))
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(**values))
-
-
-def job_events(job_id: str) -> list[Any]:
-    from sqlalchemy import select
-
-    from app.db import session_scope
-    from app.jobs.models import JobEvent
-
-    with session_scope() as session:
-        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
 def test_a_job_failed_by_the_reaper_leaves_no_step_running(running_job: str) -> None:
