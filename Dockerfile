@@ -11,6 +11,7 @@ COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
 COPY modelpress ./modelpress
+COPY deploy/install-worker.sh ./deploy/
 
 FROM base AS api
 RUN pip install .
@@ -20,15 +21,11 @@ HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request,sys
 CMD ["modelpress", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
-# CPU workers: torch's CPU build of the pinned version (no CUDA libraries: gigabytes smaller).
-# llama-cpp-python (GGUF exports measured in llama.cpp) compiles at install: the library alone, portable AVX2.
+# CPU workers: torch's CPU build of the pinned version (no CUDA libraries: gigabytes smaller). Both worker
+# stages install through deploy/install-worker.sh (torch from the given index, then ModelPress's worker extras;
+# llama-cpp-python, for GGUF exports measured in llama.cpp, compiles there).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
-    && pip install --index-url "$TORCH_INDEX" "torch==2.13.0" \
-    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
-       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
-       pip install ".[worker,gguf]" \
-    && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
+RUN sh deploy/install-worker.sh "$TORCH_INDEX"
 USER modelpress
 CMD ["modelpress", "worker", "--queues", "cpu"]
 
@@ -39,11 +36,6 @@ FROM base AS worker-gpu
 # visible GPU (`modelpress worker --queues gpu` exits 2), so a missing device reservation shows at once.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
-    && pip install --index-url "$TORCH_INDEX" "torch==2.13.0" \
-    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
-       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
-       pip install ".[worker,gguf]" \
-    && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
+RUN sh deploy/install-worker.sh "$TORCH_INDEX"
 USER modelpress
 CMD ["modelpress", "worker", "--queues", "gpu"]

@@ -61,16 +61,47 @@ def eventually(check: Callable[[], T], timeout: float = 60, interval: float = 0.
         time.sleep(interval)
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+def wait_until(
+    check: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    *,
+    ignoring: tuple[type[Exception], ...] = (),
+    detail: Callable[[], str] | None = None,
+) -> T:
     """``check()``'s first truthy result (see :func:`eventually`): None, False and an empty collection all
-    mean "not yet", so ``wait_until(receiver.accepted, ...)`` waits for a delivery. The failure names ``what``."""
+    mean "not yet", so ``wait_until(receiver.accepted, ...)`` waits for a delivery; so do the exceptions in
+    ``ignoring`` (a server behind an outage). The failure names ``what`` and the last answer, then ``detail()``
+    (a process's log, say)."""
 
     def reached() -> T:
-        result = check()
-        assert result, f"timed out after {timeout} s waiting for {what}"
+        try:
+            result = check()
+        except ignoring as exc:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {exc!r}") from None
+        assert result, f"timed out after {timeout:.0f} s waiting for {what}; last: {result!r}"
         return result
 
-    return eventually(reached, timeout, interval)
+    try:
+        return eventually(reached, timeout, interval)
+    except AssertionError as exc:
+        if detail is None:
+            raise
+        raise AssertionError(f"{exc}\n{detail()}") from None
+
+
+class StopAfter:
+    """A ``should_stop`` that answers yes from its ``n``-th question on, counting every question in ``asked``
+    (a cancel that lands at a known point of an engine's run)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n
 
 
 # ---------------------------------------------------------------- the service's environment

@@ -7,7 +7,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,21 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import free_port, start_dev
+from tests.helpers import free_port, start_dev, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _until(what: str, check: Callable[[], Any], timeout: float, log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except (httpx.HTTPError, sqlite3.Error):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-4000:]}")
+    return wait_until(
+        check,
+        timeout,
+        what,
+        interval=0.3,
+        ignoring=(httpx.HTTPError, sqlite3.Error),
+        detail=lambda: log.read_text()[-4000:],
+    )
 
 
 def _started(log: Path, name: str) -> list[int]:

@@ -39,7 +39,8 @@ def test_dockerfile_api_image_has_no_torch() -> None:
     assert {"base", "api", "worker"} <= set(stages)
     api_stage = text.split("FROM base AS api", 1)[1].split("FROM base AS worker", 1)[0]
     assert "pip install .\n" in api_stage and "[worker]" not in api_stage
-    assert 'pip install ".[worker,gguf]"' in text.split("FROM base AS worker", 1)[1]
+    assert 'RUN sh deploy/install-worker.sh "$TORCH_INDEX"' in text.split("FROM base AS worker", 1)[1]
+    assert 'pip install ".[worker,gguf]"' in (ROOT / "deploy/install-worker.sh").read_text()
 
 
 def test_dockerfile_gpu_worker_has_the_cuda_build_of_the_pinned_torch() -> None:
@@ -49,11 +50,14 @@ def test_dockerfile_gpu_worker_has_the_cuda_build_of_the_pinned_torch() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     pinned = re.search(r'"torch==([^"]+)"', pyproject)
     assert pinned is not None
+    install = (ROOT / "deploy/install-worker.sh").read_text()
+    assert f'pip install --index-url "$torch_index" "torch=={pinned.group(1)}"' in install
+    assert "COPY deploy/install-worker.sh ./deploy/" in text.split("FROM base AS api", 1)[0]
     cpu = text.split("FROM base AS worker\n", 1)[1].split("FROM base AS worker-gpu", 1)[0]
     gpu = text.split("FROM base AS worker-gpu", 1)[1]
     for stage, index in ((cpu, "whl/cpu"), (gpu, "whl/cu12")):
-        assert f'"torch=={pinned.group(1)}"' in stage and index in stage
-        assert 'pip install ".[worker,gguf]"' in stage
+        assert f"ARG TORCH_INDEX=https://download.pytorch.org/{index}" in stage
+        assert 'RUN sh deploy/install-worker.sh "$TORCH_INDEX"' in stage
     assert 'CMD ["modelpress", "worker", "--queues", "gpu"]' in gpu
 
 

@@ -303,28 +303,13 @@ def requeue_after_lost_worker(
             f"the worker stopped responding (lease expired) on attempt {counted} of {max_attempts}; giving up",
         )
         return False
-    steps, _ = _close_running_steps(session, job.id, "pending")
-    ok = _guarded_update(
+    return _requeue(
         session,
-        job.id,
-        (JobStatus.RUNNING,),
+        _Held(job.id, job.tenant_id, job.infra_retries),
         expired,
-        status=JobStatus.QUEUED,
-        worker_id=None,
-        lease_expires_at=None,
-        progress=0.0,
-        progress_message="re-queued after a lost worker",
-        steps=json_safe(steps),
+        "re-queued after a lost worker",
+        {"reason": "worker lost (lease expired)", "attempt": job.attempts, "max_attempts": max_attempts},
     )
-    if ok:
-        record_event(
-            session,
-            job.id,
-            job.tenant_id,
-            "job.retrying",
-            {"reason": "worker lost (lease expired)", "attempt": job.attempts, "max_attempts": max_attempts},
-        )
-    return ok
 
 
 def release_for_retry(
@@ -374,7 +359,7 @@ def _requeue_for_outage(
 ) -> bool:
     """``running → queued`` after an outage (``guard``: the row is still the caller's to re-queue), counted in
     ``infra_retries``; past ``max_infra_retries`` the job fails ``infrastructure_unavailable``."""
-    job_id, tenant_id, infra_retries = job.id, job.tenant_id, job.infra_retries
+    job_id, infra_retries = job.id, job.infra_retries
     if infra_retries >= max_infra_retries:
         fail(
             session,
@@ -385,26 +370,41 @@ def _requeue_for_outage(
             worker_id,
         )
         return False
-    steps, _ = _close_running_steps(session, job_id, "pending")
+    return _requeue(
+        session,
+        job,
+        guard,
+        f"waiting: the {dependency} was unreachable; retrying",
+        {"reason": f"{dependency} unavailable", "infrastructure": True, "infra_retries": infra_retries + 1},
+        infra_retries=Job.infra_retries + 1,
+    )
+
+
+def _requeue(
+    session: Session,
+    job: _Held,
+    guard: ColumnElement[bool],
+    message: str,
+    event: dict[str, Any],
+    **values: Any,
+) -> bool:
+    """``running → queued`` while ``guard`` holds: its running steps back to pending, the lease dropped, a
+    ``job.retrying`` event carrying ``event``; ``values`` are further columns to set. False if the row had
+    moved on."""
+    steps, _ = _close_running_steps(session, job.id, "pending")
     ok = _guarded_update(
         session,
-        job_id,
+        job.id,
         (JobStatus.RUNNING,),
         guard,
         status=JobStatus.QUEUED,
         worker_id=None,
         lease_expires_at=None,
         progress=0.0,
-        progress_message=f"waiting: the {dependency} was unreachable; retrying",
+        progress_message=message,
         steps=json_safe(steps),
-        infra_retries=Job.infra_retries + 1,
+        **values,
     )
     if ok:
-        record_event(
-            session,
-            job_id,
-            tenant_id,
-            "job.retrying",
-            {"reason": f"{dependency} unavailable", "infrastructure": True, "infra_retries": infra_retries + 1},
-        )
+        record_event(session, job.id, job.tenant_id, "job.retrying", event)
     return ok

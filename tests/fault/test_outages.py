@@ -29,7 +29,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.fault.conftest import FAULT_JOBS, OUTAGE_S, FaultStack
-from tests.helpers import BUCKET, Receiver, free_port, job_events, verify
+from tests.helpers import BUCKET, Receiver, free_port, job_events, verify, wait_until
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -42,19 +42,8 @@ ATTEMPT_ENDS = {"job.retrying", "job.succeeded", "job.failed", "job.cancelled"}
 
 
 def _until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.3) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except httpx.HTTPError as exc:  # the API itself may be behind the outage
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+    """Poll ``check`` until it returns something truthy; an API behind the outage answers "not yet"."""
+    return wait_until(check, timeout, what, interval=every, ignoring=(httpx.HTTPError,))
 
 
 def _statuses(client: httpx.Client, job_ids: list[str]) -> dict[str, str]:

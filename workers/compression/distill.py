@@ -38,10 +38,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
@@ -375,10 +375,10 @@ def distill(
         raise EngineError(f"batch_size {config.batch_size} must be divisible by world_size {world_size}")
     if config.hidden_states is not None:
         _check_layer_map(teacher, student, config)
-    data = (train_blocks, train_mask, eval_blocks, eval_mask)
+    job = _Job(teacher, student, config, _Data(train_blocks, train_mask, eval_blocks, eval_mask), checkpoint_dir)
     if world_size == 1:
-        return _train(0, 1, teacher, student, config, data, checkpoint_dir, on_checkpoint, callbacks, None)
-    return _train_data_parallel(teacher, student, config, data, checkpoint_dir, on_checkpoint, world_size, callbacks)
+        return _train(job, 0, 1, None, callbacks, on_checkpoint)
+    return _train_data_parallel(job, world_size, callbacks, on_checkpoint)
 
 
 def _check_layer_map(teacher: nn.Module, student: nn.Module, config: DistillStep) -> None:
@@ -389,15 +389,28 @@ def _check_layer_map(teacher: nn.Module, student: nn.Module, config: DistillStep
             raise EngineError(f"hidden_states layer pair [{s}, {t}] out of range (student {n_s}, teacher {n_t} layers)")
 
 
+class _Data(NamedTuple):
+    """The packed token blocks every rank trains and is scored on (masks: 1 for a real token, 0 for padding)."""
+
+    train_blocks: torch.Tensor
+    train_mask: torch.Tensor
+    eval_blocks: torch.Tensor
+    eval_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every rank trains: the models, the step's config, the data, and where checkpoints go."""
+
+    teacher: nn.Module
+    student: nn.Module
+    config: DistillStep
+    data: _Data
+    checkpoint_dir: Path | None
+
+
 def _train_data_parallel(
-    teacher: nn.Module,
-    student: nn.Module,
-    config: DistillStep,
-    data: tuple[torch.Tensor, ...],
-    checkpoint_dir: Path | None,
-    on_checkpoint: Callable[[Path], None] | None,
-    world_size: int,
-    callbacks: Callbacks,
+    job: _Job, world_size: int, callbacks: Callbacks, on_checkpoint: Callable[[Path], None] | None
 ) -> StepOutcome:
     """Rank 0 here (callbacks stay in this process); ranks 1.. spawned; all join one process group."""
     import torch.distributed as dist
@@ -405,6 +418,7 @@ def _train_data_parallel(
 
     if dist.is_initialized():
         raise EngineError("a torch.distributed process group is already running in this process")
+    teacher, student = job.teacher, job.student
     if device_of(teacher).type == "cuda" and torch.cuda.device_count() < world_size:
         raise EngineError(f"world_size {world_size} needs {world_size} GPUs, found {torch.cuda.device_count()}")
     rendezvous = tempfile.mkdtemp(prefix="distill-ddp-")
@@ -412,7 +426,9 @@ def _train_data_parallel(
     # children get CPU copies; tensors travel through shared memory, so each child clones its student
     cpu = torch.device("cpu")
     device = device_of(teacher)
-    args = (world_size, init_method, teacher.to(cpu), student.to(cpu), config, data, checkpoint_dir, device.type)
+    teacher.to(cpu)
+    student.to(cpu)
+    args = (world_size, init_method, job, device.type)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // world_size))  # ranks share the cores
     context = mp.start_processes(_rank_worker, args=args, nprocs=world_size - 1, join=False, start_method="spawn")
@@ -422,7 +438,7 @@ def _train_data_parallel(
     try:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=0, world_size=world_size, timeout=DIST_TIMEOUT)
-        outcome = _train(0, world_size, teacher, student, config, data, checkpoint_dir, on_checkpoint, callbacks, dist)
+        outcome = _train(job, 0, world_size, dist, callbacks, on_checkpoint)
         finished = True
         return outcome
     finally:
@@ -440,30 +456,20 @@ def _train_data_parallel(
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
-def _rank_worker(
-    index: int,
-    world_size: int,
-    init_method: str,
-    teacher: nn.Module,
-    student: nn.Module,
-    config: DistillStep,
-    data: tuple[torch.Tensor, ...],
-    checkpoint_dir: Path | None,
-    device_type: str,
-) -> None:
+def _rank_worker(index: int, world_size: int, init_method: str, job: _Job, device_type: str) -> None:
     """Entry point of a spawned rank (1..world_size-1)."""
     import torch.distributed as dist
 
     rank = index + 1
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
-    student = copy.deepcopy(student)  # its tensors were shared with rank 0's through shared memory
-    teacher.to(device)
-    student.to(device)
+    job = replace(job, student=copy.deepcopy(job.student))  # its tensors were shared with rank 0's (shared memory)
+    job.teacher.to(device)
+    job.student.to(device)
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=DIST_TIMEOUT)
     try:
-        _train(rank, world_size, teacher, student, config, data, checkpoint_dir, None, Callbacks(), dist)
+        _train(job, rank, world_size, dist, Callbacks(), None)
     except StepCancelled:
         pass
     finally:
@@ -502,7 +508,7 @@ class _Training:
     model: Any  # the trainee, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    data: tuple[torch.Tensor, ...]  # train blocks, train mask, eval blocks, eval mask
+    data: _Data
     dist: Any
     device: torch.device
     original_dtype: torch.dtype
@@ -527,7 +533,7 @@ class _Training:
     @property
     def held_out_reason(self) -> str | None:
         """Why the held-out text is not scored (too few tokens to report a perplexity from), or None."""
-        tokens = int(self.data[3].sum())
+        tokens = int(self.data.eval_mask.sum())
         if tokens >= MIN_PERPLEXITY_TOKENS:
             return None
         return (
@@ -540,30 +546,26 @@ class _Training:
         Progress stays at the current step's share; a cancel stops the pass between batches."""
         if self.held_out_reason is not None:
             return None
-        _, _, eval_blocks, eval_mask = self.data
         fraction = self.step / self.steps
 
         def progress(_done: float, message: str) -> None:
             callbacks.progress(fraction, f"{label} {message}")
 
         phase = Callbacks(progress=progress, should_stop=callbacks.should_stop, metrics=callbacks.metrics)
-        return perplexity(model, eval_blocks, eval_mask, self.config, phase)
+        return perplexity(model, self.data.eval_blocks, self.data.eval_mask, self.config, phase)
 
 
 def _train(
+    job: _Job,
     rank: int,
     world_size: int,
-    teacher: nn.Module,
-    student: nn.Module,
-    config: DistillStep,
-    data: tuple[torch.Tensor, ...],
-    checkpoint_dir: Path | None,
-    on_checkpoint: Callable[[Path], None] | None,
-    callbacks: Callbacks,
     dist: Any,
+    callbacks: Callbacks,
+    on_checkpoint: Callable[[Path], None] | None,
 ) -> StepOutcome:
     """The training loop, run identically by every rank (rank 0 also evaluates, reports and checkpoints)."""
-    run = _setup(rank, world_size, teacher, student, config, data, checkpoint_dir, dist)
+    run = _setup(job, rank, world_size, dist)
+    teacher, student, config, checkpoint_dir = job.teacher, job.student, job.config, job.checkpoint_dir
     if run.is_main:
         if run.resumed_from is not None:
             callbacks.progress(run.step / run.steps, f"resumed from checkpoint step {run.step}")
@@ -593,18 +595,10 @@ def _train(
     return StepOutcome(model=student, facts=_facts(run))
 
 
-def _setup(
-    rank: int,
-    world_size: int,
-    teacher: nn.Module,
-    student: nn.Module,
-    config: DistillStep,
-    data: tuple[torch.Tensor, ...],
-    checkpoint_dir: Path | None,
-    dist: Any,
-) -> _Training:
+def _setup(job: _Job, rank: int, world_size: int, dist: Any) -> _Training:
     """fp32 trainable student (+ hidden-state projections), AdamW with warmup + cosine, resumed from the
-    newest checkpoint in ``checkpoint_dir`` if there is one."""
+    newest checkpoint in the job's ``checkpoint_dir`` if there is one."""
+    teacher, student, config, checkpoint_dir = job.teacher, job.student, job.config, job.checkpoint_dir
     device = device_of(teacher)
     original_dtype = next(student.parameters()).dtype
     student.to(device=device, dtype=torch.float32)  # fp32 master weights; autocast does the bf16 on GPU
@@ -632,7 +626,7 @@ def _setup(
     steps = total_steps(config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.warmup_steps, steps))
     run = _Training(
-        rank, world_size, config, teacher, student, trainee, model, optimizer, scheduler, data, dist, device,
+        rank, world_size, config, teacher, student, trainee, model, optimizer, scheduler, job.data, dist, device,
         original_dtype, steps,
     )  # fmt: skip
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -646,7 +640,7 @@ def _setup(
 def _optimizer_step(run: _Training) -> tuple[list[float], float]:
     """One optimizer step over ``batch_size x grad_accum`` rows (this rank's share of each micro-batch);
     returns the step's mean losses (total, kd, ce, hidden) over every rank and the learning rate used."""
-    config, train_blocks, train_mask = run.config, run.data[0], run.data[1]
+    config, train_blocks, train_mask = run.config, run.data.train_blocks, run.data.train_mask
     rows = _step_rows(
         run.step, config.batch_size * config.grad_accum, train_blocks.shape[0], config.seed, run.perm_cache
     )
@@ -733,7 +727,7 @@ def _facts(run: _Training) -> dict[str, Any]:
         "eval_perplexity_before": run.ppl_before,
         "eval_perplexity_after": run.eval_ppl,
         "eval_perplexity_not_measured": run.held_out_reason,
-        "eval_tokens": int(run.data[3].sum()),
+        "eval_tokens": int(run.data.eval_mask.sum()),
         "teacher_params": _count_params(run.teacher),
         "student_params": _count_params(run.student),
         "student_config": _config_summary(run.student),

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from app.jobs.spec import StudentSource
+from tests.helpers import StopAfter
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.data import tokenize_stream
@@ -323,14 +324,8 @@ def test_cancel_takes_effect_inside_the_held_out_perplexity_pass(
     teacher: nn.Module, stream: torch.Tensor, held_out: torch.Tensor
 ) -> None:
     """The teacher's held-out pass runs before the first step; a cancel stops it between two batches."""
-    asked: list[bool] = []
     messages: list[str] = []
-
-    def should_stop() -> bool:
-        asked.append(True)
-        return len(asked) >= 3
-
-    callbacks = Callbacks(progress=lambda _f, m: messages.append(m), should_stop=should_stop)
+    callbacks = Callbacks(progress=lambda _f, m: messages.append(m), should_stop=StopAfter(3))
     config = step_config(max_steps=5)
     student = build_student(teacher, config.student, seed=3)
     with pytest.raises(StepCancelled):
@@ -382,13 +377,8 @@ def test_building_a_student_of_a_million_layers_stops_on_cancel(
     import workers.compression.export as export
 
     monkeypatch.setattr(export, "STOP_CHECK_INTERVAL_S", 0.0)
-    asked: list[bool] = []
-
-    def stop_on_the_fifth_question() -> bool:
-        asked.append(True)
-        return len(asked) >= 5
-
+    stop_on_the_fifth_question = StopAfter(5)
     spec = StudentSpec(config={**SMALL_STUDENT, "num_hidden_layers": 1_000_000})
     with pytest.raises(StepCancelled):
         build_student(teacher, spec, should_stop=stop_on_the_fifth_question)
-    assert len(asked) == 5
+    assert stop_on_the_fifth_question.asked == 5

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from tests.helpers import StopAfter
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 from workers.compression.base import Callbacks, EngineError, StepCancelled
 from workers.compression.data import tokenize_stream
@@ -249,14 +250,8 @@ def test_a_cancel_stops_the_perplexity_pass_between_windows(
 ) -> None:
     """The baseline and after passes ask should_stop before every window: a cancel costs at most one window."""
     eval_ids = eval_windows(tokenizer, sample_text(4), SEQ_LEN, 16 * SEQ_LEN)
-    asked: list[bool] = []
     windows: list[str] = []
-
-    def should_stop() -> bool:
-        asked.append(True)
-        return len(asked) >= 4
-
-    callbacks = Callbacks(progress=lambda _f, m: windows.append(m), should_stop=should_stop)
+    callbacks = Callbacks(progress=lambda _f, m: windows.append(m), should_stop=StopAfter(4))
     with pytest.raises(StepCancelled):
         evaluate(trained, tokenizer, eval_ids=eval_ids, callbacks=callbacks, **FAST)
     assert windows == [f"perplexity window {i}/16" for i in (1, 2, 3)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import StopAfter
 from tests.tiny import tiny_model, write_model_dir
 from workers.compression.base import EngineError, StepCancelled
 from workers.compression.export import inspect_model_dir, load_model, save_model
@@ -181,15 +182,10 @@ def test_loading_asks_should_stop_inside_transformers_and_stops_at_the_first_yes
     import workers.compression.export as export
 
     monkeypatch.setattr(export, "STOP_CHECK_INTERVAL_S", 0.0)
-    asked: list[bool] = []
-
-    def stop_on_the_tenth_question() -> bool:
-        asked.append(True)
-        return len(asked) >= 10
-
+    stop_on_the_tenth_question = StopAfter(10)
     with pytest.raises(StepCancelled, match="cancelled while loading the model"):
         load_model(model_dir, should_stop=stop_on_the_tenth_question)
-    assert len(asked) == 10
+    assert stop_on_the_tenth_question.asked == 10
     model, _ = load_model(model_dir, should_stop=lambda: False)  # and a load nobody stops completes
     assert model.model.layers[1].mlp.down_proj.weight.shape == (64, 128)
 
