@@ -32,6 +32,32 @@ export function replace(el, ...children) {
   return append(el, children);
 }
 
+/** A table's header row: one column header per title. */
+export function headRow(titles) {
+  return h("thead", {}, h("tr", {}, titles.map((t) => h("th", { scope: "col" }, t))));
+}
+
+/** A card form headed `title` (its heading's id is `${id}-title`), its fields, and one submit button. */
+export function cardForm(id, title, submitLabel, ...fields) {
+  return h(
+    "form",
+    { class: "card", "aria-labelledby": `${id}-title` },
+    h("h2", { id: `${id}-title` }, title),
+    fields,
+    h("button", { type: "submit" }, submitLabel),
+  );
+}
+
+/** A fieldset of checkboxes under `legend`, each labelled with its value. */
+export function checkboxFieldset(legend, boxes) {
+  return h("fieldset", {}, h("legend", {}, legend), boxes.map((b) => h("div", { class: "field inline" }, b, h("label", { for: b.id }, b.value))));
+}
+
+/** A secret shown once (a new key, a webhook's signing secret), announced to screen readers. */
+export function secretNotice(what, secret) {
+  return h("div", { class: "secret", role: "status" }, h("p", {}, `${what} Copy it now: it is not shown again.`), h("code", { class: "secret-value" }, secret));
+}
+
 /** Tell screen readers about something that changed without moving focus. */
 export function announce(text) {
   const region = document.getElementById("announcer");

@@ -1,7 +1,8 @@
 // One job: live status and progress over the SSE stream, steps, error, cancel, event log, report, artifacts.
 import { api, ApiError, followEvents } from "../api.js";
 import {
-  announce, duration, errorBox, fmtBytes, fmtDate, fmtNumber, fmtPct, fmtRatio, fmtSeconds, h, replace, statusBadge,
+  announce, duration, errorBox, fmtBytes, fmtDate, fmtNumber, fmtPct, fmtRatio, fmtSeconds, h, headRow, replace,
+  statusBadge,
 } from "../dom.js";
 import { methodsLabel, modelLabel } from "./jobs.js";
 
@@ -24,7 +25,7 @@ function stepsTable(job) {
     "table",
     { id: "steps" },
     h("caption", {}, "Steps"),
-    h("thead", {}, h("tr", {}, ["#", "Method", "Options", "State", "Duration"].map((t) => h("th", { scope: "col" }, t)))),
+    headRow(["#", "Method", "Options", "State", "Duration"]),
     h(
       "tbody",
       {},
@@ -139,7 +140,7 @@ function reportSection(report, chart) {
       "table",
       { id: "before-after" },
       h("caption", {}, "Before and after"),
-      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Metric"), h("th", { scope: "col" }, "Before"), h("th", { scope: "col" }, "After"))),
+      headRow(["Metric", "Before", "After"]),
       h(
         "tbody",
         {},
@@ -152,7 +153,7 @@ function reportSection(report, chart) {
       "table",
       { id: "report-steps" },
       h("caption", {}, "Steps as run"),
-      h("thead", {}, h("tr", {}, ["Method", "Parameters", "Duration", "Details"].map((t) => h("th", { scope: "col" }, t)))),
+      headRow(["Method", "Parameters", "Duration", "Details"]),
       h(
         "tbody",
         {},
@@ -182,7 +183,7 @@ function artifactsTable(listing) {
     h(
       "table",
       {},
-      h("thead", {}, h("tr", {}, ["File", "Size", "sha256"].map((t) => h("th", { scope: "col" }, t)))),
+      headRow(["File", "Size", "sha256"]),
       h(
         "tbody",
         {},

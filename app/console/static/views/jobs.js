@@ -1,6 +1,6 @@
 // The jobs list: status, methods, model, created, duration, headline ratios; filters and cursor paging.
 import { api, query } from "../api.js";
-import { duration, errorBox, fmtDate, fmtPct, fmtRatio, fmtSeconds, h, replace, statusBadge } from "../dom.js";
+import { duration, errorBox, fmtDate, fmtPct, fmtRatio, fmtSeconds, h, headRow, replace, statusBadge } from "../dom.js";
 
 const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
 const PAGE = 20;
@@ -78,17 +78,7 @@ export async function jobsView(root, { signal, params }) {
         "table",
         { class: "jobs" },
         h("caption", { class: "visually-hidden" }, "Jobs, newest first"),
-        h(
-          "thead",
-          {},
-          h(
-            "tr",
-            {},
-            ["Job", "Status", "Steps", "Model", "Metadata", "Created", "Duration", "Size", "Perplexity", "Decode speed"].map((t) =>
-              h("th", { scope: "col" }, t),
-            ),
-          ),
-        ),
+        headRow(["Job", "Status", "Steps", "Model", "Metadata", "Created", "Duration", "Size", "Perplexity", "Decode speed"]),
         h("tbody", {}, page.data.map(row)),
       )
     : h("p", { class: "empty" }, "No jobs yet. ", h("a", { href: "#/new" }, "Submit one"), ".");

@@ -1,6 +1,6 @@
 // This tenant's API keys: list (prefix only), create with a subset of the scopes (the key shown once), revoke.
 import { api } from "../api.js";
-import { errorBox, fmtDate, h, replace } from "../dom.js";
+import { cardForm, checkboxFieldset, errorBox, fmtDate, h, headRow, replace, secretNotice } from "../dom.js";
 import { resolve } from "../schemaform.js";
 
 export async function keysView(root, { signal }) {
@@ -35,14 +35,13 @@ export async function keysView(root, { signal }) {
 
   const name = h("input", { id: "key-name", type: "text", required: true, maxlength: 200, value: "console" });
   const boxes = scopes.map((s) => h("input", { type: "checkbox", id: `scope-${s.replace(":", "-")}`, value: s, checked: s.startsWith("jobs:") }));
-  const form = h(
-    "form",
-    { class: "card", "aria-labelledby": "new-key-title" },
-    h("h2", { id: "new-key-title" }, "New key"),
+  const form = cardForm(
+    "new-key",
+    "New key",
+    "Create key",
     h("label", { for: "key-name" }, "Name"),
     name,
-    h("fieldset", {}, h("legend", {}, "Scopes (at most those of the key you signed in with)"), boxes.map((b) => h("div", { class: "field inline" }, b, h("label", { for: b.id }, b.value)))),
-    h("button", { type: "submit" }, "Create key"),
+    checkboxFieldset("Scopes (at most those of the key you signed in with)", boxes),
   );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -51,7 +50,7 @@ export async function keysView(root, { signal }) {
       await rerender();
       replace(
         document.getElementById("key-notice"),
-        h("div", { class: "secret", role: "status" }, h("p", {}, `Key ${out.prefix}… created. Copy it now: it is not shown again.`), h("code", { class: "secret-value" }, out.key)),
+        secretNotice(`Key ${out.prefix}… created.`, out.key),
       );
     } catch (err) {
       replace(notice, errorBox(err));
@@ -62,7 +61,7 @@ export async function keysView(root, { signal }) {
     root,
     h("h1", {}, "API keys"),
     notice,
-    h("table", {}, h("thead", {}, h("tr", {}, ["Name", "Prefix", "Scopes", "Created", "Last used", ""].map((t) => h("th", { scope: "col" }, t)))), h("tbody", {}, rows)),
+    h("table", {}, headRow(["Name", "Prefix", "Scopes", "Created", "Last used", ""]), h("tbody", {}, rows)),
     form,
   );
 }

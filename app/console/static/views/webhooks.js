@@ -1,16 +1,7 @@
 // Webhook endpoints: list, create (the secret shown once), rotate, disable/enable, delete; the delivery log.
 import { api, query } from "../api.js";
-import { errorBox, fmtDate, h, replace, statusBadge } from "../dom.js";
+import { cardForm, checkboxFieldset, errorBox, fmtDate, h, headRow, replace, secretNotice, statusBadge } from "../dom.js";
 import { resolve } from "../schemaform.js";
-
-function secretNotice(what, secret) {
-  return h(
-    "div",
-    { class: "secret", role: "status" },
-    h("p", {}, `${what} Copy it now: it is not shown again.`),
-    h("code", { class: "secret-value" }, secret),
-  );
-}
 
 async function deliveriesPanel(endpoint, signal, notice) {
   const page = await api(`/v1/webhooks/${encodeURIComponent(endpoint.id)}/deliveries${query({ limit: 50 })}`, { signal });
@@ -19,7 +10,7 @@ async function deliveriesPanel(endpoint, signal, notice) {
     "table",
     { class: "deliveries" },
     h("caption", {}, "Deliveries of ", endpoint.url),
-    h("thead", {}, h("tr", {}, ["Event", "Job", "Status", "Attempts", "Last answer", "Created", ""].map((t) => h("th", { scope: "col" }, t)))),
+    headRow(["Event", "Job", "Status", "Attempts", "Last answer", "Created", ""]),
     h(
       "tbody",
       {},
@@ -109,16 +100,15 @@ export async function webhooksView(root, { signal }) {
   const url = h("input", { id: "webhook-url", type: "url", required: true, placeholder: "https://hooks.example.com/modelpress" });
   const description = h("input", { id: "webhook-description", type: "text", maxlength: 500 });
   const boxes = eventTypes.map((t) => h("input", { type: "checkbox", id: `ev-${t}`, value: t }));
-  const form = h(
-    "form",
-    { class: "card", "aria-labelledby": "new-webhook-title" },
-    h("h2", { id: "new-webhook-title" }, "New endpoint"),
+  const form = cardForm(
+    "new-webhook",
+    "New endpoint",
+    "Create endpoint",
     h("label", { for: "webhook-url" }, "URL"),
     url,
     h("label", { for: "webhook-description" }, "Description"),
     description,
-    h("fieldset", {}, h("legend", {}, "Events (none checked: all)"), boxes.map((b) => h("div", { class: "field inline" }, b, h("label", { for: b.id }, b.value)))),
-    h("button", { type: "submit" }, "Create endpoint"),
+    checkboxFieldset("Events (none checked: all)", boxes),
   );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -137,7 +127,7 @@ export async function webhooksView(root, { signal }) {
     h("h1", {}, "Webhooks"),
     notice,
     rows.length
-      ? h("table", {}, h("thead", {}, h("tr", {}, ["URL", "Events", "State", "Created", "Actions"].map((t) => h("th", { scope: "col" }, t)))), h("tbody", {}, rows))
+      ? h("table", {}, headRow(["URL", "Events", "State", "Created", "Actions"]), h("tbody", {}, rows))
       : h("p", { class: "empty" }, "No endpoints."),
     deliveries,
     form,
