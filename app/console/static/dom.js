@@ -37,15 +37,25 @@ export function headRow(titles) {
   return h("thead", {}, h("tr", {}, titles.map((t) => h("th", { scope: "col" }, t))));
 }
 
-/** A card form headed `title` (its heading's id is `${id}-title`), its fields, and one submit button. */
-export function cardForm(id, title, submitLabel, ...fields) {
-  return h(
+/** A card form headed `title` (its heading's id is `${id}-title`): its `fields` and one submit button that
+ * runs `onSubmit()`; a failure is shown in `errors`. */
+export function cardForm({ id, title, submitLabel, fields, onSubmit, errors }) {
+  const form = h(
     "form",
     { class: "card", "aria-labelledby": `${id}-title` },
     h("h2", { id: `${id}-title` }, title),
     fields,
     h("button", { type: "submit" }, submitLabel),
   );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await onSubmit();
+    } catch (err) {
+      replace(errors, errorBox(err));
+    }
+  });
+  return form;
 }
 
 /** A fieldset of checkboxes under `legend`, each labelled with its value. */

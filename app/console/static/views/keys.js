@@ -35,26 +35,18 @@ export async function keysView(root, { signal }) {
 
   const name = h("input", { id: "key-name", type: "text", required: true, maxlength: 200, value: "console" });
   const boxes = scopes.map((s) => h("input", { type: "checkbox", id: `scope-${s.replace(":", "-")}`, value: s, checked: s.startsWith("jobs:") }));
-  const form = cardForm(
-    "new-key",
-    "New key",
-    "Create key",
-    h("label", { for: "key-name" }, "Name"),
-    name,
-    checkboxFieldset("Scopes (at most those of the key you signed in with)", boxes),
-  );
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    try {
-      const out = await api("/v1/keys", { method: "POST", body: { name: name.value.trim(), scopes: boxes.filter((b) => b.checked).map((b) => b.value) }, signal });
+  const form = cardForm({
+    id: "new-key",
+    title: "New key",
+    submitLabel: "Create key",
+    fields: [h("label", { for: "key-name" }, "Name"), name, checkboxFieldset("Scopes (at most those of the key you signed in with)", boxes)],
+    errors: notice,
+    onSubmit: async () => {
+      const scopes = boxes.filter((b) => b.checked).map((b) => b.value);
+      const out = await api("/v1/keys", { method: "POST", body: { name: name.value.trim(), scopes }, signal });
       await rerender();
-      replace(
-        document.getElementById("key-notice"),
-        secretNotice(`Key ${out.prefix}… created.`, out.key),
-      );
-    } catch (err) {
-      replace(notice, errorBox(err));
-    }
+      replace(document.getElementById("key-notice"), secretNotice(`Key ${out.prefix}… created.`, out.key));
+    },
   });
 
   replace(

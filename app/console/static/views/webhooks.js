@@ -100,26 +100,25 @@ export async function webhooksView(root, { signal }) {
   const url = h("input", { id: "webhook-url", type: "url", required: true, placeholder: "https://hooks.example.com/modelpress" });
   const description = h("input", { id: "webhook-description", type: "text", maxlength: 500 });
   const boxes = eventTypes.map((t) => h("input", { type: "checkbox", id: `ev-${t}`, value: t }));
-  const form = cardForm(
-    "new-webhook",
-    "New endpoint",
-    "Create endpoint",
-    h("label", { for: "webhook-url" }, "URL"),
-    url,
-    h("label", { for: "webhook-description" }, "Description"),
-    description,
-    checkboxFieldset("Events (none checked: all)", boxes),
-  );
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const events = boxes.filter((b) => b.checked).map((b) => b.value);
-    try {
-      const out = await api("/v1/webhooks", { method: "POST", body: { url: url.value.trim(), description: description.value, events: events.length ? events : null }, signal });
+  const form = cardForm({
+    id: "new-webhook",
+    title: "New endpoint",
+    submitLabel: "Create endpoint",
+    fields: [
+      h("label", { for: "webhook-url" }, "URL"),
+      url,
+      h("label", { for: "webhook-description" }, "Description"),
+      description,
+      checkboxFieldset("Events (none checked: all)", boxes),
+    ],
+    errors: notice,
+    onSubmit: async () => {
+      const events = boxes.filter((b) => b.checked).map((b) => b.value);
+      const body = { url: url.value.trim(), description: description.value, events: events.length ? events : null };
+      const out = await api("/v1/webhooks", { method: "POST", body, signal });
       await rerender();
       replace(document.getElementById("webhook-notice"), secretNotice(`Endpoint ${out.id} created; its signing secret:`, out.secret));
-    } catch (err) {
-      replace(notice, errorBox(err));
-    }
+    },
   });
 
   replace(
