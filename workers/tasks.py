@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from celery import Task
 from celery.signals import worker_ready
@@ -13,8 +17,49 @@ from app.uploads.service import EXPIRE_UPLOADS_TASK
 from app.webhooks.relay import WEBHOOK_RELAY_TASK
 from app.webhooks.service import PRUNE_DELIVERIES_TASK
 from workers.celery_app import celery_app
+from workers.failures import infrastructure_failure
 
 log = logging.getLogger("modelpress.worker")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class MaintenanceSkipped(Exception):  # noqa: N818
+    """A periodic task met an outage: this run is skipped and the next one tries again. Celery logs such an
+    expected exception (``throws``) as one INFO line, without a traceback."""
+
+
+_outages: dict[str, str] = {}  # periodic task -> the dependency it found unreachable, until it answers again
+_outages_lock = threading.Lock()  # the maintenance worker runs its tasks on two threads
+
+
+def skips_outages(task: Callable[P, R]) -> Callable[P, R]:
+    """Run a periodic task; an outage of the database, broker or storage skips the run instead of failing it
+    with a traceback (which, at a beat every few seconds, buried the log in a long outage). One warning says
+    when a task's outage begins and one when its dependency answers again; anything else still raises."""
+
+    @functools.wraps(task)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        name = task.__name__
+        try:
+            result = task(*args, **kwargs)
+        except Exception as exc:
+            dependency = infrastructure_failure(exc)
+            if dependency is None:
+                raise
+            with _outages_lock:
+                before, _outages[name] = _outages.get(name), dependency
+            if before != dependency:
+                reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                log.warning("%s: the %s is unreachable (%s); skipped until it answers", name, dependency, reason)
+            raise MaintenanceSkipped(f"the {dependency} is unreachable") from None
+        with _outages_lock:
+            ended = _outages.pop(name, None)
+        if ended is not None:
+            log.warning("%s: the %s answers again", name, ended)
+        return result
+
+    return run
 
 
 @celery_app.task(bind=True, name=RUN_JOB_TASK, acks_late=True, max_retries=None)
@@ -55,7 +100,8 @@ def sweep_scratch_at_start(**_: object) -> None:
         reset_caches()
 
 
-@celery_app.task(name=SWEEP_STORAGE_TASK)
+@celery_app.task(name=SWEEP_STORAGE_TASK, throws=(MaintenanceSkipped,))
+@skips_outages
 def sweep_storage() -> dict[str, int]:
     """Delete attempt artifacts and checkpoints in the bucket that no live attempt owns."""
     from app.storage import get_storage
@@ -65,7 +111,8 @@ def sweep_storage() -> dict[str, int]:
     return {"attempts": len(result.attempts), "checkpoints": len(result.checkpoints)}
 
 
-@celery_app.task(name=REAP_TASK)
+@celery_app.task(name=REAP_TASK, throws=(MaintenanceSkipped,))
+@skips_outages
 def reap() -> dict[str, int]:
     """Re-queue or fail jobs whose worker vanished; re-send jobs whose queue message was lost."""
     from workers.reaper import reap_once
@@ -73,7 +120,8 @@ def reap() -> dict[str, int]:
     return reap_once()
 
 
-@celery_app.task(name=WEBHOOK_RELAY_TASK)
+@celery_app.task(name=WEBHOOK_RELAY_TASK, throws=(MaintenanceSkipped,))
+@skips_outages
 def deliver_webhooks() -> dict[str, int]:
     """Send due webhook deliveries from the outbox (overlapping runs are safe: claims skip locked rows)."""
     from app.webhooks.relay import run_once
@@ -82,7 +130,8 @@ def deliver_webhooks() -> dict[str, int]:
     return {"claimed": stats.claimed, "delivered": stats.delivered, "retrying": stats.retrying, "failed": stats.failed}
 
 
-@celery_app.task(name=PRUNE_DELIVERIES_TASK)
+@celery_app.task(name=PRUNE_DELIVERIES_TASK, throws=(MaintenanceSkipped,))
+@skips_outages
 def prune_webhook_deliveries() -> dict[str, int]:
     """Delete finished webhook deliveries older than ``MODELPRESS_WEBHOOK_DELIVERY_RETENTION_DAYS``."""
     from datetime import timedelta
@@ -96,7 +145,8 @@ def prune_webhook_deliveries() -> dict[str, int]:
         return {"deleted": prune_deliveries(session, timedelta(days=days))}
 
 
-@celery_app.task(name=EXPIRE_UPLOADS_TASK)
+@celery_app.task(name=EXPIRE_UPLOADS_TASK, throws=(MaintenanceSkipped,))
+@skips_outages
 def expire_uploads() -> dict[str, int]:
     """Delete what was PUT for uploads that expired before they were completed."""
     from app.db import session_scope

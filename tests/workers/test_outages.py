@@ -6,6 +6,7 @@ controls (the probe's injected sleep), never after a timed wait."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,38 @@ def test_the_task_hands_back_a_job_it_could_not_claim_and_runs_it_when_redeliver
     assert not left_behind.exists()
     job = load_job(job_id)
     assert job.status == "succeeded" and job.attempts == 1, job.error_message
+
+
+def test_a_maintenance_task_skips_an_outage_with_one_warning_as_it_begins_and_one_as_it_ends(
+    pg_stack: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At a beat every few seconds, a traceback per run buried the maintenance log in a long outage."""
+    from workers.tasks import MaintenanceSkipped, reap
+
+    caplog.set_level(logging.INFO)
+    apply_env(monkeypatch, {**pg_stack, "MODELPRESS_DATABASE_URL": f"postgresql+psycopg://x@127.0.0.1:{free_port()}/x"})
+    for _ in range(3):
+        run = reap.apply()  # through Celery's tracer, as the worker runs it
+        assert run.failed() and isinstance(run.result, MaintenanceSkipped)
+        assert str(run.result) == "the database is unreachable"
+    apply_env(monkeypatch, pg_stack)
+    assert reap.apply().get() == {"requeued": 0, "failed_or_cancelled": 0, "resent": 0}
+    assert reap.apply().get() == {"requeued": 0, "failed_or_cancelled": 0, "resent": 0}
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("reap: the database is unreachable (")
+    assert warnings[1] == "reap: the database answers again"
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for an outage"
+
+
+def test_a_maintenance_task_still_raises_what_is_no_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.reaper
+    from workers.tasks import reap
+
+    def broken(*_: Any) -> dict[str, int]:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(workers.reaper, "reap_once", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        reap()
