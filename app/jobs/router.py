@@ -11,13 +11,12 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
-from starlette.concurrency import run_in_threadpool
 
-from app.db import JSON_INT_MAX, get_sessionmaker
+from app.db import JSON_INT_MAX
 from app.deps import JobsReader, JobsWriter, RequestPathDep, SessionDep, SettingsDep, StorageDep
 from app.jobs import service
 from app.jobs.models import TERMINAL_STATUSES
-from app.jobs.schemas import ArtifactList, EventList, EventOut, JobList, JobOut, JobStatus, event_out, job_out
+from app.jobs.schemas import ArtifactList, EventList, EventOut, JobList, JobOut, JobStatus, job_out
 from app.jobs.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -42,10 +41,10 @@ def create_job(
 
 
 @router.get("", response_model=JobList)
-def list_jobs(
+async def list_jobs(
     request: Request,
     principal: JobsReader,
-    session: SessionDep,
+    path: RequestPathDep,
     status: Annotated[list[JobStatus] | None, Query()] = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -56,10 +55,10 @@ def list_jobs(
         for key, value in request.query_params.items()
         if key.startswith("metadata[") and key.endswith("]")
     }
-    jobs, has_more = service.list_jobs(
-        session, principal.tenant_id, status=list(status or []), metadata=metadata, after=after, limit=limit
+    jobs, has_more = await service.list_jobs(
+        path.engine, principal.tenant_id, status=list(status or []), metadata=metadata, after=after, limit=limit
     )
-    return JobList(data=[job_out(j) for j in jobs], has_more=has_more)
+    return JobList(data=jobs, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -74,22 +73,22 @@ def cancel_job(job_id: str, principal: JobsWriter, session: SessionDep) -> JobOu
 
 
 @router.get("/{job_id}/events", response_model=EventList)
-def list_events(
+async def list_events(
     job_id: str,
     principal: JobsReader,
-    session: SessionDep,
+    path: RequestPathDep,
     after: Annotated[int, Query(ge=0, le=JSON_INT_MAX, description="the last event id seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
-    events, has_more = service.list_events(session, principal.tenant_id, job_id, after, limit)
-    return EventList(data=[event_out(e) for e in events], has_more=has_more)
+    events, has_more, _ = await service.list_events(path.engine, principal.tenant_id, job_id, after, limit)
+    return EventList(data=events, has_more=has_more)
 
 
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse)
 async def stream_events(
     job_id: str,
     principal: JobsReader,
-    session: SessionDep,
+    path: RequestPathDep,
     # The bounds sit on the int, so the document shows them; SkipJsonSchema: the header is omitted, never "null".
     last_event_id: Annotated[
         Annotated[int, Field(ge=0, le=JSON_INT_MAX)] | SkipJsonSchema[None], Header(alias="Last-Event-ID")
@@ -97,21 +96,17 @@ async def stream_events(
     after: Annotated[int, Query(ge=0, le=JSON_INT_MAX)] = 0,
 ) -> StreamingResponse:
     """Server-sent events; ids are the event ids, so reconnecting with ``Last-Event-ID`` resumes exactly."""
-    service.ensure_exists(session, principal.tenant_id, job_id)
-    session.close()
     cursor = last_event_id if last_event_id is not None else after
-
-    def poll(since: int) -> tuple[list[EventOut], str]:
-        with get_sessionmaker()() as s:
-            events, _ = service.list_events(s, principal.tenant_id, job_id, since, 200)
-            status = service.get_job(s, principal.tenant_id, job_id).status
-            return [event_out(e) for e in events], status
+    # The first page is read before the response starts, so an unknown job is a 404, not an empty stream.
+    first = await service.list_events(path.engine, principal.tenant_id, job_id, cursor, 200)
 
     async def frames() -> AsyncIterator[bytes]:
         since = cursor
         idle = 0
+        page: tuple[list[EventOut], bool, str] | None = first
         while True:
-            events, status = await run_in_threadpool(poll, since)
+            events, _, status = page or await service.list_events(path.engine, principal.tenant_id, job_id, since, 200)
+            page = None
             for event in events:
                 since = event.id
                 payload = json.dumps(event.model_dump(mode="json"))

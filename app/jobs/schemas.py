@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from app.jobs.models import Job, JobEvent
+from app.jobs.models import Job
 from modelpress.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -27,7 +27,6 @@ __all__ = [
     "JobList",
     "JobOut",
     "JobStatus",
-    "event_out",
     "job_out",
     "job_out_from",
 ]
@@ -65,7 +64,3 @@ def job_out_from(columns: Mapping[str, Any], metadata: dict[str, str], webhook_s
         spec=columns["spec"],
         webhook_secret=webhook_secret,
     )
-
-
-def event_out(event: JobEvent) -> EventOut:
-    return EventOut.model_validate(event, from_attributes=True)

@@ -25,7 +25,7 @@ from app.db import utcnow
 from app.errors import conflict, not_found, unprocessable
 from app.jobs import lifecycle
 from app.jobs.models import IdempotencyKey, Job, JobEvent, JobMetadata
-from app.jobs.schemas import JOB_OUT_COLUMNS, JobOut, job_out_from
+from app.jobs.schemas import JOB_OUT_COLUMNS, EventOut, JobOut, job_out_from
 from app.jobs.spec import DistillJobStep, JobSpec, Source
 from app.storage import Storage, split_s3_uri
 from app.storage_keys import upload_key
@@ -38,10 +38,11 @@ def _scoped(tenant_id: str) -> Select[Job]:
     return select(Job).where(Job.tenant_id == tenant_id)
 
 
+_JOB_COLUMNS = tuple(Job.__table__.c[name] for name in JOB_OUT_COLUMNS)
 # A job and its metadata rows (one row per item, or one with NULLs), scoped by tenant: one statement.
 _JOB_READ = (
     select(
-        *(Job.__table__.c[name] for name in JOB_OUT_COLUMNS),
+        *_JOB_COLUMNS,
         JobMetadata.key.label("metadata_key"),
         JobMetadata.value.label("metadata_value"),
     )
@@ -276,17 +277,18 @@ def create_job(
     return job, True
 
 
-def list_jobs(
-    session: Session,
+async def list_jobs(
+    engine: AsyncEngine,
     tenant_id: str,
     *,
     status: list[str] | None,
     metadata: dict[str, str],
     after: str | None,
     limit: int,
-) -> tuple[list[Job], bool]:
-    """Newest first; ``after`` is the id of the last job of the previous page."""
-    stmt = _scoped(tenant_id)
+) -> tuple[list[JobOut], bool]:
+    """Newest first; ``after`` is the id of the last job of the previous page. Two Core statements on the
+    request engine (the console polls this list): the page's jobs, then their metadata."""
+    stmt = select(*_JOB_COLUMNS).where(Job.tenant_id == tenant_id)
     if status:
         stmt = stmt.where(Job.status.in_(status))
     for key, value in metadata.items():
@@ -295,8 +297,17 @@ def list_jobs(
         )
     if after:
         stmt = stmt.where(Job.id < after)
-    rows = list(session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).scalars())
-    return rows[:limit], len(rows) > limit
+    async with engine.connect() as conn:
+        rows = (await conn.execute(stmt.order_by(Job.id.desc()).limit(limit + 1))).all()
+        page = rows[:limit]
+        items: dict[str, dict[str, str]] = {row.id: {} for row in page}
+        if items:
+            pairs = select(JobMetadata.job_id, JobMetadata.key, JobMetadata.value).where(
+                JobMetadata.job_id.in_(list(items))
+            )
+            for job_id, key, value in await conn.execute(pairs):
+                items[job_id][key] = value
+    return [job_out_from(row._asdict(), items[row.id]) for row in page], len(rows) > limit
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -310,17 +321,33 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def list_events(session: Session, tenant_id: str, job_id: str, after: int, limit: int) -> tuple[list[JobEvent], bool]:
-    get_job(session, tenant_id, job_id)
-    rows = list(
-        session.execute(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.tenant_id == tenant_id, JobEvent.id > after)
-            .order_by(JobEvent.id)
-            .limit(limit + 1)
-        ).scalars()
+_JOB_STATUS = select(Job.status).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+_EVENTS_AFTER = (
+    select(JobEvent.id, JobEvent.type, JobEvent.data, JobEvent.created_at)
+    .where(
+        JobEvent.job_id == bindparam("job_id"),
+        JobEvent.tenant_id == bindparam("tenant_id"),
+        JobEvent.id > bindparam("after"),
     )
-    return rows[:limit], len(rows) > limit
+    .order_by(JobEvent.id)
+    .limit(bindparam("limit"))
+)
+
+
+async def list_events(
+    engine: AsyncEngine, tenant_id: str, job_id: str, after: int, limit: int
+) -> tuple[list[EventOut], bool, str]:
+    """The job's events after event ``after``, oldest first, whether more follow, and the job's status
+    (read first: an event recorded after it belongs to a later poll). Core statements on the request
+    engine: the SSE stream repeats this every second for every open stream."""
+    params = {"job_id": job_id, "tenant_id": tenant_id}
+    async with engine.connect() as conn:
+        status = (await conn.execute(_JOB_STATUS, params)).scalar_one_or_none()
+        if status is None:
+            raise not_found("job", job_id)
+        rows = (await conn.execute(_EVENTS_AFTER, {**params, "after": after, "limit": limit + 1})).all()
+    events = [EventOut.model_validate(row._asdict()) for row in rows[:limit]]
+    return events, len(rows) > limit, status
 
 
 def list_artifacts(session: Session, tenant_id: str, job_id: str, storage: Storage, ttl_s: int) -> dict[str, Any]:
@@ -352,7 +379,3 @@ def list_artifacts(session: Session, tenant_id: str, job_id: str, storage: Stora
         }
     )
     return {"data": files, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
-
-
-def ensure_exists(session: Session, tenant_id: str, job_id: str) -> None:
-    get_job(session, tenant_id, job_id)

@@ -1,6 +1,7 @@
 """A read is cheap: ``GET /v1/jobs/{id}`` costs two statements on the request engine (the key with its
-tenant's limit, the job with its metadata), no transaction and no thread-pool hop, while a revoked key is
-refused on the very next request."""
+tenant's limit, the job with its metadata), no transaction and no thread-pool hop; so do the reads a client
+or the console repeats (the job list, a job's events, every poll of its event stream), with one statement
+more each. A revoked key is refused on the very next request."""
 
 from __future__ import annotations
 
@@ -59,6 +60,41 @@ def test_job_read_is_two_statements_on_the_event_loop(
     assert all(autocommit for _, _, autocommit in statements["request"])
     # Both ran on the event loop's thread, not in the thread pool that runs sync routes and dependencies.
     assert [thread for _, thread, _ in statements["request"] if thread == "AnyIO worker thread"] == []
+
+
+def _on_the_event_loop(recorded: list[Any]) -> bool:
+    return all(autocommit and thread != "AnyIO worker thread" for _, thread, autocommit in recorded)
+
+
+def test_the_polled_reads_run_on_the_event_loop(
+    client: TestClient, alice: Caller, statements: dict[str, list[Any]]
+) -> None:
+    upload_id = upload_files(client, alice.headers, {"config.json": b"{}"})
+    job_ids = [
+        client.post("/v1/jobs", json=quantize_job(upload_id, metadata={"run": str(i)}), headers=alice.headers).json()[
+            "id"
+        ]
+        for i in range(3)
+    ]
+    client.get("/v1/jobs", headers=alice.headers)  # last_used_at was just written; reads follow
+
+    reads = {
+        "list": ("/v1/jobs?limit=2", 3),  # the key, the page of jobs, their metadata
+        "events": (f"/v1/jobs/{job_ids[0]}/events", 3),  # the key, the job's status, its events
+    }
+    for name, (url, expected) in reads.items():
+        for recorded in statements.values():
+            recorded.clear()
+        response = client.get(url, headers=alice.headers)
+        assert response.status_code == 200, response.text
+        assert len(statements["request"]) == expected, (name, statements["request"])
+        assert statements["orm"] == [] and _on_the_event_loop(statements["request"]), name
+        if name == "list":
+            page = response.json()
+            assert [j["id"] for j in page["data"]] == job_ids[:0:-1] and page["has_more"] is True
+            assert [j["metadata"] for j in page["data"]] == [{"run": "2"}, {"run": "1"}]
+        else:
+            assert [e["type"] for e in response.json()["data"]] == ["job.queued"]
 
 
 def test_revoked_key_is_refused_on_the_next_request(client: TestClient, alice: Caller) -> None:
