@@ -1,4 +1,4 @@
-"""Throughput of ``GET /v1/jobs/{id}`` next to a FastAPI hello-world, side by side on loopback.
+"""Throughput of ``GET /v1/jobs/{id}`` (or the job list) next to a FastAPI hello-world, side by side on loopback.
 
 Starts the real API (uvicorn, one process, Postgres + Redis configured as in production, the app built as
 ``modelpress serve`` builds it) and a hello-world
@@ -241,7 +241,7 @@ def _ensure_database(url: str) -> str:
 
 
 def _seed(env: dict[str, str]) -> tuple[str, str]:
-    """Migrate, then create a tenant, a key and a queued job; returns (key, job id). Runs in a child
+    """Migrate, then create a tenant, a key and 20 queued jobs; returns (key, a job's id). Runs in a child
     process so this one never imports the app with the wrong settings."""
     code = """
 import json
@@ -254,12 +254,15 @@ from app.jobs.models import Job, JobMetadata
 with session_scope() as s:
     tenant = create_tenant(s, new_id("bench"), rate_limit_per_minute=100_000_000)
     _, key = create_key(s, tenant.id, "bench")
-    job = Job(tenant_id=tenant.id, spec={"steps": [{"method": "quantize", "scheme": "w8a16"}]},
-              steps=[{"index": 0, "method": "quantize", "status": "pending"}],
-              metadata_items=[JobMetadata(key="team", value="search"), JobMetadata(key="run", value="7")])
-    s.add(job)
+    jobs = [
+        Job(tenant_id=tenant.id, spec={"steps": [{"method": "quantize", "scheme": "w8a16"}]},
+            steps=[{"index": 0, "method": "quantize", "status": "pending"}],
+            metadata_items=[JobMetadata(key="team", value="search"), JobMetadata(key="run", value=str(i))])
+        for i in range(20)  # a full default page for the list read
+    ]
+    s.add_all(jobs)
     s.flush()
-    print(json.dumps([key, job.id]))
+    print(json.dumps([key, jobs[-1].id]))
 """
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     key, job_id = json.loads(out.stdout.strip().splitlines()[-1])
@@ -283,12 +286,19 @@ def main() -> None:
         help="also measure two references between the hello-world and the API: the hello-world as a sync route "
         "(one thread-pool hop) and the floor of a rate-limited database read (see floor_read)",
     )
+    parser.add_argument(
+        "--read",
+        choices=["job", "list"],
+        default="job",
+        help="the API read measured: one job (GET /v1/jobs/{id}) or the first page of the list (GET /v1/jobs, "
+        "20 jobs with their metadata)",
+    )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the API process (repeatable)")
     parser.add_argument(
         "--baseline-tree",
         type=Path,
         help="a checkout of another revision (git archive REV | tar -x -C DIR): its API is measured too, as "
-        "get_job_baseline, in the same alternation and against the same database",
+        "<read>_baseline, in the same alternation and against the same database",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -310,6 +320,7 @@ def main() -> None:
         }
         key, job_id = _seed(env)
         auth = {"Authorization": f"Bearer {key}"}
+        read, read_path = ("get_job", f"/v1/jobs/{job_id}") if args.read == "job" else ("list_jobs", "/v1/jobs")
         servers: dict[str, tuple[subprocess.Popen[bytes], str, dict[str, str]]] = {}
         rounds: list[dict[str, Any]] = []
         try:
@@ -320,11 +331,7 @@ def main() -> None:
                 {},
             )
             port = _free_port()
-            servers["get_job"] = (
-                _serve(_api_target(root), port, env),
-                f"http://127.0.0.1:{port}/v1/jobs/{job_id}",
-                auth,
-            )
+            servers[read] = (_serve(_api_target(root), port, env), f"http://127.0.0.1:{port}{read_path}", auth)
             if args.floor:
                 port = _free_port()
                 url = f"http://127.0.0.1:{port}/hello-sync"
@@ -337,9 +344,8 @@ def main() -> None:
             if args.baseline_tree:
                 port = _free_port()
                 baseline_env = {**env, "PYTHONPATH": str(args.baseline_tree.resolve())}
-                url = f"http://127.0.0.1:{port}/v1/jobs/{job_id}"
                 baseline = _serve(_api_target(args.baseline_tree), port, baseline_env)
-                servers["get_job_baseline"] = (baseline, url, auth)
+                servers[f"{read}_baseline"] = (baseline, f"http://127.0.0.1:{port}{read_path}", auth)
             for _, url, headers in servers.values():
                 _wait_http(url, headers)
             redis_pids = _pids_of("redis-server")
