@@ -11,7 +11,6 @@ COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
 COPY modelpress ./modelpress
-COPY deploy/install-worker.sh ./deploy/
 
 FROM base AS api
 RUN pip install .
@@ -25,6 +24,7 @@ FROM base AS worker
 # stages install through deploy/install-worker.sh (torch from the given index, then ModelPress's worker extras;
 # llama-cpp-python, for GGUF exports measured in llama.cpp, compiles there).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+COPY deploy/install-worker.sh ./deploy/
 RUN sh deploy/install-worker.sh "$TORCH_INDEX"
 USER modelpress
 CMD ["modelpress", "worker", "--queues", "cpu"]
@@ -36,6 +36,7 @@ FROM base AS worker-gpu
 # visible GPU (`modelpress worker --queues gpu` exits 2), so a missing device reservation shows at once.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+COPY deploy/install-worker.sh ./deploy/
 RUN sh deploy/install-worker.sh "$TORCH_INDEX"
 USER modelpress
 CMD ["modelpress", "worker", "--queues", "gpu"]

@@ -92,7 +92,8 @@ def create_database_engine(url: str, *, pooled: bool = True) -> Engine:
 
 
 def create_request_engine(url: str, pool_size: int = 32) -> AsyncEngine:
-    """The API's engine for its request path (the caller's key, one job): asyncio, so a read costs no
+    """The API's engine for its request path (the caller's key) and the reads clients repeat (a job, the job
+    list, a job's events, every poll of an open event stream): asyncio, so a read costs no
     thread-pool hop; autocommit, so a single statement costs no BEGIN and ROLLBACK round trips; used with
     Core statements, not the ORM. No pre-ping either: a connection an outage broke fails its statement
     (a 503, and SQLAlchemy then invalidates the whole pool), where a ping would cost every request a

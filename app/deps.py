@@ -47,10 +47,10 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 
 @dataclass(frozen=True)
 class RequestPath:
-    """What every API request uses before its route: the request engine (the caller's key, and the hot
-    reads such as one job) and the rate limiter. Both are asyncio, so authentication and the rate check
-    run on the event loop with no thread-pool hop; one per app, opened and closed by its lifespan, since
-    an asyncio connection belongs to the event loop that opened it."""
+    """What every API request uses before its route: the request engine (the caller's key, and the reads
+    clients repeat: a job, the job list, events, event-stream polls) and the rate limiter. Both are asyncio,
+    so authentication and the rate check run on the event loop with no thread-pool hop; one per app, opened
+    and closed by its lifespan, since an asyncio connection belongs to the event loop that opened it."""
 
     engine: AsyncEngine
     limiter: RateLimiter

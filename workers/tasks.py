@@ -29,8 +29,11 @@ class MaintenanceSkipped(Exception):  # noqa: N818
     expected exception (``throws``) as one INFO line, without a traceback."""
 
 
-_outages: dict[str, str] = {}  # periodic task -> the dependency it found unreachable, until it answers again
-_outages_lock = threading.Lock()  # the maintenance worker runs its tasks on two threads
+# Periodic task -> the dependency it found unreachable, until a run succeeds. The maintenance worker runs its
+# tasks on two threads, so a run that began before an outage and ended after another run met it may say "answers
+# again" early, and the next failure warns again: a line too many, never a lost one.
+_outages: dict[str, str] = {}
+_outages_lock = threading.Lock()
 
 
 def skips_outages(task: Callable[P, R]) -> Callable[P, R]:

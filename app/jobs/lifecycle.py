@@ -341,7 +341,7 @@ def release_for_retry(
 
 @dataclass(frozen=True)
 class _Held:
-    """The columns of a held job that re-queueing it after an outage needs."""
+    """The columns of a held job that re-queueing it needs (after an outage or a lost worker)."""
 
     id: str
     tenant_id: str

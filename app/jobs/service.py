@@ -1,7 +1,7 @@
 """Business rules of jobs: create (idempotent), read, list, cancel, events, artifacts.
 
-Every query is scoped by tenant through :func:`_scoped`; another tenant's job is indistinguishable
-from one that does not exist.
+Every query filters on the caller's tenant (the ORM's through :func:`_scoped`, the request engine's Core
+statements in their ``WHERE``); another tenant's job is indistinguishable from one that does not exist.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ _JOB_READ = (
     )
     .outerjoin(JobMetadata, JobMetadata.job_id == Job.id)
     .where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+    .order_by(JobMetadata.key)
 )
 
 
@@ -302,8 +303,10 @@ async def list_jobs(
         page = rows[:limit]
         items: dict[str, dict[str, str]] = {row.id: {} for row in page}
         if items:
-            pairs = select(JobMetadata.job_id, JobMetadata.key, JobMetadata.value).where(
-                JobMetadata.job_id.in_(list(items))
+            pairs = (
+                select(JobMetadata.job_id, JobMetadata.key, JobMetadata.value)
+                .where(JobMetadata.job_id.in_(list(items)))
+                .order_by(JobMetadata.job_id, JobMetadata.key)  # keys sorted, as in every read of a job
             )
             for job_id, key, value in await conn.execute(pairs):
                 items[job_id][key] = value
@@ -339,7 +342,7 @@ async def list_events(
 ) -> tuple[list[EventOut], bool, str]:
     """The job's events after event ``after``, oldest first, whether more follow, and the job's status
     (read first: an event recorded after it belongs to a later poll). Core statements on the request
-    engine: the SSE stream repeats this every second for every open stream."""
+    engine: the SSE stream repeats this twice a second for every open stream."""
     params = {"job_id": job_id, "tenant_id": tenant_id}
     async with engine.connect() as conn:
         status = (await conn.execute(_JOB_STATUS, params)).scalar_one_or_none()
