@@ -28,8 +28,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.fault.conftest import FAULT_JOBS, OUTAGE_S, FaultStack
-from tests.helpers import BUCKET, Receiver, free_port, job_events, verify, wait_until
+from tests.fault.stack import FAULT_JOBS, OUTAGE_S, FaultStack
+from tests.helpers import BUCKET, Receiver, free_port, job_events, upload_files, verify, wait_until
 from tests.tiny import sample_text, write_model_dir
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -80,8 +80,8 @@ def test_outage_destroys_no_work(dependency: str, fault_stack: FaultStack, recei
         hook = client.post("/v1/webhooks", json={"url": receiver.url, "events": HOOK_EVENTS})
         assert hook.status_code == 201, hook.text
         secret = hook.json()["secret"]
-        model = fault_stack.upload(client, {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()})
-        evaluation = fault_stack.upload(client, {"eval.txt": sample_text(4).encode()})
+        model = upload_files(client, {}, {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()})
+        evaluation = upload_files(client, {}, {"eval.txt": sample_text(4).encode()})
         spec = {
             "model": {"upload_id": model},
             "steps": [{"method": "quantize", "scheme": "w8a16", "algorithm": "rtn"}],
