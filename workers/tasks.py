@@ -53,7 +53,7 @@ def skips_outages(task: Callable[P, R]) -> Callable[P, R]:
             with _outages_lock:
                 before, _outages[name] = _outages.get(name), dependency
             if before != dependency:
-                reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
                 log.warning("%s: the %s is unreachable (%s); skipped until it answers", name, dependency, reason)
             raise MaintenanceSkipped(f"the {dependency} is unreachable") from None
         with _outages_lock:

@@ -98,15 +98,12 @@ async def stream_events(
     """Server-sent events; ids are the event ids, so reconnecting with ``Last-Event-ID`` resumes exactly."""
     cursor = last_event_id if last_event_id is not None else after
     # The first page is read before the response starts, so an unknown job is a 404, not an empty stream.
-    first = await service.list_events(path.engine, principal.tenant_id, job_id, cursor, 200)
+    events, _, status = await service.list_events(path.engine, principal.tenant_id, job_id, cursor, 200)
 
-    async def frames() -> AsyncIterator[bytes]:
+    async def frames(events: list[EventOut], status: str) -> AsyncIterator[bytes]:
         since = cursor
         idle = 0
-        page: tuple[list[EventOut], bool, str] | None = first
         while True:
-            events, _, status = page or await service.list_events(path.engine, principal.tenant_id, job_id, since, 200)
-            page = None
             for event in events:
                 since = event.id
                 payload = json.dumps(event.model_dump(mode="json"))
@@ -117,9 +114,10 @@ async def stream_events(
             if idle and idle % 30 == 0:
                 yield b": keep-alive\n\n"
             await asyncio.sleep(0.5)
+            events, _, status = await service.list_events(path.engine, principal.tenant_id, job_id, since, 200)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(frames(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(frames(events, status), media_type="text/event-stream", headers=headers)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
